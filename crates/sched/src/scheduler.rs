@@ -1,0 +1,481 @@
+//! Continuous batching with chunked prefill, prefix caching and preemption by
+//! recompute (vLLM v1's scheduler, reduced to what strata needs).
+
+use std::collections::{HashMap, VecDeque};
+
+use strata_types::{
+    CachedRequestData, FinishReason, Logprobs, NewRequestData, RequestId, SchedulerOutput,
+    StepResult, TokenId,
+};
+
+use crate::kv_cache_manager::KvCacheManager;
+use crate::request::{Request, RequestStatus};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_model_len: usize,
+    pub num_blocks: usize,
+    pub enable_prefix_caching: bool,
+}
+
+/// Counters since start, for `/metrics` and for tests that must see what was
+/// computed rather than guess it from timings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub steps: u64,
+    /// Prompt tokens submitted.
+    pub prompt_tokens: u64,
+    /// Tokens whose KV was computed (prefill chunks and decodes).
+    pub computed_tokens: u64,
+    /// Prompt tokens served from the prefix cache instead of computed.
+    pub prefix_cache_hit_tokens: u64,
+    pub generated_tokens: u64,
+    pub preemptions: u64,
+}
+
+/// What one sampled token did to its request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestUpdate {
+    pub req_id: RequestId,
+    pub token_id: TokenId,
+    pub logprobs: Option<Logprobs>,
+    /// Set when this token ended the request (the token is a stop token when
+    /// the reason is `Stop`).
+    pub finished: Option<FinishReason>,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvCacheManager,
+    requests: HashMap<RequestId, Request>,
+    waiting: VecDeque<RequestId>,
+    running: Vec<RequestId>,
+    /// Requests the stages hold state for that ended or were preempted since
+    /// the last step.
+    finished_req_ids: Vec<RequestId>,
+    next_step_id: u64,
+    stats: SchedulerStats,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        assert!(cfg.num_blocks > 0, "the KV cache needs at least one block");
+        Self {
+            kv: KvCacheManager::new(cfg.num_blocks, cfg.enable_prefix_caching),
+            cfg,
+            requests: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            finished_req_ids: Vec::new(),
+            next_step_id: 0,
+            stats: SchedulerStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &SchedulerStats {
+        &self.stats
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_free_blocks(&self) -> usize {
+        self.kv.num_free_blocks()
+    }
+
+    pub fn request(&self, id: RequestId) -> Option<&Request> {
+        self.requests.get(&id)
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// True when a step must run even with nothing to compute, to tell the
+    /// stages which requests to drop.
+    pub fn has_work(&self) -> bool {
+        self.has_unfinished() || !self.finished_req_ids.is_empty()
+    }
+
+    /// Queues a request. The caller has checked that its prompt plus
+    /// `max_tokens` fits `max_model_len` and that the prompt fits the cache.
+    pub fn add_request(&mut self, req: Request) {
+        assert!(!req.token_ids.is_empty(), "a request needs a prompt");
+        self.stats.prompt_tokens += req.num_prompt_tokens as u64;
+        self.waiting.push_back(req.id);
+        self.requests.insert(req.id, req);
+    }
+
+    /// Ends requests from outside (stop strings, aborts); the engine tells the
+    /// client why. Unknown ids are ignored.
+    pub fn finish_requests(&mut self, ids: &[RequestId]) {
+        for &id in ids {
+            if self.requests.contains_key(&id) {
+                self.finish(id);
+            }
+        }
+    }
+
+    /// Picks the next step's work under the token budget: running requests
+    /// first (decodes and unfinished prefill chunks), then waiting ones.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput {
+            step_id: self.next_step_id,
+            finished_req_ids: std::mem::take(&mut self.finished_req_ids),
+            ..Default::default()
+        };
+        self.next_step_id += 1;
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut preempted = false;
+
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let req = &self.requests[&id];
+            let n = (req.num_tokens() - req.num_computed_tokens).min(budget);
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            // Make room, taking blocks from the newest running requests.
+            let scheduled = loop {
+                let req = &self.requests[&id];
+                if self
+                    .kv
+                    .allocate_slots(id, &req.token_ids, req.num_computed_tokens, n, &[])
+                    .is_some()
+                {
+                    break true;
+                }
+                let victim = self.running.pop().expect("the current request is running");
+                self.preempt(victim, &mut out);
+                preempted = true;
+                if victim == id {
+                    break false;
+                }
+            };
+            if !scheduled {
+                break;
+            }
+            self.emit(id, n, &mut out);
+            budget -= n;
+            i += 1;
+        }
+
+        // Admitting new work right after preempting would only thrash.
+        while !preempted
+            && budget > 0
+            && self.running.len() < self.cfg.max_num_seqs
+            && !self.waiting.is_empty()
+        {
+            let id = self.waiting[0];
+            let req = &self.requests[&id];
+            let (hits, num_hit) = self.kv.get_computed_blocks(id, &req.token_ids);
+            let n = (req.num_tokens() - num_hit).min(budget);
+            let Some(_) = self
+                .kv
+                .allocate_slots(id, &req.token_ids, num_hit, n, &hits)
+            else {
+                break;
+            };
+            self.waiting.pop_front();
+            let req = self.requests.get_mut(&id).expect("waiting request exists");
+            req.status = RequestStatus::Running;
+            req.num_computed_tokens = num_hit;
+            req.num_cached_tokens = num_hit.min(req.num_prompt_tokens);
+            self.stats.prefix_cache_hit_tokens += req.num_cached_tokens as u64;
+            self.running.push(id);
+            self.emit(id, n, &mut out);
+            budget -= n;
+        }
+
+        out.total_num_scheduled_tokens = self.cfg.max_num_batched_tokens - budget;
+        self.stats.computed_tokens += out.total_num_scheduled_tokens as u64;
+        if out.total_num_scheduled_tokens > 0 {
+            self.stats.steps += 1;
+        }
+        out
+    }
+
+    /// Applies a step's sampled tokens: appends them, ends requests that hit a
+    /// stop token or a length limit, and frees their blocks.
+    pub fn update_from_output(&mut self, result: &StepResult) -> Vec<RequestUpdate> {
+        let mut updates = Vec::with_capacity(result.sampled.len());
+        for s in &result.sampled {
+            // A request aborted while its step was in flight is simply dropped.
+            let Some(req) = self.requests.get_mut(&s.req_id) else {
+                continue;
+            };
+            if req.status != RequestStatus::Running {
+                continue;
+            }
+            req.token_ids.push(s.token_id);
+            self.stats.generated_tokens += 1;
+            let finished = if req.stop_token_ids.contains(&s.token_id) {
+                Some(FinishReason::Stop)
+            } else if req.num_output_tokens() >= req.max_tokens
+                || req.num_tokens() >= self.cfg.max_model_len
+            {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if finished.is_some() {
+                self.finish(s.req_id);
+            }
+            updates.push(RequestUpdate {
+                req_id: s.req_id,
+                token_id: s.token_id,
+                logprobs: s.logprobs.clone(),
+                finished,
+            });
+        }
+        updates
+    }
+
+    /// Adds `n` tokens of `id` to the step, as a new or a cached request.
+    fn emit(&mut self, id: RequestId, n: usize, out: &mut SchedulerOutput) {
+        let req = self.requests.get_mut(&id).expect("scheduled request exists");
+        let blocks = self.kv.blocks(id);
+        match req.num_tokens_sent {
+            None => out.scheduled_new_reqs.push(NewRequestData {
+                req_id: id,
+                token_ids: req.token_ids.clone(),
+                num_prompt_tokens: req.num_prompt_tokens,
+                sampling: req.sampling.clone(),
+                block_ids: blocks.to_vec(),
+                num_computed_tokens: req.num_computed_tokens,
+            }),
+            Some(sent) => out.scheduled_cached_reqs.push(CachedRequestData {
+                req_id: id,
+                new_token_ids: req.token_ids[sent..].to_vec(),
+                new_block_ids: blocks[req.num_blocks_sent..].to_vec(),
+                num_computed_tokens: req.num_computed_tokens,
+            }),
+        }
+        req.num_tokens_sent = Some(req.num_tokens());
+        req.num_blocks_sent = blocks.len();
+        // Counted now, so the next schedule sees the tokens as in progress.
+        req.num_computed_tokens += n;
+        out.num_scheduled_tokens.push((id, n));
+    }
+
+    fn preempt(&mut self, id: RequestId, out: &mut SchedulerOutput) {
+        self.kv.free(id);
+        let req = self.requests.get_mut(&id).expect("preempted request exists");
+        req.status = RequestStatus::Preempted;
+        req.num_computed_tokens = 0;
+        req.num_blocks_sent = 0;
+        if req.num_tokens_sent.take().is_some() {
+            out.finished_req_ids.push(id);
+        }
+        self.waiting.push_front(id);
+        self.stats.preemptions += 1;
+    }
+
+    fn finish(&mut self, id: RequestId) {
+        let req = self.requests.remove(&id).expect("finished request exists");
+        match req.status {
+            RequestStatus::Running => self.running.retain(|r| *r != id),
+            RequestStatus::Waiting | RequestStatus::Preempted => self.waiting.retain(|r| *r != id),
+            RequestStatus::Finished(_) => {}
+        }
+        self.kv.remove(id);
+        if req.num_tokens_sent.is_some() {
+            self.finished_req_ids.push(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_types::{SampledToken, SamplingParams, BLOCK_SIZE};
+
+    fn cfg(num_blocks: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 64,
+            max_model_len: 1024,
+            num_blocks,
+            enable_prefix_caching: true,
+        }
+    }
+
+    fn req(id: RequestId, prompt_len: usize, max_tokens: usize) -> Request {
+        let prompt = (0..prompt_len as u32).map(|t| t + 100 * id as u32).collect();
+        Request::new(id, prompt, SamplingParams::greedy(), max_tokens, vec![2])
+    }
+
+    /// Plays the stages: one sampled token per request that reached its end.
+    fn step(s: &mut Scheduler, token: TokenId) -> (SchedulerOutput, Vec<RequestUpdate>) {
+        let out = s.schedule();
+        let sampled = out
+            .num_scheduled_tokens
+            .iter()
+            .filter(|(id, _)| {
+                let r = s.request(*id).unwrap();
+                r.num_computed_tokens == r.num_tokens()
+            })
+            .map(|(id, _)| SampledToken {
+                req_id: *id,
+                token_id: token,
+                logprobs: None,
+            })
+            .collect();
+        let updates = s.update_from_output(&StepResult {
+            step_id: out.step_id,
+            sampled,
+        });
+        (out, updates)
+    }
+
+    #[test]
+    fn long_prompts_are_prefilled_in_chunks_under_the_token_budget() {
+        let mut s = Scheduler::new(cfg(64));
+        s.add_request(req(1, 100, 4));
+        let (out, ups) = step(&mut s, 5);
+        assert_eq!(out.num_scheduled_tokens, vec![(1, 64)]);
+        assert!(ups.is_empty(), "a partial prefill samples nothing");
+        let (out, ups) = step(&mut s, 5);
+        assert_eq!(out.num_scheduled_tokens, vec![(1, 36)]);
+        assert_eq!(out.scheduled_cached_reqs[0].num_computed_tokens, 64);
+        assert_eq!(ups.len(), 1);
+        let (out, _) = step(&mut s, 5);
+        assert_eq!(out.num_scheduled_tokens, vec![(1, 1)]);
+        assert_eq!(out.scheduled_cached_reqs[0].new_token_ids, vec![5]);
+    }
+
+    #[test]
+    fn decodes_and_prefill_chunks_share_a_step() {
+        let mut s = Scheduler::new(cfg(64));
+        s.add_request(req(1, 10, 8));
+        step(&mut s, 5);
+        s.add_request(req(2, 100, 8));
+        let (out, _) = step(&mut s, 5);
+        assert_eq!(out.num_scheduled_tokens, vec![(1, 1), (2, 63)]);
+        assert_eq!(out.total_num_scheduled_tokens, 64);
+    }
+
+    #[test]
+    fn max_num_seqs_bounds_the_running_set() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_seqs: 2,
+            ..cfg(64)
+        });
+        for id in 1..=3 {
+            s.add_request(req(id, 4, 8));
+        }
+        let (out, _) = step(&mut s, 5);
+        assert_eq!(out.num_scheduled_tokens.len(), 2);
+        assert_eq!(s.num_waiting(), 1);
+    }
+
+    #[test]
+    fn stop_tokens_and_max_tokens_finish_and_free() {
+        let mut s = Scheduler::new(cfg(8));
+        s.add_request(req(1, 4, 2));
+        s.add_request(req(2, 4, 10));
+        let (_, ups) = step(&mut s, 7);
+        assert!(ups.iter().all(|u| u.finished.is_none()));
+        let out = s.schedule();
+        let r = s.update_from_output(&StepResult {
+            step_id: out.step_id,
+            sampled: vec![
+                SampledToken { req_id: 1, token_id: 7, logprobs: None },
+                SampledToken { req_id: 2, token_id: 2, logprobs: None },
+            ],
+        });
+        assert_eq!(r[0].finished, Some(FinishReason::Length));
+        assert_eq!(r[1].finished, Some(FinishReason::Stop));
+        assert!(!s.has_unfinished());
+        assert_eq!(s.num_free_blocks(), 8);
+        let out = s.schedule();
+        let mut f = out.finished_req_ids.clone();
+        f.sort();
+        assert_eq!(f, vec![1, 2], "stages are told to drop both");
+    }
+
+    #[test]
+    fn a_shared_prefix_is_not_recomputed() {
+        let mut s = Scheduler::new(cfg(64));
+        let prompt: Vec<TokenId> = (0..40).collect();
+        s.add_request(Request::new(1, prompt.clone(), SamplingParams::greedy(), 1, vec![]));
+        step(&mut s, 9);
+        let mut p2 = prompt[..35].to_vec();
+        p2.extend([77, 78]);
+        s.add_request(Request::new(2, p2, SamplingParams::greedy(), 1, vec![]));
+        let (out, _) = step(&mut s, 9);
+        assert_eq!(out.scheduled_new_reqs[0].num_computed_tokens, 32);
+        assert_eq!(out.num_scheduled_tokens, vec![(2, 5)]);
+        assert_eq!(s.stats().prefix_cache_hit_tokens, 32);
+    }
+
+    #[test]
+    fn running_out_of_blocks_preempts_the_newest_and_resumes_it() {
+        // 4 blocks = 64 tokens; two requests that grow to 50 tokens each do not fit together.
+        let mut s = Scheduler::new(SchedulerConfig {
+            enable_prefix_caching: false,
+            ..cfg(4)
+        });
+        s.add_request(req(1, 30, 20));
+        s.add_request(req(2, 30, 20));
+        let mut preempted_seen = false;
+        let mut done = 0;
+        for _ in 0..400 {
+            if !s.has_unfinished() {
+                break;
+            }
+            let (out, ups) = step(&mut s, 5);
+            if out.finished_req_ids.contains(&2) && s.request(2).is_some() {
+                preempted_seen = true;
+            }
+            if let Some(n) = out.scheduled_new_reqs.iter().find(|n| n.req_id == 2) {
+                // A resumed request carries the tokens it had generated.
+                assert!(n.token_ids.len() >= 30);
+                assert_eq!(n.num_prompt_tokens, 30);
+            }
+            done += ups.iter().filter(|u| u.finished.is_some()).count();
+        }
+        assert!(preempted_seen, "request 2 must have been preempted");
+        assert_eq!(done, 2);
+        assert!(s.stats().preemptions > 0);
+        assert_eq!(s.num_free_blocks(), 4);
+    }
+
+    #[test]
+    fn aborting_a_waiting_or_running_request_frees_everything() {
+        let mut s = Scheduler::new(cfg(8));
+        s.add_request(req(1, 20, 8));
+        step(&mut s, 5);
+        s.add_request(req(2, 20, 8));
+        s.finish_requests(&[1, 2]);
+        assert!(!s.has_unfinished());
+        assert_eq!(s.num_free_blocks(), 8);
+        let out = s.schedule();
+        assert_eq!(out.finished_req_ids, vec![1], "only request 1 reached the stages");
+    }
+
+    #[test]
+    fn block_tables_grow_as_decodes_cross_block_boundaries() {
+        let mut s = Scheduler::new(cfg(8));
+        s.add_request(req(1, BLOCK_SIZE, 8));
+        let (out, _) = step(&mut s, 5);
+        assert_eq!(out.scheduled_new_reqs[0].block_ids.len(), 1);
+        let (out, _) = step(&mut s, 5);
+        assert_eq!(out.scheduled_cached_reqs[0].new_block_ids.len(), 1);
+        let (out, _) = step(&mut s, 5);
+        assert!(out.scheduled_cached_reqs[0].new_block_ids.is_empty());
+    }
+}

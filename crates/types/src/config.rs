@@ -1,0 +1,80 @@
+use serde::{Deserialize, Serialize};
+
+/// A contiguous range of decoder layers `[start, end)`: one pipeline stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRange {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl LayerRange {
+    pub fn new(start: usize, end: usize) -> Self {
+        assert!(start <= end, "layer range [{start}, {end}) is reversed");
+        Self { start, end }
+    }
+    pub fn full(num_layers: usize) -> Self {
+        Self::new(0, num_layers)
+    }
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+    pub fn contains(&self, layer: usize) -> bool {
+        (self.start..self.end).contains(&layer)
+    }
+    /// The first stage holds the token embedding.
+    pub fn is_first(&self) -> bool {
+        self.start == 0
+    }
+    /// The last stage holds the final norm, the lm_head and the sampler.
+    pub fn is_last(&self, num_layers: usize) -> bool {
+        self.end == num_layers
+    }
+}
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RopeStyle {
+    /// HF Llama: dimension `i` pairs with `i + head_dim/2` (`rotate_half`).
+    Half,
+    /// GGUF (llama.cpp permutes q/k at conversion): dimension `2i` pairs with `2i + 1`.
+    Interleaved,
+}
+
+/// Llama 3 frequency-dependent rope scaling (`rope_type: "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
+
+/// The resolved architecture of a Llama-family model, whatever file it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<RopeScaling>,
+    pub rope_style: RopeStyle,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+}
+
+impl ModelConfig {
+    /// Bytes of KV cache one token takes in `layers` layers, at `dtype_bytes` per element.
+    pub fn kv_bytes_per_token(&self, layers: usize, dtype_bytes: usize) -> usize {
+        2 * layers * self.num_kv_heads * self.head_dim * dtype_bytes
+    }
+}
