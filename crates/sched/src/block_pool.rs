@@ -91,7 +91,9 @@ impl BlockPool {
         for &b in blocks {
             let i = b as usize;
             if self.ref_cnt[i] == 0 {
-                let key = self.free_key[i].take().expect("a free block has a queue key");
+                let key = self.free_key[i]
+                    .take()
+                    .expect("a free block has a queue key");
                 self.free.remove(&key);
             }
             self.ref_cnt[i] += 1;

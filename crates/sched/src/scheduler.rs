@@ -246,7 +246,10 @@ impl Scheduler {
 
     /// Adds `n` tokens of `id` to the step, as a new or a cached request.
     fn emit(&mut self, id: RequestId, n: usize, out: &mut SchedulerOutput) {
-        let req = self.requests.get_mut(&id).expect("scheduled request exists");
+        let req = self
+            .requests
+            .get_mut(&id)
+            .expect("scheduled request exists");
         let blocks = self.kv.blocks(id);
         match req.num_tokens_sent {
             None => out.scheduled_new_reqs.push(NewRequestData {
@@ -273,7 +276,10 @@ impl Scheduler {
 
     fn preempt(&mut self, id: RequestId, out: &mut SchedulerOutput) {
         self.kv.free(id);
-        let req = self.requests.get_mut(&id).expect("preempted request exists");
+        let req = self
+            .requests
+            .get_mut(&id)
+            .expect("preempted request exists");
         req.status = RequestStatus::Preempted;
         req.num_computed_tokens = 0;
         req.num_blocks_sent = 0;
@@ -314,7 +320,9 @@ mod tests {
     }
 
     fn req(id: RequestId, prompt_len: usize, max_tokens: usize) -> Request {
-        let prompt = (0..prompt_len as u32).map(|t| t + 100 * id as u32).collect();
+        let prompt = (0..prompt_len as u32)
+            .map(|t| t + 100 * id as u32)
+            .collect();
         Request::new(id, prompt, SamplingParams::greedy(), max_tokens, vec![2])
     }
 
@@ -393,8 +401,16 @@ mod tests {
         let r = s.update_from_output(&StepResult {
             step_id: out.step_id,
             sampled: vec![
-                SampledToken { req_id: 1, token_id: 7, logprobs: None },
-                SampledToken { req_id: 2, token_id: 2, logprobs: None },
+                SampledToken {
+                    req_id: 1,
+                    token_id: 7,
+                    logprobs: None,
+                },
+                SampledToken {
+                    req_id: 2,
+                    token_id: 2,
+                    logprobs: None,
+                },
             ],
         });
         assert_eq!(r[0].finished, Some(FinishReason::Length));
@@ -411,7 +427,13 @@ mod tests {
     fn a_shared_prefix_is_not_recomputed() {
         let mut s = Scheduler::new(cfg(64));
         let prompt: Vec<TokenId> = (0..40).collect();
-        s.add_request(Request::new(1, prompt.clone(), SamplingParams::greedy(), 1, vec![]));
+        s.add_request(Request::new(
+            1,
+            prompt.clone(),
+            SamplingParams::greedy(),
+            1,
+            vec![],
+        ));
         step(&mut s, 9);
         let mut p2 = prompt[..35].to_vec();
         p2.extend([77, 78]);
@@ -464,7 +486,11 @@ mod tests {
         assert!(!s.has_unfinished());
         assert_eq!(s.num_free_blocks(), 8);
         let out = s.schedule();
-        assert_eq!(out.finished_req_ids, vec![1], "only request 1 reached the stages");
+        assert_eq!(
+            out.finished_req_ids,
+            vec![1],
+            "only request 1 reached the stages"
+        );
     }
 
     #[test]

@@ -1,0 +1,42 @@
+//! Collectives between the tensor-parallel ranks of one stage.
+//!
+//! Model code calls a [`Communicator`] and never knows the backend. World size
+//! 1 ([`SingleRank`]) makes every collective the identity, so one code path
+//! serves one device and many.
+
+use std::fmt::Debug;
+
+use candle_core::{Result, Tensor};
+
+pub trait Communicator: Debug + Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Element-wise sum of `t` over all ranks; every rank gets the result.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// Concatenation of every rank's `t` along `dim`, in rank order.
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor>;
+    /// `root`'s `t` on every rank.
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+}
+
+/// World size 1: nothing to exchange.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SingleRank;
+
+impl Communicator for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn all_gather(&self, t: &Tensor, _dim: usize) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+    fn broadcast(&self, t: &Tensor, _root: usize) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+}

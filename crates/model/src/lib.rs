@@ -1,0 +1,25 @@
+//! Model code: Llama-family architectures in candle, loaded for one pipeline
+//! stage (a [`LayerRange`](strata_types::LayerRange)) and one tensor-parallel
+//! shard, with attention over a paged KV cache.
+//!
+//! Nothing here knows about requests, HTTP or networks: a forward pass takes a
+//! flattened batch ([`BatchInput`]) and a [`KvCache`], and returns hidden
+//! states (middle stages) or logits (the last stage).
+
+mod attention;
+mod config;
+mod error;
+mod kv_cache;
+mod layers;
+mod llama;
+mod rope;
+pub mod weights;
+
+pub use attention::{paged_attention, write_kv};
+pub use config::{config_from_gguf, config_from_hf_json};
+pub use error::{Error, Result};
+pub use kv_cache::KvCache;
+pub use layers::{ColumnParallelLinear, RmsNorm, RowParallelLinear, VocabEmbedding};
+pub use llama::{BatchInput, Llama, SeqInfo, StageOutput};
+pub use rope::Rope;
+pub use weights::{Shard, WeightFormat, Weights};

@@ -1,0 +1,144 @@
+//! Rotary position embeddings, precomputed per position.
+
+use strata_types::{ModelConfig, RopeStyle};
+
+/// cos/sin tables `[positions, head_dim / 2]` and how dimensions pair up.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    style: RopeStyle,
+    max_positions: usize,
+}
+
+impl Rope {
+    /// `freq_factors` divides each frequency (GGUF's `rope_freqs` tensor,
+    /// how llama.cpp stores Llama 3 scaling).
+    pub fn new(cfg: &ModelConfig, freq_factors: Option<&[f32]>, max_positions: usize) -> Self {
+        let dim = cfg.head_dim;
+        let half = dim / 2;
+        let mut inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        if let Some(s) = &cfg.rope_scaling {
+            // Llama 3: leave high frequencies, divide low ones by `factor`,
+            // interpolate smoothly in between.
+            let old = s.original_max_position_embeddings as f32;
+            let low_wavelen = old / s.low_freq_factor;
+            let high_wavelen = old / s.high_freq_factor;
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= s.factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        if let Some(ff) = freq_factors {
+            for (f, d) in inv_freq.iter_mut().zip(ff) {
+                *f /= d;
+            }
+        }
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self {
+            cos,
+            sin,
+            half,
+            style: cfg.rope_style,
+            max_positions,
+        }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Rotates one head vector `x` for position `pos` into `out`.
+    #[inline]
+    pub fn apply(&self, x: &[f32], pos: usize, out: &mut [f32]) {
+        let h = self.half;
+        let cos = &self.cos[pos * h..(pos + 1) * h];
+        let sin = &self.sin[pos * h..(pos + 1) * h];
+        match self.style {
+            RopeStyle::Half => {
+                let (x0, x1) = x.split_at(h);
+                let (o0, o1) = out.split_at_mut(h);
+                for i in 0..h {
+                    o0[i] = x0[i] * cos[i] - x1[i] * sin[i];
+                    o1[i] = x0[i] * sin[i] + x1[i] * cos[i];
+                }
+            }
+            RopeStyle::Interleaved => {
+                for i in 0..h {
+                    let (a, b) = (x[2 * i], x[2 * i + 1]);
+                    out[2 * i] = a * cos[i] - b * sin[i];
+                    out[2 * i + 1] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(style: RopeStyle) -> ModelConfig {
+        ModelConfig {
+            architecture: "LlamaForCausalLM".into(),
+            vocab_size: 8,
+            hidden_size: 8,
+            intermediate_size: 8,
+            num_layers: 1,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rope_style: style,
+            max_position_embeddings: 16,
+            tie_word_embeddings: false,
+            attention_bias: false,
+        }
+    }
+
+    #[test]
+    fn position_zero_is_the_identity_and_norms_are_kept() {
+        for style in [RopeStyle::Half, RopeStyle::Interleaved] {
+            let r = Rope::new(&cfg(style), None, 16);
+            let x = [1.0, 2.0, 3.0, 4.0];
+            let mut out = [0.0; 4];
+            r.apply(&x, 0, &mut out);
+            assert_eq!(out, x);
+            r.apply(&x, 7, &mut out);
+            let n = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+            assert!((n(&out) - n(&x)).abs() < 1e-4);
+            assert_ne!(out, x);
+        }
+    }
+
+    #[test]
+    fn the_two_styles_agree_up_to_a_permutation() {
+        // Interleaved pairs (0,1),(2,3) are Half pairs (0,2),(1,3).
+        let h = Rope::new(&cfg(RopeStyle::Half), None, 16);
+        let i = Rope::new(&cfg(RopeStyle::Interleaved), None, 16);
+        let x = [0.5, -1.0, 2.0, 0.25];
+        let (mut a, mut b) = ([0.0; 4], [0.0; 4]);
+        h.apply(&[x[0], x[2], x[1], x[3]], 5, &mut a);
+        i.apply(&x, 5, &mut b);
+        assert_eq!([a[0], a[2], a[1], a[3]], b);
+    }
+}

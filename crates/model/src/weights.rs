@@ -1,0 +1,495 @@
+//! Memory-mapped checkpoints, read one tensor (or one shard of it) at a time.
+//!
+//! Both formats are addressed by Hugging Face names
+//! (`model.layers.3.self_attn.q_proj.weight`); GGUF names are translated here,
+//! so model code loads the same way from either. Every read is counted, which
+//! lets tests prove that a stage touches only its own layers.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// One slice of a tensor along `dim`, for tensor parallelism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub dim: usize,
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Shard {
+    pub fn new(dim: usize, rank: usize, world_size: usize) -> Self {
+        assert!(
+            rank < world_size,
+            "rank {rank} outside world size {world_size}"
+        );
+        Self {
+            dim,
+            rank,
+            world_size,
+        }
+    }
+
+    /// The half-open range of `len` that this shard owns.
+    fn range(&self, name: &str, len: usize) -> Result<(usize, usize)> {
+        if len % self.world_size != 0 {
+            return Err(Error::BadWeight {
+                name: name.into(),
+                msg: format!(
+                    "dimension {} of size {len} does not divide by {} ranks",
+                    self.dim, self.world_size
+                ),
+            });
+        }
+        let n = len / self.world_size;
+        Ok((self.rank * n, (self.rank + 1) * n))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    Safetensors,
+    Gguf,
+}
+
+#[derive(Debug, Clone)]
+struct StEntry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Byte range inside the mmapped file.
+    start: usize,
+    end: usize,
+}
+
+enum Source {
+    Safetensors {
+        files: Vec<Mmap>,
+        entries: HashMap<String, StEntry>,
+    },
+    Gguf {
+        mmap: Mmap,
+        content: gguf_file::Content,
+    },
+}
+
+/// A checkpoint on disk: a Hugging Face folder of safetensors, or a GGUF file.
+pub struct Weights {
+    path: PathBuf,
+    source: Source,
+    device: Device,
+    bytes_read: AtomicU64,
+    names_read: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("path", &self.path)
+            .field("format", &self.format())
+            .finish()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn mmap(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(io_err(path))?;
+    // SAFETY: checkpoints are treated as read-only for the process lifetime;
+    // a file changed underneath us is a user error that candle and vLLM share.
+    unsafe { Mmap::map(&file) }.map_err(io_err(path))
+}
+
+impl Weights {
+    /// Opens `path`: a `.gguf` file, a `.safetensors` file, or a folder with
+    /// `model.safetensors` or `model.safetensors.index.json` (sharded).
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        let source =
+            if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+                let mmap = mmap(path)?;
+                let content = gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
+                    .map_err(|e| Error::BadWeight {
+                        name: path.display().to_string(),
+                        msg: format!("not a valid GGUF file: {e}"),
+                    })?;
+                Source::Gguf { mmap, content }
+            } else {
+                let files = safetensors_files(path)?;
+                let mut maps = Vec::new();
+                let mut entries = HashMap::new();
+                for (i, f) in files.iter().enumerate() {
+                    let m = mmap(f)?;
+                    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&m[..])
+                        .map_err(|e| Error::BadWeight {
+                            name: f.display().to_string(),
+                            msg: format!("not a valid safetensors file: {e}"),
+                        })?;
+                    let base = 8 + header_len;
+                    for (name, info) in meta.tensors() {
+                        entries.insert(
+                            name,
+                            StEntry {
+                                file: i,
+                                dtype: info.dtype,
+                                shape: info.shape.clone(),
+                                start: base + info.data_offsets.0,
+                                end: base + info.data_offsets.1,
+                            },
+                        );
+                    }
+                    maps.push(m);
+                }
+                Source::Safetensors {
+                    files: maps,
+                    entries,
+                }
+            };
+        Ok(Self {
+            path: path.to_path_buf(),
+            source,
+            device: device.clone(),
+            bytes_read: AtomicU64::new(0),
+            names_read: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        match self.source {
+            Source::Safetensors { .. } => WeightFormat::Safetensors,
+            Source::Gguf { .. } => WeightFormat::Gguf,
+        }
+    }
+
+    /// GGUF metadata (architecture, tokenizer, chat template), if this is GGUF.
+    pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
+        match &self.source {
+            Source::Gguf { content, .. } => Some(&content.metadata),
+            Source::Safetensors { .. } => None,
+        }
+    }
+
+    /// Bytes of tensor data read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Names (HF spelling) of every tensor read so far, in order.
+    pub fn names_read(&self) -> Vec<String> {
+        self.names_read.lock().expect("poisoned").clone()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Safetensors { entries, .. } => entries.contains_key(name),
+            Source::Gguf { content, .. } => {
+                gguf_name(name).is_some_and(|g| content.tensor_infos.contains_key(&g))
+            }
+        }
+    }
+
+    /// Shape of a tensor without reading it (candle order: outermost first).
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        match &self.source {
+            Source::Safetensors { entries, .. } => entries
+                .get(name)
+                .map(|e| e.shape.clone())
+                .ok_or_else(|| Error::MissingWeight(name.into())),
+            Source::Gguf { content, .. } => gguf_name(name)
+                .and_then(|g| content.tensor_infos.get(&g))
+                .map(|i| i.shape.dims().to_vec())
+                .ok_or_else(|| Error::MissingWeight(name.into())),
+        }
+    }
+
+    /// A tensor (or its shard) as dense f32.
+    pub fn tensor(&self, name: &str, shard: Option<Shard>) -> Result<Tensor> {
+        match &self.source {
+            Source::Safetensors { .. } => self.dense_safetensors(name, shard),
+            Source::Gguf { .. } => Ok(self.qtensor(name, shard)?.dequantize(&self.device)?),
+        }
+    }
+
+    /// A linear layer's weight `[out, in]` ready to multiply: GGUF stays
+    /// quantized, safetensors become dense f32.
+    pub fn matmul(&self, name: &str, shard: Option<Shard>) -> Result<QMatMul> {
+        match &self.source {
+            Source::Safetensors { .. } => Ok(QMatMul::Tensor(self.dense_safetensors(name, shard)?)),
+            Source::Gguf { .. } => Ok(QMatMul::from_arc(Arc::new(self.qtensor(name, shard)?))?),
+        }
+    }
+
+    fn record(&self, name: &str, bytes: usize) {
+        self.bytes_read.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.names_read
+            .lock()
+            .expect("poisoned")
+            .push(name.to_string());
+    }
+
+    fn dense_safetensors(&self, name: &str, shard: Option<Shard>) -> Result<Tensor> {
+        let Source::Safetensors { files, entries } = &self.source else {
+            unreachable!("called on safetensors only")
+        };
+        let e = entries
+            .get(name)
+            .ok_or_else(|| Error::MissingWeight(name.into()))?;
+        let elem = match e.dtype {
+            safetensors::Dtype::F32 => 4,
+            safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
+            other => {
+                return Err(Error::BadWeight {
+                    name: name.into(),
+                    msg: format!("dtype {other:?} is not supported (use f32, bf16 or f16)"),
+                })
+            }
+        };
+        let bytes = &files[e.file][e.start..e.end];
+        let (shape, parts) = slice_rows(name, &e.shape, elem, bytes, shard)?;
+        let mut out = Vec::with_capacity(shape.iter().product());
+        let mut read = 0;
+        for part in parts {
+            read += part.len();
+            match e.dtype {
+                safetensors::Dtype::F32 => out.extend(
+                    part.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+                safetensors::Dtype::F16 => out.extend(
+                    part.chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                ),
+                _ => out.extend(
+                    part.chunks_exact(2)
+                        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                ),
+            }
+        }
+        self.record(name, read);
+        Ok(Tensor::from_vec(out, shape, &self.device)?)
+    }
+
+    fn qtensor(&self, name: &str, shard: Option<Shard>) -> Result<QTensor> {
+        let Source::Gguf { mmap, content } = &self.source else {
+            unreachable!("called on GGUF only")
+        };
+        let info = gguf_name(name)
+            .and_then(|g| content.tensor_infos.get(&g))
+            .ok_or_else(|| Error::MissingWeight(name.into()))?;
+        let dims = info.shape.dims().to_vec();
+        let dtype = info.ggml_dtype;
+        let start = content.tensor_data_offset as usize + info.offset as usize;
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let bytes = mmap
+            .get(start..start + len)
+            .ok_or_else(|| Error::BadWeight {
+                name: name.into(),
+                msg: "tensor data runs past the end of the file".into(),
+            })?;
+        // Quantized rows are sliced in whole blocks; a column shard must
+        // therefore start and end on a block boundary.
+        if let Some(s) = shard {
+            if s.dim == dims.len() - 1 && (dims[s.dim] / s.world_size) % dtype.block_size() != 0 {
+                return Err(Error::BadWeight {
+                    name: name.into(),
+                    msg: format!(
+                        "a {}-way shard of {} columns does not fall on {:?} block boundaries",
+                        s.world_size, dims[s.dim], dtype
+                    ),
+                });
+            }
+        }
+        let (shape, parts) = slice_rows_q(name, &dims, dtype, bytes, shard)?;
+        let data: Vec<u8> = parts.concat();
+        self.record(name, data.len());
+        Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &data,
+            shape,
+            &self.device,
+        )?)
+    }
+}
+
+/// The byte ranges of a row-major tensor's shard (elements of `elem` bytes).
+fn slice_rows<'a>(
+    name: &str,
+    shape: &[usize],
+    elem: usize,
+    bytes: &'a [u8],
+    shard: Option<Shard>,
+) -> Result<(Vec<usize>, Vec<&'a [u8]>)> {
+    let Some(s) = shard else {
+        return Ok((shape.to_vec(), vec![bytes]));
+    };
+    if s.dim >= shape.len() {
+        return Err(Error::BadWeight {
+            name: name.into(),
+            msg: format!("cannot shard dimension {} of shape {shape:?}", s.dim),
+        });
+    }
+    let (lo, hi) = s.range(name, shape[s.dim])?;
+    let inner: usize = shape[s.dim + 1..].iter().product::<usize>() * elem;
+    let outer: usize = shape[..s.dim].iter().product();
+    let stride = shape[s.dim] * inner;
+    let parts = (0..outer)
+        .map(|o| &bytes[o * stride + lo * inner..o * stride + hi * inner])
+        .collect();
+    let mut new_shape = shape.to_vec();
+    new_shape[s.dim] = hi - lo;
+    Ok((new_shape, parts))
+}
+
+/// Like [`slice_rows`] for a quantized tensor, whose last dimension is stored
+/// in blocks of `block_size` elements.
+fn slice_rows_q<'a>(
+    name: &str,
+    dims: &[usize],
+    dtype: GgmlDType,
+    bytes: &'a [u8],
+    shard: Option<Shard>,
+) -> Result<(Vec<usize>, Vec<&'a [u8]>)> {
+    let Some(s) = shard else {
+        return Ok((dims.to_vec(), vec![bytes]));
+    };
+    let last = dims.len() - 1;
+    if s.dim == last {
+        // Column shard: treat each run of blocks as one "element".
+        let blocks_per_row = dims[last] / dtype.block_size();
+        let mut block_dims = dims.to_vec();
+        block_dims[last] = blocks_per_row;
+        let block_shard = Shard { ..s };
+        let (mut shape, parts) = slice_rows(
+            name,
+            &block_dims,
+            dtype.type_size(),
+            bytes,
+            Some(block_shard),
+        )?;
+        shape[last] *= dtype.block_size();
+        Ok((shape, parts))
+    } else {
+        let mut row_dims = dims.to_vec();
+        row_dims[last] = dims[last] / dtype.block_size() * dtype.type_size();
+        let (mut shape, parts) = slice_rows(name, &row_dims, 1, bytes, Some(s))?;
+        shape[last] = dims[last];
+        Ok((shape, parts))
+    }
+}
+
+fn safetensors_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    if !path.is_dir() {
+        return Err(Error::UnknownFormat(path.to_path_buf()));
+    }
+    let index = path.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: index.clone(),
+                source,
+            })?;
+        let map = json["weight_map"]
+            .as_object()
+            .ok_or_else(|| Error::BadWeight {
+                name: index.display().to_string(),
+                msg: "no `weight_map` object".into(),
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| path.join(f)).collect());
+    }
+    let single = path.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::UnknownFormat(path.to_path_buf()))
+}
+
+/// The GGUF spelling of a Hugging Face Llama weight name.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        "rope_freqs.weight" => Some("rope_freqs.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let g = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_names_map_to_gguf_names() {
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.q_proj.weight").as_deref(),
+            Some("blk.12.attn_q.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
+            Some("blk.0.ffn_norm.weight")
+        );
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").as_deref(),
+            Some("token_embd.weight")
+        );
+        assert_eq!(gguf_name("model.layers.0.mystery.weight"), None);
+    }
+
+    #[test]
+    fn row_and_column_shards_pick_the_right_bytes() {
+        // A 2x4 tensor of single-byte "elements" 0..8.
+        let bytes: Vec<u8> = (0..8).collect();
+        let (shape, parts) =
+            slice_rows("t", &[2, 4], 1, &bytes, Some(Shard::new(0, 1, 2))).unwrap();
+        assert_eq!((shape, parts.concat()), (vec![1, 4], vec![4, 5, 6, 7]));
+        let (shape, parts) =
+            slice_rows("t", &[2, 4], 1, &bytes, Some(Shard::new(1, 0, 2))).unwrap();
+        assert_eq!((shape, parts.concat()), (vec![2, 2], vec![0, 1, 4, 5]));
+        assert!(slice_rows("t", &[2, 4], 1, &bytes, Some(Shard::new(1, 0, 3))).is_err());
+    }
+}

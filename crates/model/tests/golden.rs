@@ -1,0 +1,295 @@
+//! strata's Llama against Hugging Face transformers on tiny random-weight
+//! checkpoints (tests/fixtures/make_golden.py): f32 logits within 1e-4 and
+//! identical greedy tokens, through the paged KV cache.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::Device;
+use strata_comm::SingleRank;
+use strata_model::{
+    config_from_hf_json, BatchInput, KvCache, Llama, SeqInfo, StageOutput, Weights,
+};
+use strata_types::{LayerRange, BLOCK_SIZE};
+
+const TOL: f32 = 1e-4;
+
+fn fixture(variant: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny")
+        .join(variant)
+}
+
+struct Reference {
+    prompt: Vec<u32>,
+    prompt_logits: Vec<Vec<f32>>,
+    greedy: Vec<u32>,
+    decode_logits: Vec<Vec<f32>>,
+}
+
+fn reference(variant: &str) -> Reference {
+    let t = candle_core::safetensors::load(
+        fixture(variant).join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ids = |n: &str| -> Vec<u32> {
+        t[n].to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&x| x as u32)
+            .collect()
+    };
+    Reference {
+        prompt: ids("prompt_ids"),
+        greedy: ids("greedy_ids"),
+        prompt_logits: t["prompt_logits"].to_vec2().unwrap(),
+        decode_logits: t["decode_logits"].to_vec2().unwrap(),
+    }
+}
+
+fn load(variant: &str, range: Option<LayerRange>) -> (Llama, Weights) {
+    let dir = fixture(variant);
+    let cfg =
+        config_from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let w = Weights::open(&dir, &Device::Cpu).unwrap();
+    let range = range.unwrap_or(LayerRange::full(cfg.num_layers));
+    let m = Llama::load(&w, &cfg, range, Arc::new(SingleRank), 512, &mut |_, _| {}).unwrap();
+    (m, w)
+}
+
+/// Feeds `tokens` at positions `start..` of one sequence stored in `table`.
+fn run(
+    m: &Llama,
+    kv: &mut KvCache,
+    table: &[u32],
+    start: usize,
+    tokens: &[u32],
+    all_logits: bool,
+) -> Vec<Vec<f32>> {
+    let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
+    let slots: Vec<u32> = positions
+        .iter()
+        .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
+        .collect();
+    let seqs = [SeqInfo {
+        query_len: tokens.len(),
+        block_table: table,
+    }];
+    let idx: Vec<u32> = if all_logits {
+        (0..tokens.len() as u32).collect()
+    } else {
+        vec![tokens.len() as u32 - 1]
+    };
+    let input = BatchInput {
+        token_ids: tokens,
+        positions: &positions,
+        slot_mapping: &slots,
+        seqs: &seqs,
+        logits_indices: &idx,
+    };
+    match m.forward(&input, None, kv).unwrap() {
+        StageOutput::Logits(l) => l.to_vec2().unwrap(),
+        StageOutput::Hidden(_) => panic!("a full model returns logits"),
+    }
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < TOL, "{what}: max |diff| {diff} >= {TOL}");
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0 as u32
+}
+
+fn check_variant(variant: &str) {
+    let r = reference(variant);
+    let (m, _) = load(variant, None);
+    let mut kv = m.new_kv_cache(8);
+    let table = [5u32, 2, 7]; // scattered blocks
+    let logits = run(&m, &mut kv, &table, 0, &r.prompt, true);
+    for (i, (g, w)) in logits.iter().zip(&r.prompt_logits).enumerate() {
+        assert_close(g, w, &format!("{variant} prompt position {i}"));
+    }
+    assert_eq!(
+        argmax(logits.last().unwrap()),
+        r.greedy[0],
+        "{variant}: first greedy token"
+    );
+    let mut pos = r.prompt.len();
+    for i in 0..r.decode_logits.len() {
+        let l = run(&m, &mut kv, &table, pos, &[r.greedy[i]], false);
+        assert_close(
+            &l[0],
+            &r.decode_logits[i],
+            &format!("{variant} decode step {i}"),
+        );
+        assert_eq!(
+            argmax(&l[0]),
+            r.greedy[i + 1],
+            "{variant}: greedy token {}",
+            i + 1
+        );
+        pos += 1;
+    }
+}
+
+#[test]
+fn llama_gqa_matches_transformers() {
+    check_variant("llama-gqa");
+}
+
+#[test]
+fn tied_embeddings_and_mqa_match_transformers() {
+    check_variant("llama-tied");
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    check_variant("llama3-rope");
+}
+
+#[test]
+fn mistral_with_explicit_head_dim_matches_transformers() {
+    check_variant("mistral");
+}
+
+#[test]
+fn bf16_and_f16_checkpoints_match_transformers() {
+    check_variant("llama-bf16");
+    check_variant("llama-f16");
+}
+
+#[test]
+fn sharded_checkpoints_match_transformers() {
+    check_variant("llama-sharded");
+}
+
+#[test]
+fn chunked_prefill_and_batching_give_the_same_logits() {
+    let r = reference("llama-gqa");
+    let (m, _) = load("llama-gqa", None);
+    // Prompt in chunks of 3, 3 and 1 tokens.
+    let mut kv = m.new_kv_cache(8);
+    let table = [1u32];
+    let mut last = Vec::new();
+    for (start, chunk) in [
+        (0, &r.prompt[0..3]),
+        (3, &r.prompt[3..6]),
+        (6, &r.prompt[6..]),
+    ] {
+        last = run(&m, &mut kv, &table, start, chunk, false);
+    }
+    assert_close(&last[0], r.prompt_logits.last().unwrap(), "chunked prefill");
+
+    // Two sequences in one forward: a decode of sequence A and the prompt of B.
+    let mut kv = m.new_kv_cache(8);
+    run(&m, &mut kv, &[3], 0, &r.prompt, false);
+    let p = r.prompt.len();
+    let tokens: Vec<u32> = std::iter::once(r.greedy[0])
+        .chain(r.prompt.iter().copied())
+        .collect();
+    let mut positions = vec![p as u32];
+    positions.extend(0..p as u32);
+    let mut slots = vec![3 * BLOCK_SIZE as u32 + p as u32];
+    slots.extend((0..p as u32).map(|i| 6 * BLOCK_SIZE as u32 + i));
+    let seqs = [
+        SeqInfo {
+            query_len: 1,
+            block_table: &[3],
+        },
+        SeqInfo {
+            query_len: p,
+            block_table: &[6],
+        },
+    ];
+    let idx = [0u32, p as u32];
+    let input = BatchInput {
+        token_ids: &tokens,
+        positions: &positions,
+        slot_mapping: &slots,
+        seqs: &seqs,
+        logits_indices: &idx,
+    };
+    let StageOutput::Logits(l) = m.forward(&input, None, &mut kv).unwrap() else {
+        panic!()
+    };
+    let l: Vec<Vec<f32>> = l.to_vec2().unwrap();
+    assert_close(&l[0], &r.decode_logits[0], "batched decode");
+    assert_close(&l[1], r.prompt_logits.last().unwrap(), "batched prefill");
+}
+
+#[test]
+fn a_stage_reads_only_its_own_layers() {
+    let (_, w) = load("llama-gqa", Some(LayerRange::new(1, 2)));
+    let names = w.names_read();
+    assert!(!names.is_empty());
+    for n in &names {
+        assert!(n.starts_with("model.layers.1."), "stage [1, 2) read {n}");
+    }
+    let layer_bytes: usize = names
+        .iter()
+        .map(|n| w.shape(n).unwrap().iter().product::<usize>() * 4)
+        .sum();
+    assert_eq!(w.bytes_read() as usize, layer_bytes);
+
+    // The first stage adds the embedding, the last the norm and lm_head.
+    let (_, w) = load("llama-gqa", Some(LayerRange::new(0, 1)));
+    assert!(w
+        .names_read()
+        .contains(&"model.embed_tokens.weight".to_string()));
+    assert!(!w
+        .names_read()
+        .iter()
+        .any(|n| n.contains("lm_head") || n == "model.norm.weight" || n.contains("layers.1.")));
+    let (_, w) = load("llama-gqa", Some(LayerRange::new(2, 3)));
+    let names = w.names_read();
+    assert!(
+        names.contains(&"lm_head.weight".to_string())
+            && names.contains(&"model.norm.weight".to_string())
+    );
+    assert!(!names
+        .iter()
+        .any(|n| n.contains("embed_tokens") || n.contains("layers.0.")));
+}
+
+#[test]
+fn stages_chained_by_hidden_states_equal_the_whole_model() {
+    let r = reference("llama-gqa");
+    let (a, _) = load("llama-gqa", Some(LayerRange::new(0, 2)));
+    let (b, _) = load("llama-gqa", Some(LayerRange::new(2, 3)));
+    let (mut ka, mut kb) = (a.new_kv_cache(2), b.new_kv_cache(2));
+    let p = r.prompt.len();
+    let positions: Vec<u32> = (0..p as u32).collect();
+    let seqs = [SeqInfo {
+        query_len: p,
+        block_table: &[0],
+    }];
+    let idx: Vec<u32> = (0..p as u32).collect();
+    let input = BatchInput {
+        token_ids: &r.prompt,
+        positions: &positions,
+        slot_mapping: &positions,
+        seqs: &seqs,
+        logits_indices: &idx,
+    };
+    let StageOutput::Hidden(h) = a.forward(&input, None, &mut ka).unwrap() else {
+        panic!("stage 0 returns hidden states")
+    };
+    let StageOutput::Logits(l) = b.forward(&input, Some(h), &mut kb).unwrap() else {
+        panic!("the last stage returns logits")
+    };
+    let l: Vec<Vec<f32>> = l.to_vec2().unwrap();
+    for (g, w) in l.iter().zip(&r.prompt_logits) {
+        assert_close(g, w, "two stages");
+    }
+}
