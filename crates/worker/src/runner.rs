@@ -1,0 +1,164 @@
+//! Applies step messages to per-request state and runs one forward pass.
+
+use std::collections::HashMap;
+
+use strata_model::{BatchInput, KvCache, Llama, SeqInfo, StageOutput};
+use strata_types::{
+    BlockId, RequestId, SampledToken, SamplingParams, SchedulerOutput, StepResult, TokenId,
+    BLOCK_SIZE,
+};
+
+use crate::sampler::sample;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Model(#[from] strata_model::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("step {step}: {msg}")]
+    Protocol { step: u64, msg: String },
+}
+
+/// What a stage remembers about a request between steps.
+#[derive(Debug)]
+struct CachedRequest {
+    token_ids: Vec<TokenId>,
+    num_prompt_tokens: usize,
+    block_ids: Vec<BlockId>,
+    num_computed_tokens: usize,
+    sampling: SamplingParams,
+}
+
+/// A stage's model, KV cache and per-request state.
+pub struct ModelRunner {
+    model: Llama,
+    kv: KvCache,
+    requests: HashMap<RequestId, CachedRequest>,
+}
+
+impl ModelRunner {
+    pub fn new(model: Llama, num_blocks: usize) -> Self {
+        let kv = model.new_kv_cache(num_blocks);
+        Self {
+            model,
+            kv,
+            requests: HashMap::new(),
+        }
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn num_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Drops every request (the leader restarted or asked for a reset).
+    pub fn reset(&mut self) {
+        self.requests.clear();
+    }
+
+    /// Runs one step: updates state from `out`, computes the scheduled tokens
+    /// and samples a token for each request that reached its end.
+    pub fn execute(&mut self, out: &SchedulerOutput) -> Result<StepResult, RunnerError> {
+        let step = out.step_id;
+        let protocol = |msg: String| RunnerError::Protocol { step, msg };
+        for id in &out.finished_req_ids {
+            self.requests.remove(id);
+        }
+        for n in &out.scheduled_new_reqs {
+            self.requests.insert(
+                n.req_id,
+                CachedRequest {
+                    token_ids: n.token_ids.clone(),
+                    num_prompt_tokens: n.num_prompt_tokens,
+                    block_ids: n.block_ids.clone(),
+                    num_computed_tokens: n.num_computed_tokens,
+                    sampling: n.sampling.clone(),
+                },
+            );
+        }
+        for c in &out.scheduled_cached_reqs {
+            let r = self
+                .requests
+                .get_mut(&c.req_id)
+                .ok_or_else(|| protocol(format!("diff for unknown request {}", c.req_id)))?;
+            r.token_ids.extend_from_slice(&c.new_token_ids);
+            r.block_ids.extend_from_slice(&c.new_block_ids);
+            r.num_computed_tokens = c.num_computed_tokens;
+        }
+        if out.total_num_scheduled_tokens == 0 {
+            return Ok(StepResult { step_id: step, sampled: Vec::new() });
+        }
+
+        // Flatten the batch in scheduling order.
+        let total = out.total_num_scheduled_tokens;
+        let mut token_ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut slots = Vec::with_capacity(total);
+        let mut logits_indices = Vec::new();
+        let mut sampled_ids = Vec::new();
+        for &(id, n) in &out.num_scheduled_tokens {
+            let r = self
+                .requests
+                .get(&id)
+                .ok_or_else(|| protocol(format!("request {id} scheduled but unknown")))?;
+            let start = r.num_computed_tokens;
+            if start + n > r.token_ids.len() || (start + n).div_ceil(BLOCK_SIZE) > r.block_ids.len() {
+                return Err(protocol(format!(
+                    "request {id}: {n} tokens from {start} exceed its {} tokens or {} blocks",
+                    r.token_ids.len(),
+                    r.block_ids.len()
+                )));
+            }
+            token_ids.extend_from_slice(&r.token_ids[start..start + n]);
+            for p in start..start + n {
+                positions.push(p as u32);
+                slots.push(r.block_ids[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32);
+            }
+            if start + n == r.token_ids.len() {
+                logits_indices.push(token_ids.len() as u32 - 1);
+                sampled_ids.push(id);
+            }
+        }
+        let seqs: Vec<SeqInfo> = out
+            .num_scheduled_tokens
+            .iter()
+            .map(|(id, n)| SeqInfo {
+                query_len: *n,
+                block_table: &self.requests[id].block_ids,
+            })
+            .collect();
+        let input = BatchInput {
+            token_ids: &token_ids,
+            positions: &positions,
+            slot_mapping: &slots,
+            seqs: &seqs,
+            logits_indices: &logits_indices,
+        };
+        let StageOutput::Logits(logits) = self.model.forward(&input, None, &mut self.kv)? else {
+            return Err(protocol("this runner's stage is not the last".into()));
+        };
+        if sampled_ids.is_empty() {
+            return Ok(StepResult { step_id: step, sampled: Vec::new() });
+        }
+        let vocab = logits.dim(1)?;
+        let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        let sampled = sampled_ids
+            .iter()
+            .zip(logits.chunks_mut(vocab))
+            .map(|(id, row)| {
+                let r = &self.requests[id];
+                let (token_id, logprobs) = sample(row, &r.sampling, &r.token_ids, r.num_prompt_tokens);
+                SampledToken {
+                    req_id: *id,
+                    token_id,
+                    logprobs,
+                }
+            })
+            .collect();
+        Ok(StepResult { step_id: step, sampled })
+    }
+}
