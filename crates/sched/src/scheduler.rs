@@ -44,6 +44,8 @@ pub struct RequestUpdate {
     /// Set when this token ended the request (the token is a stop token when
     /// the reason is `Stop`).
     pub finished: Option<FinishReason>,
+    /// Prompt tokens that came from the prefix cache.
+    pub num_cached_tokens: usize,
 }
 
 pub struct Scheduler {
@@ -231,6 +233,7 @@ impl Scheduler {
             } else {
                 None
             };
+            let num_cached_tokens = req.num_cached_tokens;
             if finished.is_some() {
                 self.finish(s.req_id);
             }
@@ -239,6 +242,7 @@ impl Scheduler {
                 token_id: s.token_id,
                 logprobs: s.logprobs.clone(),
                 finished,
+                num_cached_tokens,
             });
         }
         updates

@@ -90,7 +90,10 @@ impl ModelRunner {
             r.num_computed_tokens = c.num_computed_tokens;
         }
         if out.total_num_scheduled_tokens == 0 {
-            return Ok(StepResult { step_id: step, sampled: Vec::new() });
+            return Ok(StepResult {
+                step_id: step,
+                sampled: Vec::new(),
+            });
         }
 
         // Flatten the batch in scheduling order.
@@ -106,7 +109,8 @@ impl ModelRunner {
                 .get(&id)
                 .ok_or_else(|| protocol(format!("request {id} scheduled but unknown")))?;
             let start = r.num_computed_tokens;
-            if start + n > r.token_ids.len() || (start + n).div_ceil(BLOCK_SIZE) > r.block_ids.len() {
+            if start + n > r.token_ids.len() || (start + n).div_ceil(BLOCK_SIZE) > r.block_ids.len()
+            {
                 return Err(protocol(format!(
                     "request {id}: {n} tokens from {start} exceed its {} tokens or {} blocks",
                     r.token_ids.len(),
@@ -116,7 +120,9 @@ impl ModelRunner {
             token_ids.extend_from_slice(&r.token_ids[start..start + n]);
             for p in start..start + n {
                 positions.push(p as u32);
-                slots.push(r.block_ids[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32);
+                slots.push(
+                    r.block_ids[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32,
+                );
             }
             if start + n == r.token_ids.len() {
                 logits_indices.push(token_ids.len() as u32 - 1);
@@ -142,7 +148,10 @@ impl ModelRunner {
             return Err(protocol("this runner's stage is not the last".into()));
         };
         if sampled_ids.is_empty() {
-            return Ok(StepResult { step_id: step, sampled: Vec::new() });
+            return Ok(StepResult {
+                step_id: step,
+                sampled: Vec::new(),
+            });
         }
         let vocab = logits.dim(1)?;
         let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
@@ -151,7 +160,8 @@ impl ModelRunner {
             .zip(logits.chunks_mut(vocab))
             .map(|(id, row)| {
                 let r = &self.requests[id];
-                let (token_id, logprobs) = sample(row, &r.sampling, &r.token_ids, r.num_prompt_tokens);
+                let (token_id, logprobs) =
+                    sample(row, &r.sampling, &r.token_ids, r.num_prompt_tokens);
                 SampledToken {
                     req_id: *id,
                     token_id,
@@ -159,6 +169,9 @@ impl ModelRunner {
                 }
             })
             .collect();
-        Ok(StepResult { step_id: step, sampled })
+        Ok(StepResult {
+            step_id: step,
+            sampled,
+        })
     }
 }

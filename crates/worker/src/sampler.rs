@@ -52,7 +52,10 @@ fn top_logprobs(logits: &[f32], n: usize) -> (f32, Vec<(TokenId, f32)>) {
     }
     idx.truncate(n);
     idx.sort_by(by_logit);
-    (lse, idx.into_iter().map(|t| (t, logits[t as usize])).collect())
+    (
+        lse,
+        idx.into_iter().map(|t| (t, logits[t as usize])).collect(),
+    )
 }
 
 fn apply_penalties(logits: &mut [f32], p: &SamplingParams, history: &[TokenId], num_prompt: usize) {
@@ -67,7 +70,11 @@ fn apply_penalties(logits: &mut [f32], p: &SamplingParams, history: &[TokenId], 
             if t < logits.len() && !seen[t] {
                 seen[t] = true;
                 let l = &mut logits[t];
-                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
         }
     }
@@ -153,13 +160,19 @@ mod tests {
     use super::*;
 
     fn params() -> SamplingParams {
-        SamplingParams { seed: 7, ..SamplingParams::default() }
+        SamplingParams {
+            seed: 7,
+            ..SamplingParams::default()
+        }
     }
 
     #[test]
     fn greedy_takes_the_argmax_and_reports_raw_logprobs() {
         let mut l = vec![0.0, 3.0, 1.0, 2.0];
-        let p = SamplingParams { logprobs: Some(2), ..SamplingParams::greedy() };
+        let p = SamplingParams {
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        };
         let (t, lp) = sample(&mut l, &p, &[0], 1);
         assert_eq!(t, 1);
         let lp = lp.unwrap();
@@ -175,7 +188,13 @@ mod tests {
             (0..20)
                 .map(|pos| {
                     let hist: Vec<u32> = (0..pos + 1).collect();
-                    sample(&mut row.clone(), &SamplingParams { seed, ..params() }, &hist, 1).0
+                    sample(
+                        &mut row.clone(),
+                        &SamplingParams { seed, ..params() },
+                        &hist,
+                        1,
+                    )
+                    .0
                 })
                 .collect()
         };
@@ -187,9 +206,18 @@ mod tests {
     fn top_k_one_and_tiny_top_p_are_greedy() {
         let row = vec![0.1, 0.5, 2.0, 1.9];
         for p in [
-            SamplingParams { top_k: 1, ..params() },
-            SamplingParams { top_p: 0.01, ..params() },
-            SamplingParams { min_p: 0.99, ..params() },
+            SamplingParams {
+                top_k: 1,
+                ..params()
+            },
+            SamplingParams {
+                top_p: 0.01,
+                ..params()
+            },
+            SamplingParams {
+                min_p: 0.99,
+                ..params()
+            },
         ] {
             for seed in 0..20 {
                 let p = SamplingParams { seed, ..p.clone() };
@@ -202,7 +230,12 @@ mod tests {
     fn top_k_never_picks_outside_the_k_best() {
         let row: Vec<f32> = (0..50).map(|i| i as f32 * 0.01).collect();
         for seed in 0..200 {
-            let p = SamplingParams { top_k: 3, temperature: 5.0, seed, ..params() };
+            let p = SamplingParams {
+                top_k: 3,
+                temperature: 5.0,
+                seed,
+                ..params()
+            };
             assert!(sample(&mut row.clone(), &p, &[0], 1).0 >= 47);
         }
     }
@@ -213,14 +246,26 @@ mod tests {
         let row = vec![1.0, 0.9, 0.0];
         let hist = [2, 0, 0];
         for p in [
-            SamplingParams { frequency_penalty: 0.1, ..SamplingParams::greedy() },
-            SamplingParams { presence_penalty: 0.2, ..SamplingParams::greedy() },
-            SamplingParams { repetition_penalty: 1.2, ..SamplingParams::greedy() },
+            SamplingParams {
+                frequency_penalty: 0.1,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                presence_penalty: 0.2,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                repetition_penalty: 1.2,
+                ..SamplingParams::greedy()
+            },
         ] {
             assert_eq!(sample(&mut row.clone(), &p, &hist, 1).0, 1, "{p:?}");
         }
         // Without penalties the leader wins.
-        assert_eq!(sample(&mut row.clone(), &SamplingParams::greedy(), &hist, 1).0, 0);
+        assert_eq!(
+            sample(&mut row.clone(), &SamplingParams::greedy(), &hist, 1).0,
+            0
+        );
     }
 
     #[test]
@@ -229,7 +274,18 @@ mod tests {
         let row = vec![3f32.ln(), 0.0];
         let n = 4000;
         let zeros = (0..n)
-            .filter(|&s| sample(&mut row.clone(), &SamplingParams { seed: s, ..params() }, &[0], 1).0 == 0)
+            .filter(|&s| {
+                sample(
+                    &mut row.clone(),
+                    &SamplingParams {
+                        seed: s,
+                        ..params()
+                    },
+                    &[0],
+                    1,
+                )
+                .0 == 0
+            })
             .count();
         let frac = zeros as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.03, "{frac}");

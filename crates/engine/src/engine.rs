@@ -1,0 +1,392 @@
+//! The leader loop: `schedule → execute → update` on a dedicated thread, fed
+//! by a channel of commands, streaming each request's output on its own
+//! channel (vLLM's `EngineCore.step`, TEI's backend thread).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use strata_sched::{Request, Scheduler, SchedulerConfig, SchedulerStats};
+use strata_types::{FinishReason, Logprobs, RequestId, SamplingParams, TokenId, BLOCK_SIZE};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::error::{EngineError, Result};
+use crate::executor::Executor;
+use crate::tokenizer::Tokenizer;
+
+/// Limits the engine is started with.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_model_len: usize,
+    pub num_blocks: usize,
+    pub enable_prefix_caching: bool,
+    /// Requests admitted (waiting or running) before new ones are refused.
+    pub max_pending_requests: usize,
+}
+
+/// One sequence to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt_token_ids: Vec<TokenId>,
+    pub sampling: SamplingParams,
+    /// `None`: up to the context length.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<TokenId>,
+    pub ignore_eos: bool,
+    pub skip_special_tokens: bool,
+}
+
+/// What a request produced in one step. The last one has `finish` set.
+#[derive(Debug, Clone, Default)]
+pub struct RequestOutput {
+    pub text: String,
+    pub token_ids: Vec<TokenId>,
+    /// One entry per token in `token_ids`, when logprobs were asked for.
+    pub logprobs: Vec<Logprobs>,
+    pub finish: Option<FinishReason>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+pub type OutputStream = UnboundedReceiver<std::result::Result<RequestOutput, String>>;
+type OutputSender = UnboundedSender<std::result::Result<RequestOutput, String>>;
+
+/// A snapshot of the engine's counters, for `/metrics` and tests.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    pub sched: SchedulerStats,
+    pub num_running: usize,
+    pub num_waiting: usize,
+    pub num_blocks: usize,
+    pub num_free_blocks: usize,
+    pub num_pending: usize,
+}
+
+enum Command {
+    Add(RequestId, GenerateRequest, OutputSender),
+    Abort(RequestId),
+}
+
+/// The cheap, cloneable front door to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    next_id: Arc<AtomicU64>,
+    pending: Arc<AtomicUsize>,
+    stats: Arc<Mutex<EngineStats>>,
+    tokenizer: Arc<Tokenizer>,
+    config: Arc<EngineConfig>,
+    vocab_size: usize,
+    alive: Arc<AtomicBool>,
+}
+
+impl EngineHandle {
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().expect("poisoned").clone()
+    }
+
+    /// True while the engine thread runs.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Checks and queues a request; its outputs arrive on the returned stream.
+    /// Dropping the stream aborts the request within one step.
+    pub fn generate(&self, req: GenerateRequest) -> Result<(RequestId, OutputStream)> {
+        let prompt = req.prompt_token_ids.len();
+        if prompt == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if let Some(&bad) = req
+            .prompt_token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
+            return Err(EngineError::BadTokenId(bad));
+        }
+        let limit = self.config.max_model_len;
+        let max_tokens = match req.max_tokens {
+            Some(m) if prompt + m > limit => {
+                return Err(EngineError::ContextLength {
+                    max_model_len: limit,
+                    prompt_tokens: prompt,
+                    max_tokens: m,
+                })
+            }
+            Some(m) => m,
+            None if prompt >= limit => {
+                return Err(EngineError::ContextLength {
+                    max_model_len: limit,
+                    prompt_tokens: prompt,
+                    max_tokens: 1,
+                })
+            }
+            None => limit - prompt,
+        };
+        let capacity = self.config.num_blocks * BLOCK_SIZE;
+        if prompt + max_tokens > capacity {
+            return Err(EngineError::KvCacheTooSmall {
+                capacity,
+                needed: prompt + max_tokens,
+            });
+        }
+        let cap = self.config.max_pending_requests;
+        if self
+            .pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(EngineError::Overloaded(cap));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded_channel();
+        let req = GenerateRequest {
+            max_tokens: Some(max_tokens),
+            ..req
+        };
+        if self.tx.send(Command::Add(id, req, tx)).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Stopped("the engine thread has exited".into()));
+        }
+        Ok((id, rx))
+    }
+
+    pub fn abort(&self, id: RequestId) {
+        let _ = self.tx.send(Command::Abort(id));
+    }
+}
+
+/// Starts the engine thread.
+pub fn start_engine(
+    config: EngineConfig,
+    executor: Box<dyn Executor>,
+    tokenizer: Arc<Tokenizer>,
+    vocab_size: usize,
+) -> EngineHandle {
+    let (tx, rx) = mpsc::channel();
+    let handle = EngineHandle {
+        tx,
+        next_id: Arc::new(AtomicU64::new(0)),
+        pending: Arc::new(AtomicUsize::new(0)),
+        stats: Arc::new(Mutex::new(EngineStats::default())),
+        tokenizer: tokenizer.clone(),
+        config: Arc::new(config.clone()),
+        vocab_size,
+        alive: Arc::new(AtomicBool::new(true)),
+    };
+    let sched = Scheduler::new(SchedulerConfig {
+        max_num_seqs: config.max_num_seqs,
+        max_num_batched_tokens: config.max_num_batched_tokens,
+        max_model_len: config.max_model_len,
+        num_blocks: config.num_blocks,
+        enable_prefix_caching: config.enable_prefix_caching,
+    });
+    let core = EngineCore {
+        sched,
+        executor,
+        tokenizer,
+        live: HashMap::new(),
+        pending: handle.pending.clone(),
+        stats: handle.stats.clone(),
+    };
+    core.publish_stats();
+    let alive = handle.alive.clone();
+    std::thread::Builder::new()
+        .name("strata-engine".into())
+        .spawn(move || {
+            // Marks the engine dead however the loop ends, panics included.
+            struct Alive(Arc<AtomicBool>);
+            impl Drop for Alive {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::SeqCst);
+                }
+            }
+            let _alive = Alive(alive);
+            core.run(rx)
+        })
+        .expect("spawning the engine thread");
+    handle
+}
+
+/// A request's leader-side state beyond what the scheduler holds.
+struct Live {
+    tx: OutputSender,
+    detok: IncrementalDetokenizer,
+    want_logprobs: bool,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+struct EngineCore {
+    sched: Scheduler,
+    executor: Box<dyn Executor>,
+    tokenizer: Arc<Tokenizer>,
+    live: HashMap<RequestId, Live>,
+    pending: Arc<AtomicUsize>,
+    stats: Arc<Mutex<EngineStats>>,
+}
+
+impl EngineCore {
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            if !self.sched.has_work() {
+                match rx.recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.drop_disconnected();
+            self.step();
+            self.publish_stats();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Add(id, r, tx) => {
+                let mut stop_ids = r.stop_token_ids.clone();
+                if !r.ignore_eos {
+                    stop_ids.extend(&self.tokenizer.eos_token_ids);
+                }
+                self.live.insert(
+                    id,
+                    Live {
+                        tx,
+                        detok: IncrementalDetokenizer::new(
+                            &r.prompt_token_ids,
+                            r.stop,
+                            r.skip_special_tokens,
+                        ),
+                        want_logprobs: r.sampling.logprobs.is_some(),
+                        prompt_tokens: r.prompt_token_ids.len(),
+                        completion_tokens: 0,
+                    },
+                );
+                self.sched.add_request(Request::new(
+                    id,
+                    r.prompt_token_ids,
+                    r.sampling,
+                    r.max_tokens.expect("resolved in generate"),
+                    stop_ids,
+                ));
+            }
+            Command::Abort(id) => {
+                if self.live.remove(&id).is_some() {
+                    self.sched.finish_requests(&[id]);
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Clients that went away free their blocks before the next step.
+    fn drop_disconnected(&mut self) {
+        let gone: Vec<RequestId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.tx.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.handle(Command::Abort(id));
+        }
+    }
+
+    fn step(&mut self) {
+        let out = self.sched.schedule();
+        if out.is_empty() {
+            if self.sched.num_running() == 0 && self.sched.num_waiting() > 0 {
+                // Admission checks make this unreachable; never spin on it.
+                let ids: Vec<RequestId> = self.live.keys().copied().collect();
+                self.fail(&ids, "the request does not fit the KV cache");
+            }
+            return;
+        }
+        let result = match self.executor.execute(&out) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("step {} failed: {e}", out.step_id);
+                let ids: Vec<RequestId> =
+                    out.num_scheduled_tokens.iter().map(|(id, _)| *id).collect();
+                self.fail(&ids, &e.to_string());
+                return;
+            }
+        };
+        for u in self.sched.update_from_output(&result) {
+            let Some(live) = self.live.get_mut(&u.req_id) else {
+                continue;
+            };
+            live.completion_tokens += 1;
+            let mut finish = u.finished;
+            let is_stop_token = finish == Some(FinishReason::Stop);
+            let mut output = RequestOutput::default();
+            if !is_stop_token {
+                match live.detok.push(&self.tokenizer, u.token_id) {
+                    Ok(true) => {
+                        finish = Some(FinishReason::Stop);
+                        self.sched.finish_requests(&[u.req_id]);
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("request {}: detokenizing: {e}", u.req_id),
+                }
+                output.token_ids.push(u.token_id);
+                if let (true, Some(lp)) = (live.want_logprobs, u.logprobs) {
+                    output.logprobs.push(lp);
+                }
+            }
+            if finish.is_some() {
+                let _ = live.detok.flush(&self.tokenizer);
+            }
+            output.text = live.detok.take_delta(finish.is_some());
+            output.finish = finish;
+            output.prompt_tokens = live.prompt_tokens;
+            output.completion_tokens = live.completion_tokens;
+            output.cached_tokens = u.num_cached_tokens;
+            let _ = live.tx.send(Ok(output));
+            if finish.is_some() {
+                self.live.remove(&u.req_id);
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn fail(&mut self, ids: &[RequestId], msg: &str) {
+        self.sched.finish_requests(ids);
+        for id in ids {
+            if let Some(l) = self.live.remove(id) {
+                let _ = l.tx.send(Err(msg.to_string()));
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
+        let mut s = self.stats.lock().expect("poisoned");
+        *s = EngineStats {
+            sched: self.sched.stats().clone(),
+            num_running: self.sched.num_running(),
+            num_waiting: self.sched.num_waiting(),
+            num_blocks: self.sched.config().num_blocks,
+            num_free_blocks: self.sched.num_free_blocks(),
+            num_pending: self.pending.load(Ordering::SeqCst),
+        };
+    }
+}

@@ -1,0 +1,24 @@
+//! The leader side of strata: the engine loop over the scheduler and an
+//! [`Executor`], and everything that turns text into tokens and back
+//! (tokenizer, chat template, incremental detokenizer with stop strings).
+
+mod chat;
+mod demo;
+mod detokenizer;
+mod engine;
+mod error;
+mod executor;
+mod load;
+mod tokenizer;
+
+pub use chat::ChatTemplate;
+pub use demo::{cache_dir, ensure_demo_model, DEMO_MODEL_NAME};
+pub use detokenizer::IncrementalDetokenizer;
+pub use engine::{
+    start_engine, EngineConfig, EngineHandle, EngineStats, GenerateRequest, OutputStream,
+    RequestOutput,
+};
+pub use error::{EngineError, Result};
+pub use executor::{Executor, LocalExecutor};
+pub use load::{load_engine, GenerationDefaults, LoadOptions, ModelInfo};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,224 @@
+//! From a path on disk to a running engine: weights, config, tokenizer,
+//! generation defaults, KV cache sizing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use serde_json::Value as Json;
+use strata_comm::SingleRank;
+use strata_model::{config_from_gguf, config_from_hf_json, Llama, WeightFormat, Weights};
+use strata_types::{LayerRange, ModelConfig, TokenId, BLOCK_SIZE};
+use strata_worker::ModelRunner;
+
+use crate::engine::{start_engine, EngineConfig, EngineHandle};
+use crate::error::{EngineError, Result};
+use crate::executor::LocalExecutor;
+use crate::tokenizer::{read_json, Tokenizer};
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// A Hugging Face folder or a `.gguf` file.
+    pub model: PathBuf,
+    /// `None`: the model's own limit, capped by what the KV cache holds.
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Bytes for the KV cache.
+    pub kv_cache_bytes: u64,
+    pub enable_prefix_caching: bool,
+    pub max_pending_requests: usize,
+}
+
+/// Sampling defaults from `generation_config.json`, used when a request
+/// leaves a field out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+}
+
+/// What was loaded, for the server and the logs.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    pub format: WeightFormat,
+    pub config: ModelConfig,
+    pub defaults: GenerationDefaults,
+    pub max_model_len: usize,
+    pub num_blocks: usize,
+    pub weight_bytes: u64,
+}
+
+/// Loads the model and starts the engine thread.
+pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
+    let started = Instant::now();
+    let path = &opts.model;
+    if !path.exists() {
+        return Err(EngineError::Model(format!(
+            "model path {} does not exist",
+            path.display()
+        )));
+    }
+    let weights = Weights::open(path, &Device::Cpu)?;
+    let (config, tokenizer, defaults) = match weights.format() {
+        WeightFormat::Gguf => {
+            let md = weights.gguf_metadata().expect("GGUF has metadata");
+            let cfg = config_from_gguf(md, weights.contains("lm_head.weight"))?;
+            (
+                cfg,
+                Tokenizer::from_gguf(md)?,
+                GenerationDefaults::default(),
+            )
+        }
+        WeightFormat::Safetensors => {
+            let dir = if path.is_dir() {
+                path.as_path()
+            } else {
+                path.parent().unwrap_or(Path::new("."))
+            };
+            let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
+                EngineError::Model(format!("{}: {e}", dir.join("config.json").display()))
+            })?;
+            let cfg = config_from_hf_json(&text)?;
+            let gen = read_json(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
+            let raw: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
+            let mut eos = token_ids(&raw["eos_token_id"]);
+            eos.extend(token_ids(&gen["eos_token_id"]));
+            (cfg, Tokenizer::from_hf_dir(dir, &eos)?, defaults_from(&gen))
+        }
+    };
+    if tokenizer.vocab_size() > config.vocab_size {
+        tracing::warn!(
+            "the tokenizer has {} tokens but the model only {}",
+            tokenizer.vocab_size(),
+            config.vocab_size
+        );
+    }
+    let layers = LayerRange::full(config.num_layers);
+    tracing::info!(
+        "loading {} ({:?}): {} layers, hidden {}, {} heads / {} KV heads, vocab {}",
+        path.display(),
+        weights.format(),
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.vocab_size
+    );
+    let mut last_pct = 0;
+    let mut progress = |layer: usize, range: LayerRange| {
+        let pct = (layer + 1 - range.start) * 100 / range.len();
+        if pct >= last_pct + 10 || layer + 1 == range.end {
+            last_pct = pct;
+            tracing::info!(
+                "loaded layer {}/{} ({pct}%)",
+                layer + 1 - range.start,
+                range.len()
+            );
+        }
+    };
+
+    // Size the cache before loading so a bad budget fails fast.
+    let bytes_per_block = strata_model::KvCache::bytes_per_block(
+        config.num_layers,
+        config.num_kv_heads,
+        config.head_dim,
+    );
+    let num_blocks = (opts.kv_cache_bytes / bytes_per_block as u64) as usize;
+    let capacity = num_blocks * BLOCK_SIZE;
+    if num_blocks == 0 {
+        return Err(EngineError::Model(format!(
+            "--kv-cache-memory of {} bytes holds no block ({} bytes each)",
+            opts.kv_cache_bytes, bytes_per_block
+        )));
+    }
+    let max_model_len = match opts.max_model_len {
+        Some(n) if n > capacity => {
+            return Err(EngineError::Model(format!(
+                "--max-model-len {n} needs {} bytes of KV cache but --kv-cache-memory gives {} ({capacity} tokens)",
+                n.div_ceil(BLOCK_SIZE) * bytes_per_block,
+                opts.kv_cache_bytes
+            )))
+        }
+        Some(n) => n,
+        None if config.max_position_embeddings > capacity => {
+            tracing::warn!(
+                "the KV cache holds {capacity} tokens, less than the model's context of {}; \
+                 serving with --max-model-len {capacity} (raise --kv-cache-memory for more)",
+                config.max_position_embeddings
+            );
+            capacity
+        }
+        None => config.max_position_embeddings,
+    };
+    let model = Llama::load(
+        &weights,
+        &config,
+        layers,
+        Arc::new(SingleRank),
+        max_model_len,
+        &mut progress,
+    )?;
+    let weight_bytes = weights.bytes_read();
+    tracing::info!(
+        "model loaded in {:.1}s ({:.1} MiB of weights); KV cache: {num_blocks} blocks of {BLOCK_SIZE} tokens \
+         = {capacity} tokens ({:.1} MiB); max model length {max_model_len}",
+        started.elapsed().as_secs_f32(),
+        weight_bytes as f64 / (1 << 20) as f64,
+        (num_blocks * bytes_per_block) as f64 / (1 << 20) as f64
+    );
+    let runner = ModelRunner::new(model, num_blocks);
+    let engine_cfg = EngineConfig {
+        max_num_seqs: opts.max_num_seqs,
+        max_num_batched_tokens: opts.max_num_batched_tokens,
+        max_model_len,
+        num_blocks,
+        enable_prefix_caching: opts.enable_prefix_caching,
+        max_pending_requests: opts.max_pending_requests,
+    };
+    let handle = start_engine(
+        engine_cfg,
+        Box::new(LocalExecutor::new(runner)),
+        Arc::new(tokenizer),
+        config.vocab_size,
+    );
+    Ok((
+        handle,
+        ModelInfo {
+            path: path.clone(),
+            format: weights.format(),
+            config,
+            defaults,
+            max_model_len,
+            num_blocks,
+            weight_bytes,
+        },
+    ))
+}
+
+fn token_ids(v: &Json) -> Vec<TokenId> {
+    match v {
+        Json::Number(n) => n.as_u64().map(|x| vec![x as TokenId]).unwrap_or_default(),
+        Json::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as TokenId))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn defaults_from(gen: &Json) -> GenerationDefaults {
+    let f = |k: &str| gen[k].as_f64().map(|x| x as f32);
+    GenerationDefaults {
+        temperature: f("temperature"),
+        top_p: f("top_p"),
+        top_k: gen["top_k"].as_u64().map(|x| x as usize),
+        min_p: f("min_p"),
+        repetition_penalty: f("repetition_penalty"),
+    }
+}

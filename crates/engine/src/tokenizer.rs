@@ -1,0 +1,231 @@
+//! The tokenizer, its special tokens and the chat template, from a Hugging
+//! Face folder (tokenizer.json, tokenizer_config.json) or from GGUF metadata.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Value;
+use serde_json::{json, Value as Json};
+use strata_types::TokenId;
+
+use crate::chat::ChatTemplate;
+use crate::error::{EngineError, Result};
+
+/// Text ↔ ids, plus what the engine needs to know about special tokens.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Ids that end generation (eos, end-of-turn).
+    pub eos_token_ids: Vec<TokenId>,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.inner.get_vocab_size(true))
+            .field("eos_token_ids", &self.eos_token_ids)
+            .finish()
+    }
+}
+
+fn tok_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenId>> {
+        Ok(self
+            .inner
+            .encode_fast(text, add_special_tokens)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
+    }
+
+    pub fn decode(&self, ids: &[TokenId], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<TokenId> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Loads `tokenizer.json` and `tokenizer_config.json` from a folder.
+    pub fn from_hf_dir(dir: &Path, extra_eos: &[TokenId]) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let cfg: Json = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
+        let token_str = |v: &Json| -> Option<String> {
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.get("content").and_then(Json::as_str).map(str::to_string))
+        };
+        let bos_token = token_str(&cfg["bos_token"]);
+        let eos_token = token_str(&cfg["eos_token"]);
+        // Newer transformers save the template beside the config.
+        let template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            Ok(t) => Some(t),
+            Err(_) => match &cfg["chat_template"] {
+                Json::String(s) => Some(s.clone()),
+                // A list of named templates: take "default".
+                Json::Array(list) => list
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .or(list.first())
+                    .and_then(|t| t["template"].as_str().map(str::to_string)),
+                _ => None,
+            },
+        };
+        let mut eos_token_ids: Vec<TokenId> = extra_eos.to_vec();
+        if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+            eos_token_ids.push(id);
+        }
+        eos_token_ids.sort_unstable();
+        eos_token_ids.dedup();
+        let chat_template = template
+            .map(|t| ChatTemplate::new(t, bos_token.clone(), eos_token.clone()))
+            .transpose()?;
+        Ok(Self {
+            inner,
+            bos_token,
+            eos_token,
+            eos_token_ids,
+            chat_template,
+        })
+    }
+
+    /// Builds the tokenizer that llama.cpp would use from GGUF metadata alone.
+    pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self> {
+        let s = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
+        let u = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+        let b = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
+        let model = s("tokenizer.ggml.model").unwrap_or_default();
+        if model != "gpt2" {
+            return Err(EngineError::Tokenizer(format!(
+                "GGUF tokenizer model `{model}` is not supported yet (supported: gpt2 byte-level BPE); \
+                 use the Hugging Face folder instead"
+            )));
+        }
+        let strings = |k: &str| -> Result<Vec<String>> {
+            let v = md
+                .get(k)
+                .ok_or_else(|| EngineError::Tokenizer(format!("GGUF metadata lacks {k}")))?;
+            v.to_vec()
+                .map_err(tok_err)?
+                .iter()
+                .map(|x| x.to_string().cloned().map_err(tok_err))
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(tok_err)?
+                .iter()
+                .map(|x| x.to_i32().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let pre = s("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let pre_tokenizer = match pre.as_str() {
+            // llama.cpp's `smollm`: digits one by one, then GPT-2's split.
+            "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level]}),
+            "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+            "gpt2" | "default" => byte_level,
+            other => {
+                tracing::warn!("GGUF pre-tokenizer `{other}` is unknown; using GPT-2's split");
+                byte_level
+            }
+        };
+        let vocab: serde_json::Map<String, Json> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), json!(i)))
+            .collect();
+        // Control (3) and user-defined (4) tokens are matched whole in text.
+        let added: Vec<Json> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (_, ty))| **ty == 3 || **ty == 4)
+            .map(|(i, (t, ty))| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": *ty == 3})
+            })
+            .collect();
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab, "merges": merges}
+        });
+        let mut inner =
+            tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec).map_err(tok_err)?)
+                .map_err(tok_err)?;
+        let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).cloned();
+        let bos_id = u("tokenizer.ggml.bos_token_id");
+        let bos_token = name(bos_id);
+        let eos_token = name(u("tokenizer.ggml.eos_token_id"));
+        if b("tokenizer.ggml.add_bos_token").unwrap_or(false) {
+            if let (Some(bos), Some(id)) = (&bos_token, bos_id) {
+                let post = json!({"type": "TemplateProcessing",
+                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                             {"Sequence": {"id": "B", "type_id": 1}}],
+                    "special_tokens": {bos.as_str(): {"id": bos, "ids": [id], "tokens": [bos]}}});
+                let post: tokenizers::PostProcessorWrapper =
+                    serde_json::from_value(post).map_err(tok_err)?;
+                inner.with_post_processor(Some(post));
+            }
+        }
+        let mut eos_token_ids: Vec<TokenId> =
+            ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+                .iter()
+                .filter_map(|k| u(k))
+                .collect();
+        eos_token_ids.sort_unstable();
+        eos_token_ids.dedup();
+        let chat_template = s("tokenizer.chat_template")
+            .map(|t| ChatTemplate::new(t, bos_token.clone(), eos_token.clone()))
+            .transpose()?;
+        Ok(Self {
+            inner,
+            bos_token,
+            eos_token,
+            eos_token_ids,
+            chat_template,
+        })
+    }
+}
+
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Reads an optional JSON file: `Ok(None)` when it does not exist.
+pub(crate) fn read_json(path: &Path) -> Result<Option<Json>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| EngineError::Model(format!("{}: invalid JSON: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(EngineError::Model(format!("{}: {e}", path.display()))),
+    }
+}
