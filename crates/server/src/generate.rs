@@ -1,0 +1,151 @@
+//! Runs the engine requests behind one API call (n choices, several prompts)
+//! and gathers or streams their outputs.
+
+use futures::stream::{self, Stream, StreamExt};
+use strata_engine::{EngineHandle, GenerateRequest, OutputStream, RequestOutput};
+use strata_types::{FinishReason, Logprobs, TokenId};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::error::ApiError;
+use crate::protocol::Resolved;
+
+/// One choice's engine request.
+pub struct Choice {
+    pub index: usize,
+    /// Which prompt it answers (completions take several).
+    pub prompt_index: usize,
+    rx: OutputStream,
+}
+
+/// Starts `n` choices for each prompt. If any is refused the ones already
+/// started are dropped, which aborts them.
+pub fn start(
+    engine: &EngineHandle,
+    prompts: &[Vec<TokenId>],
+    r: &Resolved,
+) -> Result<Vec<Choice>, ApiError> {
+    let mut choices = Vec::with_capacity(prompts.len() * r.n);
+    for (p, prompt) in prompts.iter().enumerate() {
+        for i in 0..r.n {
+            let mut sampling = r.sampling.clone();
+            sampling.seed = sampling.seed.wrapping_add(i as u64);
+            let (_, rx) = engine.generate(GenerateRequest {
+                prompt_token_ids: prompt.clone(),
+                sampling,
+                max_tokens: r.max_tokens,
+                stop: r.stop.clone(),
+                stop_token_ids: r.stop_token_ids.clone(),
+                ignore_eos: r.ignore_eos,
+                skip_special_tokens: r.skip_special_tokens,
+            })?;
+            choices.push(Choice {
+                index: choices.len(),
+                prompt_index: p,
+                rx,
+            });
+        }
+    }
+    Ok(choices)
+}
+
+/// A finished choice.
+#[derive(Debug, Default)]
+pub struct Finished {
+    pub index: usize,
+    pub prompt_index: usize,
+    pub text: String,
+    pub token_ids: Vec<TokenId>,
+    pub logprobs: Vec<Logprobs>,
+    pub finish: Option<FinishReason>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+impl Usage {
+    pub fn to_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        })
+    }
+}
+
+/// Usage of a whole call: prompts counted once each, completions summed.
+pub fn total_usage<'a>(per_choice: impl Iterator<Item = (usize, Usage)> + 'a) -> Usage {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = Usage::default();
+    for (prompt_index, u) in per_choice {
+        if seen.insert(prompt_index) {
+            total.prompt_tokens += u.prompt_tokens;
+            total.cached_tokens += u.cached_tokens;
+        }
+        total.completion_tokens += u.completion_tokens;
+    }
+    total
+}
+
+fn usage_of(o: &RequestOutput) -> Usage {
+    Usage {
+        prompt_tokens: o.prompt_tokens,
+        completion_tokens: o.completion_tokens,
+        cached_tokens: o.cached_tokens,
+    }
+}
+
+/// Waits for every choice to finish.
+pub async fn collect(choices: Vec<Choice>) -> Result<Vec<Finished>, ApiError> {
+    let futs = choices.into_iter().map(|mut c| async move {
+        let mut f = Finished {
+            index: c.index,
+            prompt_index: c.prompt_index,
+            ..Default::default()
+        };
+        while let Some(o) = c.rx.recv().await {
+            let o = o.map_err(|e| ApiError::from(strata_engine::EngineError::Execution(e)))?;
+            f.text.push_str(&o.text);
+            f.token_ids.extend(&o.token_ids);
+            f.logprobs.extend(o.logprobs.iter().cloned());
+            f.usage = usage_of(&o);
+            if o.finish.is_some() {
+                f.finish = o.finish;
+                break;
+            }
+        }
+        if f.finish.is_none() {
+            return Err(ApiError::from(strata_engine::EngineError::Stopped(
+                "the engine dropped the request".into(),
+            )));
+        }
+        Ok(f)
+    });
+    futures::future::try_join_all(futs).await
+}
+
+/// One step's output of one choice, as it arrives.
+pub struct Delta {
+    pub index: usize,
+    pub prompt_index: usize,
+    pub output: Result<RequestOutput, String>,
+    pub usage: Usage,
+}
+
+/// Merges the choices' outputs into one stream, in arrival order.
+pub fn merge(choices: Vec<Choice>) -> impl Stream<Item = Delta> + Send {
+    stream::select_all(choices.into_iter().map(|c| {
+        let (index, prompt_index) = (c.index, c.prompt_index);
+        UnboundedReceiverStream::new(c.rx).map(move |output| Delta {
+            index,
+            prompt_index,
+            usage: output.as_ref().map(usage_of).unwrap_or_default(),
+            output,
+        })
+    }))
+}

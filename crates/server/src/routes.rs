@@ -1,0 +1,538 @@
+//! The HTTP handlers.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+
+use futures::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use strata_engine::Tokenizer;
+use strata_types::{Logprobs, TokenId};
+
+use crate::error::ApiError;
+use crate::generate::{self, total_usage, Delta, Usage};
+use crate::protocol::{
+    normalize_messages, parse, ChatRequest, CompletionRequest, Prompt, MAX_LOGPROBS,
+};
+use crate::AppState;
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| ApiError {
+        status: r.status(),
+        message: if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            "the request body is too large".into()
+        } else {
+            r.body_text()
+        },
+        kind: "invalid_request_error",
+        param: None,
+        code: None,
+    })
+}
+
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != state.served_model_name => Err(ApiError::model_not_found(m)),
+        _ => Ok(()),
+    }
+}
+
+fn token_text(tok: &Tokenizer, id: TokenId) -> String {
+    tok.decode(&[id], false).unwrap_or_default()
+}
+
+/// Chat logprobs entries (`choices[].logprobs.content`).
+fn chat_logprobs(tok: &Tokenizer, ids: &[TokenId], lps: &[Logprobs], top_n: usize) -> Value {
+    let entry = |id: TokenId, lp: f32| {
+        let t = token_text(tok, id);
+        json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+    };
+    let content: Vec<Value> = ids
+        .iter()
+        .zip(lps)
+        .map(|(&id, lp)| {
+            let mut e = entry(id, lp.logprob);
+            e["top_logprobs"] = lp
+                .top
+                .iter()
+                .take(top_n)
+                .map(|&(t, l)| entry(t, l))
+                .collect();
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Completions logprobs (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
+fn completion_logprobs(
+    tok: &Tokenizer,
+    ids: &[TokenId],
+    lps: &[Logprobs],
+    top_n: usize,
+    offset: usize,
+) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top = Vec::new();
+    let mut text_offset = Vec::new();
+    let mut at = offset;
+    for (&id, lp) in ids.iter().zip(lps) {
+        let t = token_text(tok, id);
+        text_offset.push(at);
+        at += t.len();
+        tokens.push(t);
+        token_logprobs.push(lp.logprob);
+        let m: serde_json::Map<String, Value> = lp
+            .top
+            .iter()
+            .take(top_n)
+            .map(|&(t, l)| (token_text(tok, t), json!(l)))
+            .collect();
+        top.push(Value::Object(m));
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset})
+}
+
+fn sse_data(v: &Value) -> Result<Event, Infallible> {
+    Ok(Event::default().data(v.to_string()))
+}
+
+/// The SSE tail: an error chunk if a choice failed, the usage chunk when
+/// asked, then `[DONE]`.
+fn sse_response<S>(chunks: S) -> Response
+where
+    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    let done = stream::once(async { Ok::<_, Infallible>(Event::default().data("[DONE]")) });
+    Sse::new(chunks.chain(done)).into_response()
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse(&body_of(body)?)?;
+    check_model(&state, req.common.model.as_deref())?;
+    let top_logprobs = match (req.logprobs, req.top_logprobs) {
+        (_, Some(n)) if !(0..=MAX_LOGPROBS).contains(&n) => {
+            return Err(ApiError::param(
+                "top_logprobs",
+                format!("`top_logprobs` must be between 0 and {MAX_LOGPROBS}, got {n}"),
+            ))
+        }
+        (Some(true), n) => Some(n.unwrap_or(0) as usize),
+        (_, Some(_)) => {
+            return Err(ApiError::param(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ))
+        }
+        _ => None,
+    };
+    let r = req.common.resolve(
+        req.max_completion_tokens.or(req.common.max_tokens),
+        top_logprobs,
+        &state.info.defaults,
+    )?;
+    let messages = normalize_messages(&req.messages)?;
+    let tok = state.engine.tokenizer();
+    let template = tok
+        .chat_template
+        .as_ref()
+        .ok_or(strata_engine::EngineError::NoChatTemplate)?;
+    let prompt = template.render(&messages, req.add_generation_prompt.unwrap_or(true))?;
+    let ids = tok.encode(&prompt, false)?;
+    let choices = generate::start(&state.engine, &[ids], &r)?;
+    let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
+    let created = now();
+    let model = state.served_model_name.clone();
+    let top_n = top_logprobs.unwrap_or(0);
+
+    if !r.stream {
+        let done = generate::collect(choices).await?;
+        let usage = total_usage(done.iter().map(|f| (f.prompt_index, f.usage)));
+        let choices: Vec<Value> = done
+            .iter()
+            .map(|f| {
+                json!({
+                    "index": f.index,
+                    "message": {"role": "assistant", "content": f.text},
+                    "logprobs": top_logprobs.map(|_| chat_logprobs(tok, &f.token_ids, &f.logprobs, top_n)),
+                    "finish_reason": f.finish.map(|r| r.as_str()),
+                })
+            })
+            .collect();
+        return Ok(axum::Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage.to_json(),
+        }))
+        .into_response());
+    }
+
+    let include_usage = r.include_usage;
+    let n = choices.len();
+    let chunk = {
+        let (id, model) = (id.clone(), model.clone());
+        move |choices: Value, usage: Option<Value>| {
+            let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
+            if include_usage {
+                c["usage"] = usage.unwrap_or(Value::Null);
+            }
+            c
+        }
+    };
+    let first: Vec<Result<Event, Infallible>> = (0..n)
+        .map(|i| {
+            sse_data(&chunk(
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                None,
+            ))
+        })
+        .collect();
+    let engine = state.engine.clone();
+    let mut usages: HashMap<usize, (usize, Usage)> = HashMap::new();
+    let chunk2 = chunk.clone();
+    let body = generate::merge(choices).flat_map(move |d: Delta| {
+        let mut events = Vec::new();
+        match d.output {
+            Err(e) => events.push(sse_data(&json!({"error": {"message": e, "type": "internal_error", "param": null, "code": null}}))),
+            Ok(o) => {
+                usages.insert(d.index, (d.prompt_index, d.usage));
+                if !o.text.is_empty() || !o.logprobs.is_empty() {
+                    let lp = top_logprobs.map(|_| chat_logprobs(engine.tokenizer(), &o.token_ids, &o.logprobs, top_n));
+                    events.push(sse_data(&chunk2(
+                        json!([{"index": d.index, "delta": {"content": o.text}, "logprobs": lp, "finish_reason": null}]),
+                        None,
+                    )));
+                }
+                if let Some(f) = o.finish {
+                    events.push(sse_data(&chunk2(
+                        json!([{"index": d.index, "delta": {}, "logprobs": null, "finish_reason": f.as_str()}]),
+                        None,
+                    )));
+                    if include_usage && usages.len() == n {
+                        let u = total_usage(usages.values().copied());
+                        events.push(sse_data(&chunk2(json!([]), Some(u.to_json()))));
+                    }
+                }
+            }
+        }
+        stream::iter(events)
+    });
+    Ok(sse_response(stream::iter(first).chain(body)))
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse(&body_of(body)?)?;
+    check_model(&state, req.common.model.as_deref())?;
+    if req.suffix.is_some() {
+        return Err(ApiError::param("suffix", "`suffix` is not supported"));
+    }
+    if let Some(b) = req.best_of {
+        if b != req.common.n.unwrap_or(1) {
+            return Err(ApiError::param(
+                "best_of",
+                "`best_of` must equal `n` (strata returns every sequence)",
+            ));
+        }
+    }
+    let logprobs = match req.logprobs {
+        Some(n) if !(0..=MAX_LOGPROBS).contains(&n) => {
+            return Err(ApiError::param(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {n}"),
+            ))
+        }
+        n => n.map(|n| n as usize),
+    };
+    // OpenAI's default for completions.
+    let r = req.common.resolve(
+        Some(req.common.max_tokens.unwrap_or(16)),
+        logprobs,
+        &state.info.defaults,
+    )?;
+    let tok = state.engine.tokenizer();
+    let prompts: Vec<Vec<TokenId>> = match &req.prompt {
+        Prompt::Text(t) => vec![tok.encode(t, true)?],
+        Prompt::Texts(ts) => ts
+            .iter()
+            .map(|t| tok.encode(t, true))
+            .collect::<Result<_, _>>()?,
+        Prompt::Ids(ids) => vec![ids.clone()],
+        Prompt::IdLists(l) => l.clone(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::param("prompt", "`prompt` must not be empty"));
+    }
+    let echo = req.echo.unwrap_or(false);
+    let prompt_texts: Vec<String> = if echo {
+        prompts
+            .iter()
+            .map(|p| tok.decode(p, false))
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![String::new(); prompts.len()]
+    };
+    let choices = generate::start(&state.engine, &prompts, &r)?;
+    let id = format!("cmpl-{:032x}", rand::random::<u128>());
+    let created = now();
+    let model = state.served_model_name.clone();
+    let top_n = logprobs.unwrap_or(0);
+
+    if !r.stream {
+        let done = generate::collect(choices).await?;
+        let usage = total_usage(done.iter().map(|f| (f.prompt_index, f.usage)));
+        let choices: Vec<Value> = done
+            .iter()
+            .map(|f| {
+                let prefix = &prompt_texts[f.prompt_index];
+                json!({
+                    "index": f.index,
+                    "text": format!("{prefix}{}", f.text),
+                    "logprobs": logprobs.map(|_| completion_logprobs(tok, &f.token_ids, &f.logprobs, top_n, prefix.len())),
+                    "finish_reason": f.finish.map(|r| r.as_str()),
+                })
+            })
+            .collect();
+        return Ok(axum::Json(json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage.to_json(),
+        }))
+        .into_response());
+    }
+
+    let include_usage = r.include_usage;
+    let n = choices.len();
+    let chunk = move |choices: Value, usage: Option<Value>| {
+        let mut c = json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
+        if include_usage {
+            c["usage"] = usage.unwrap_or(Value::Null);
+        }
+        c
+    };
+    let engine = state.engine.clone();
+    let mut usages: HashMap<usize, (usize, Usage)> = HashMap::new();
+    let mut offsets: HashMap<usize, usize> = HashMap::new();
+    let body = generate::merge(choices).flat_map(move |d: Delta| {
+        let mut events = Vec::new();
+        match d.output {
+            Err(e) => events.push(sse_data(&json!({"error": {"message": e, "type": "internal_error", "param": null, "code": null}}))),
+            Ok(o) => {
+                usages.insert(d.index, (d.prompt_index, d.usage));
+                let offset = offsets.entry(d.index).or_insert(0);
+                let mut text = o.text.clone();
+                if *offset == 0 && echo {
+                    text.insert_str(0, &prompt_texts[d.prompt_index]);
+                }
+                let lp = logprobs.map(|_| {
+                    completion_logprobs(engine.tokenizer(), &o.token_ids, &o.logprobs, top_n, *offset + text.len() - o.text.len())
+                });
+                *offset += text.len();
+                if !text.is_empty() || o.finish.is_some() || !o.logprobs.is_empty() {
+                    events.push(sse_data(&chunk(
+                        json!([{"index": d.index, "text": text, "logprobs": lp, "finish_reason": o.finish.map(|f| f.as_str())}]),
+                        None,
+                    )));
+                }
+                if o.finish.is_some() && include_usage && usages.len() == n {
+                    let u = total_usage(usages.values().copied());
+                    events.push(sse_data(&chunk(json!([]), Some(u.to_json()))));
+                }
+            }
+        }
+        stream::iter(events)
+    });
+    Ok(sse_response(body))
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
+    axum::Json(json!({"object": "list", "data": [{
+        "id": state.served_model_name, "object": "model", "created": state.started, "owned_by": "strata",
+        "root": state.info.path.display().to_string(), "max_model_len": state.info.max_model_len,
+    }]}))
+}
+
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.engine.is_alive() {
+        (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unavailable", "missing": ["engine"]})),
+        )
+            .into_response()
+    }
+}
+
+pub async fn version() -> axum::Json<Value> {
+    axum::Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+}
+
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<Value>>,
+    add_special_tokens: Option<bool>,
+    add_generation_prompt: Option<bool>,
+}
+
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let req: TokenizeRequest = parse(&body_of(body)?)?;
+    check_model(&state, req.model.as_deref())?;
+    let tok = state.engine.tokenizer();
+    let ids = match (req.prompt, req.messages) {
+        (Some(p), None) => tok.encode(&p, req.add_special_tokens.unwrap_or(true))?,
+        (None, Some(m)) => {
+            let template = tok
+                .chat_template
+                .as_ref()
+                .ok_or(strata_engine::EngineError::NoChatTemplate)?;
+            let text = template.render(
+                &normalize_messages(&m)?,
+                req.add_generation_prompt.unwrap_or(true),
+            )?;
+            tok.encode(&text, req.add_special_tokens.unwrap_or(false))?
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `prompt` or `messages`",
+            ))
+        }
+    };
+    Ok(axum::Json(
+        json!({"count": ids.len(), "max_model_len": state.info.max_model_len, "tokens": ids}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+pub async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let req: DetokenizeRequest = parse(&body_of(body)?)?;
+    check_model(&state, req.model.as_deref())?;
+    let vocab = state.info.config.vocab_size as u32;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
+        return Err(ApiError::param(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    Ok(axum::Json(
+        json!({"prompt": state.engine.tokenizer().decode(&req.tokens, false)?}),
+    ))
+}
+
+/// Prometheus text format.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let s = state.engine.stats();
+    let rows: [(&str, &str, &str, u64); 11] = [
+        (
+            "strata_prompt_tokens_total",
+            "counter",
+            "Prompt tokens submitted.",
+            s.sched.prompt_tokens,
+        ),
+        (
+            "strata_computed_tokens_total",
+            "counter",
+            "Tokens whose KV was computed (prefill and decode).",
+            s.sched.computed_tokens,
+        ),
+        (
+            "strata_prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens served from the prefix cache.",
+            s.sched.prefix_cache_hit_tokens,
+        ),
+        (
+            "strata_generation_tokens_total",
+            "counter",
+            "Tokens generated.",
+            s.sched.generated_tokens,
+        ),
+        (
+            "strata_preemptions_total",
+            "counter",
+            "Requests preempted for lack of KV blocks.",
+            s.sched.preemptions,
+        ),
+        (
+            "strata_steps_total",
+            "counter",
+            "Engine steps that ran the model.",
+            s.sched.steps,
+        ),
+        (
+            "strata_num_requests_running",
+            "gauge",
+            "Requests running.",
+            s.num_running as u64,
+        ),
+        (
+            "strata_num_requests_waiting",
+            "gauge",
+            "Requests waiting.",
+            s.num_waiting as u64,
+        ),
+        (
+            "strata_num_requests_pending",
+            "gauge",
+            "Requests admitted and not finished.",
+            s.num_pending as u64,
+        ),
+        (
+            "strata_kv_cache_blocks",
+            "gauge",
+            "KV cache blocks.",
+            s.num_blocks as u64,
+        ),
+        (
+            "strata_kv_cache_free_blocks",
+            "gauge",
+            "KV cache blocks free (cached prefixes included).",
+            s.num_free_blocks as u64,
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, v) in rows {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+        ));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}
