@@ -94,8 +94,11 @@ impl EngineHandle {
         &self.config
     }
 
+    /// The last step's counters, with the live count of pending requests.
     pub fn stats(&self) -> EngineStats {
-        self.stats.lock().expect("poisoned").clone()
+        let mut s = self.stats.lock().expect("poisoned").clone();
+        s.num_pending = self.pending.load(Ordering::SeqCst);
+        s
     }
 
     /// True while the engine thread runs.

@@ -43,11 +43,11 @@ pub struct CommonParams {
     pub skip_special_tokens: Option<bool>,
 }
 
+/// The chat-only fields. Parsed from the same body as [`CommonParams`]
+/// (not flattened into it: serde's flatten loses the field name of an error).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<Json>,
-    #[serde(flatten)]
-    pub common: CommonParams,
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
@@ -64,11 +64,10 @@ pub enum Prompt {
     IdLists(Vec<Vec<u32>>),
 }
 
+/// The completions-only fields, parsed beside [`CommonParams`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: Prompt,
-    #[serde(flatten)]
-    pub common: CommonParams,
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
@@ -81,7 +80,11 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." || path.is_empty() {
+        let malformed = matches!(
+            inner.classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        );
+        if malformed || path == "." || path.is_empty() {
             ApiError::bad_request(format!("invalid JSON body: {inner}"))
         } else {
             let param = path.split(['.', '[']).next().unwrap_or(&path).to_string();

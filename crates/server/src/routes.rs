@@ -20,7 +20,7 @@ use strata_types::{Logprobs, TokenId};
 use crate::error::ApiError;
 use crate::generate::{self, total_usage, Delta, Usage};
 use crate::protocol::{
-    normalize_messages, parse, ChatRequest, CompletionRequest, Prompt, MAX_LOGPROBS,
+    normalize_messages, parse, ChatRequest, CommonParams, CompletionRequest, Prompt, MAX_LOGPROBS,
 };
 use crate::AppState;
 
@@ -126,8 +126,10 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(&body_of(body)?)?;
-    check_model(&state, req.common.model.as_deref())?;
+    let body = body_of(body)?;
+    let common: CommonParams = parse(&body)?;
+    let req: ChatRequest = parse(&body)?;
+    check_model(&state, common.model.as_deref())?;
     let top_logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(n)) if !(0..=MAX_LOGPROBS).contains(&n) => {
             return Err(ApiError::param(
@@ -144,8 +146,8 @@ pub async fn chat_completions(
         }
         _ => None,
     };
-    let r = req.common.resolve(
-        req.max_completion_tokens.or(req.common.max_tokens),
+    let r = common.resolve(
+        req.max_completion_tokens.or(common.max_tokens),
         top_logprobs,
         &state.info.defaults,
     )?;
@@ -241,13 +243,15 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(&body_of(body)?)?;
-    check_model(&state, req.common.model.as_deref())?;
+    let body = body_of(body)?;
+    let common: CommonParams = parse(&body)?;
+    let req: CompletionRequest = parse(&body)?;
+    check_model(&state, common.model.as_deref())?;
     if req.suffix.is_some() {
         return Err(ApiError::param("suffix", "`suffix` is not supported"));
     }
     if let Some(b) = req.best_of {
-        if b != req.common.n.unwrap_or(1) {
+        if b != common.n.unwrap_or(1) {
             return Err(ApiError::param(
                 "best_of",
                 "`best_of` must equal `n` (strata returns every sequence)",
@@ -264,8 +268,8 @@ pub async fn completions(
         n => n.map(|n| n as usize),
     };
     // OpenAI's default for completions.
-    let r = req.common.resolve(
-        Some(req.common.max_tokens.unwrap_or(16)),
+    let r = common.resolve(
+        Some(common.max_tokens.unwrap_or(16)),
         logprobs,
         &state.info.defaults,
     )?;

@@ -1,0 +1,71 @@
+//! The official `openai` Python client against the real server
+//! (tests/openai_client.py). The client is installed into a virtualenv under
+//! the target folder on first use.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Server;
+
+/// A python with `openai` importable, installing it into a venv if needed.
+fn python_with_openai() -> PathBuf {
+    let works = |py: &Path| {
+        Command::new(py)
+            .args(["-c", "import openai"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let system = PathBuf::from("python3");
+    if works(&system) {
+        return system;
+    }
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("openai-venv");
+    let py = venv.join("bin/python");
+    if !works(&py) {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 runs");
+        assert!(ok.success(), "creating a virtualenv failed");
+        let ok = Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai",
+            ])
+            .status()
+            .expect("pip runs");
+        assert!(ok.success(), "pip install openai failed");
+    }
+    py
+}
+
+#[tokio::test]
+async fn the_official_openai_python_client_works_unchanged() {
+    let py = python_with_openai();
+    let s = Server::start(&[]).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_client.py");
+    let out = tokio::process::Command::new(py)
+        .arg(script)
+        .arg(&s.base)
+        .arg("demo")
+        .output()
+        .await
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "tests/openai_client.py failed:\n{log}"
+    );
+    assert!(log.contains("all checks passed"), "{log}");
+}
