@@ -6,44 +6,160 @@ use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
+
 use strata_comm::Communicator;
 
 use crate::error::Result;
+use crate::quant::Q4_1Matrix;
 use crate::weights::{Shard, Weights};
+
+/// A weight matrix `[out, in]` and the kernel that multiplies by it: candle's
+/// (dense, or any GGUF type it has a fast kernel for) or strata's own Q4_1.
+#[derive(Debug, Clone)]
+pub enum Matmul {
+    Candle(QMatMul),
+    Q4_1(Arc<Q4_1Matrix>),
+}
+
+impl Matmul {
+    /// `x [tokens, in] → [tokens, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Matmul::Candle(m) => Ok(m.forward(x)?),
+            Matmul::Q4_1(m) => m.forward(x),
+        }
+    }
+
+    /// The matrix as dense f32 (embedding lookups).
+    pub fn dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            Matmul::Candle(QMatMul::QTensor(q)) => q.dequantize(&candle_core::Device::Cpu)?,
+            Matmul::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
+            Matmul::Q4_1(q) => q.dequantize()?,
+        })
+    }
+
+    /// One matrix from several with the same input size, when their storage
+    /// allows it (so q/k/v or gate/up run as one matmul).
+    fn stack(parts: &[Matmul]) -> Result<Option<Matmul>> {
+        if let Some(q) = parts
+            .iter()
+            .map(|p| match p {
+                Matmul::Q4_1(q) => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            return Ok(Some(Matmul::Q4_1(Arc::new(Q4_1Matrix::concat_rows(&q)))));
+        }
+        if let Some(t) = parts
+            .iter()
+            .map(|p| match p {
+                Matmul::Candle(QMatMul::Tensor(t)) => Some(t.clone()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+        {
+            return Ok(Some(Matmul::Candle(QMatMul::Tensor(Tensor::cat(&t, 0)?))));
+        }
+        Ok(None)
+    }
+}
 
 fn shard(comm: &dyn Communicator, dim: usize) -> Option<Shard> {
     (comm.world_size() > 1).then(|| Shard::new(dim, comm.rank(), comm.world_size()))
 }
 
 /// `y = x W^T + b` with W's output rows split across ranks; each rank gets its
-/// slice of `y` (no communication).
+/// slice of `y` (no communication). Several projections of the same input
+/// (q/k/v, gate/up) can be loaded as one, each sharded on its own, and run as
+/// a single matmul whose output is split back.
 #[derive(Debug)]
 pub struct ColumnParallelLinear {
-    weight: QMatMul,
+    /// One stacked matrix, or the parts when their storage cannot stack.
+    weights: Vec<Matmul>,
     bias: Option<Tensor>,
+    /// Output width of each projection on this rank.
+    splits: Vec<usize>,
 }
 
 impl ColumnParallelLinear {
     pub fn load(w: &Weights, prefix: &str, comm: &dyn Communicator, bias: bool) -> Result<Self> {
+        Self::load_merged(w, &[prefix], comm, bias)
+    }
+
+    pub fn load_merged(
+        w: &Weights,
+        prefixes: &[&str],
+        comm: &dyn Communicator,
+        bias: bool,
+    ) -> Result<Self> {
         let s = shard(comm, 0);
+        let mut parts = Vec::with_capacity(prefixes.len());
+        let mut splits = Vec::with_capacity(prefixes.len());
+        let mut biases = Vec::new();
+        for p in prefixes {
+            let name = format!("{p}.weight");
+            splits.push(w.shape(&name)?[0] / s.map_or(1, |s| s.world_size));
+            parts.push(w.matmul(&name, s)?);
+            if bias {
+                biases.push(w.tensor(&format!("{p}.bias"), s)?);
+            }
+        }
+        let weights = match Matmul::stack(&parts)? {
+            Some(m) if parts.len() > 1 => vec![m],
+            _ => parts,
+        };
+        let bias = if bias {
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
         Ok(Self {
-            weight: w.matmul(&format!("{prefix}.weight"), s)?,
-            bias: bias
-                .then(|| w.tensor(&format!("{prefix}.bias"), s))
-                .transpose()?,
+            weights,
+            bias,
+            splits,
         })
     }
 
-    pub fn from_matmul(weight: QMatMul) -> Self {
-        Self { weight, bias: None }
+    pub fn from_matmul(weight: Matmul) -> Self {
+        Self {
+            weights: vec![weight],
+            bias: None,
+            splits: Vec::new(),
+        }
     }
 
+    /// The whole output `[tokens, sum of the projections' widths]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = if self.weights.len() == 1 {
+            self.weights[0].forward(x)?
+        } else {
+            let ys = self
+                .weights
+                .iter()
+                .map(|m| m.forward(x))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&ys, 1)?
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+
+    /// The output split back into the merged projections.
+    pub fn forward_split(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let y = self.forward(x)?;
+        let mut at = 0;
+        self.splits
+            .iter()
+            .map(|&n| {
+                let part = y.narrow(1, at, n)?;
+                at += n;
+                Ok(part)
+            })
+            .collect()
     }
 }
 
@@ -52,7 +168,7 @@ impl ColumnParallelLinear {
 /// the bias is added once, after the reduce.
 #[derive(Debug)]
 pub struct RowParallelLinear {
-    weight: QMatMul,
+    weight: Matmul,
     bias: Option<Tensor>,
     comm: Arc<dyn Communicator>,
 }

@@ -12,6 +12,7 @@ mod error;
 mod kv_cache;
 mod layers;
 mod llama;
+mod quant;
 mod rope;
 pub mod weights;
 
@@ -19,7 +20,8 @@ pub use attention::{paged_attention, write_kv};
 pub use config::{config_from_gguf, config_from_hf_json};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
-pub use layers::{ColumnParallelLinear, RmsNorm, RowParallelLinear, VocabEmbedding};
+pub use layers::{ColumnParallelLinear, Matmul, RmsNorm, RowParallelLinear, VocabEmbedding};
 pub use llama::{BatchInput, Llama, SeqInfo, StageOutput};
+pub use quant::Q4_1Matrix;
 pub use rope::Rope;
 pub use weights::{Shard, WeightFormat, Weights};

@@ -2,8 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{Device, Storage, Tensor};
 use strata_comm::Communicator;
 use strata_types::{LayerRange, ModelConfig};
 
@@ -47,13 +46,12 @@ pub enum StageOutput {
 #[derive(Debug)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
-    q_proj: ColumnParallelLinear,
-    k_proj: ColumnParallelLinear,
-    v_proj: ColumnParallelLinear,
+    /// q, k and v projections, run as one matmul.
+    qkv_proj: ColumnParallelLinear,
     o_proj: RowParallelLinear,
     post_attention_layernorm: RmsNorm,
-    gate_proj: ColumnParallelLinear,
-    up_proj: ColumnParallelLinear,
+    /// gate and up projections, run as one matmul.
+    gate_up_proj: ColumnParallelLinear,
     down_proj: RowParallelLinear,
 }
 
@@ -82,9 +80,16 @@ impl DecoderLayer {
                 &format!("{p}.input_layernorm.weight"),
                 cfg.rms_norm_eps,
             )?,
-            q_proj: ColumnParallelLinear::load(w, &format!("{p}.self_attn.q_proj"), c, bias)?,
-            k_proj: ColumnParallelLinear::load(w, &format!("{p}.self_attn.k_proj"), c, bias)?,
-            v_proj: ColumnParallelLinear::load(w, &format!("{p}.self_attn.v_proj"), c, bias)?,
+            qkv_proj: ColumnParallelLinear::load_merged(
+                w,
+                &[
+                    &format!("{p}.self_attn.q_proj"),
+                    &format!("{p}.self_attn.k_proj"),
+                    &format!("{p}.self_attn.v_proj"),
+                ],
+                c,
+                bias,
+            )?,
             o_proj: RowParallelLinear::load(
                 w,
                 &format!("{p}.self_attn.o_proj"),
@@ -96,8 +101,12 @@ impl DecoderLayer {
                 &format!("{p}.post_attention_layernorm.weight"),
                 cfg.rms_norm_eps,
             )?,
-            gate_proj: ColumnParallelLinear::load(w, &format!("{p}.mlp.gate_proj"), c, false)?,
-            up_proj: ColumnParallelLinear::load(w, &format!("{p}.mlp.up_proj"), c, false)?,
+            gate_up_proj: ColumnParallelLinear::load_merged(
+                w,
+                &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
+                c,
+                false,
+            )?,
             down_proj: RowParallelLinear::load(
                 w,
                 &format!("{p}.mlp.down_proj"),
@@ -109,14 +118,13 @@ impl DecoderLayer {
 
     fn forward(&self, x: &Tensor, ctx: &Ctx, cache: &mut LayerKv) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let q = self.q_proj.forward(&h)?;
-        let k = self.k_proj.forward(&h)?;
-        let v = self.v_proj.forward(&h)?;
+        let qkv = self.qkv_proj.forward_split(&h)?;
+        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
         let tokens = x.dim(0)?;
         let heads = ctx.heads;
         let mut out = vec![0f32; tokens * heads.num_heads * heads.head_dim];
-        with_f32(&k, |k| {
-            with_f32(&v, |v| {
+        with_f32(k, |k| {
+            with_f32(v, |v| {
                 write_kv(
                     cache,
                     k,
@@ -128,7 +136,7 @@ impl DecoderLayer {
                 )
             })
         })??;
-        with_f32(&q, |q| {
+        with_f32(q, |q| {
             paged_attention(
                 q,
                 cache,
@@ -143,7 +151,8 @@ impl DecoderLayer {
         let attn = Tensor::from_vec(out, (tokens, heads.num_heads * heads.head_dim), x.device())?;
         let x = (x + self.o_proj.forward(&attn)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;
-        let m = (self.gate_proj.forward(&h)?.silu()? * self.up_proj.forward(&h)?)?;
+        let gu = self.gate_up_proj.forward_split(&h)?;
+        let m = (gu[0].silu()? * &gu[1])?;
         Ok((x + self.down_proj.forward(&m)?)?)
     }
 }
@@ -214,7 +223,7 @@ impl Llama {
             .then(|| w.matmul("model.embed_tokens.weight", vocab_shard))
             .transpose()?;
         let embed = match (&embed_mm, range.is_first()) {
-            (Some(mm), true) => Some(VocabEmbedding::new(dense(mm, &device)?, comm.clone())?),
+            (Some(mm), true) => Some(VocabEmbedding::new(mm.dense()?, comm.clone())?),
             _ => None,
         };
         let mut layers = Vec::with_capacity(range.len());
@@ -330,11 +339,4 @@ impl Llama {
             _ => Ok(StageOutput::Hidden(x)),
         }
     }
-}
-
-fn dense(mm: &QMatMul, device: &Device) -> Result<Tensor> {
-    Ok(match mm {
-        QMatMul::QTensor(q) => q.dequantize(device)?,
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
-    })
 }

@@ -16,6 +16,8 @@ use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 
 use crate::error::{Error, Result};
+use crate::layers::Matmul;
+use crate::quant::Q4_1Matrix;
 
 /// One slice of a tensor along `dim`, for tensor parallelism.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,10 +230,26 @@ impl Weights {
 
     /// A linear layer's weight `[out, in]` ready to multiply: GGUF stays
     /// quantized, safetensors become dense f32.
-    pub fn matmul(&self, name: &str, shard: Option<Shard>) -> Result<QMatMul> {
+    pub fn matmul(&self, name: &str, shard: Option<Shard>) -> Result<Matmul> {
         match &self.source {
-            Source::Safetensors { .. } => Ok(QMatMul::Tensor(self.dense_safetensors(name, shard)?)),
-            Source::Gguf { .. } => Ok(QMatMul::from_arc(Arc::new(self.qtensor(name, shard)?))?),
+            Source::Safetensors { .. } => Ok(Matmul::Candle(QMatMul::Tensor(
+                self.dense_safetensors(name, shard)?,
+            ))),
+            Source::Gguf { .. } => {
+                let (dtype, shape, data) = self.gguf_bytes(name, shard)?;
+                if dtype == GgmlDType::Q4_1 && shape.len() == 2 {
+                    return Ok(Matmul::Q4_1(Arc::new(Q4_1Matrix::from_bytes(
+                        name, &data, shape[0], shape[1],
+                    )?)));
+                }
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    &data,
+                    shape,
+                    &self.device,
+                )?;
+                Ok(Matmul::Candle(QMatMul::from_arc(Arc::new(q))?))
+            }
         }
     }
 
@@ -286,6 +304,21 @@ impl Weights {
     }
 
     fn qtensor(&self, name: &str, shard: Option<Shard>) -> Result<QTensor> {
+        let (dtype, shape, data) = self.gguf_bytes(name, shard)?;
+        Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &data,
+            shape,
+            &self.device,
+        )?)
+    }
+
+    /// A GGUF tensor's (or shard's) raw blocks, dtype and shape.
+    fn gguf_bytes(
+        &self,
+        name: &str,
+        shard: Option<Shard>,
+    ) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
         let Source::Gguf { mmap, content } = &self.source else {
             unreachable!("called on GGUF only")
         };
@@ -318,12 +351,7 @@ impl Weights {
         let (shape, parts) = slice_rows_q(name, &dims, dtype, bytes, shard)?;
         let data: Vec<u8> = parts.concat();
         self.record(name, data.len());
-        Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
-            dtype,
-            &data,
-            shape,
-            &self.device,
-        )?)
+        Ok((dtype, shape, data))
     }
 }
 
