@@ -122,24 +122,104 @@ impl Q4_1Matrix {
         // and multiplies them with every token, writing a column strip of `out`.
         const ROWS_PER_TASK: usize = 16;
         let out_ptr = SendPtr(out.as_mut_ptr());
+        let simd = has_avx2();
         (0..n.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .for_each(|task| {
-                let out_ptr = &out_ptr;
-                let r0 = task * ROWS_PER_TASK;
-                let r1 = (r0 + ROWS_PER_TASK).min(n);
-                for t in 0..m {
-                    let xrow = &xq[t * kb..(t + 1) * kb];
-                    for r in r0..r1 {
-                        let v = dot(&self.blocks[r * kb..(r + 1) * kb], xrow);
-                        // SAFETY: (t, r) is written by exactly this task, and `out`
-                        // outlives the parallel loop.
-                        unsafe { *out_ptr.0.add(t * n + r) = v };
-                    }
+                let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n);
+                let strip = Strip {
+                    w: &self.blocks,
+                    kb,
+                    xq: &xq,
+                    m,
+                    n,
+                    out: &out_ptr,
+                };
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: the CPU has the features (checked above); `strip`
+                    // writes only the columns in `rows`, which no other task owns.
+                    unsafe { strip.rows_avx2(rows) };
+                    return;
                 }
+                let _ = simd;
+                // SAFETY: as above.
+                unsafe { strip.rows_scalar(rows) };
             });
         Ok(Tensor::from_vec(out, (m, n), &Device::Cpu)?)
     }
+}
+
+/// What one task needs to fill the output columns of its weight rows.
+struct Strip<'a> {
+    w: &'a [BlockQ4_1],
+    /// Blocks per row.
+    kb: usize,
+    xq: &'a [BlockQ8_1],
+    m: usize,
+    n: usize,
+    out: &'a SendPtr,
+}
+
+impl Strip<'_> {
+    fn wrow(&self, r: usize) -> &[BlockQ4_1] {
+        &self.w[r * self.kb..(r + 1) * self.kb]
+    }
+    fn xrow(&self, t: usize) -> &[BlockQ8_1] {
+        &self.xq[t * self.kb..(t + 1) * self.kb]
+    }
+
+    /// # Safety
+    /// Only one task may write the columns `rows` of the output.
+    unsafe fn rows_scalar(&self, rows: std::ops::Range<usize>) {
+        for r in rows {
+            for t in 0..self.m {
+                *self.out.0.add(t * self.n + r) = dot_scalar(self.wrow(r), self.xrow(t));
+            }
+        }
+    }
+
+    /// Four tokens at a time share each unpacked weight block.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; only one task may write `rows`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_avx2(&self, rows: std::ops::Range<usize>) {
+        for r in rows {
+            let w = self.wrow(r);
+            let mut t = 0;
+            while t + 4 <= self.m {
+                let v = dot_avx2(
+                    w,
+                    [
+                        self.xrow(t),
+                        self.xrow(t + 1),
+                        self.xrow(t + 2),
+                        self.xrow(t + 3),
+                    ],
+                );
+                for (i, v) in v.into_iter().enumerate() {
+                    *self.out.0.add((t + i) * self.n + r) = v;
+                }
+                t += 4;
+            }
+            for t in t..self.m {
+                *self.out.0.add(t * self.n + r) = dot_avx2(w, [self.xrow(t)])[0];
+            }
+        }
+    }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 struct SendPtr(*mut f32);
@@ -162,18 +242,6 @@ fn quantize_row(x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
-#[inline]
-fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { dot_avx2(w, x) };
-        }
-    }
-    dot_scalar(w, x)
-}
-
 fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     let mut total = 0f32;
     for (a, b) in w.iter().zip(x) {
@@ -187,29 +255,46 @@ fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     total
 }
 
+/// One weight row against `N` activation rows.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_avx2<const N: usize>(w: &[BlockQ4_1], x: [&[BlockQ8_1]; N]) -> [f32; N] {
     use std::arch::x86_64::*;
-    let mut acc = _mm256_setzero_ps();
-    let mut offsets = 0f32;
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut offsets = [0f32; N];
     let low = _mm_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    for (a, b) in w.iter().zip(x) {
-        let (d, m) = (a.d.to_f32(), a.m.to_f32());
-        offsets += m * b.s;
+    for (i, a) in w.iter().enumerate() {
+        // d and m are adjacent f16s: convert both with one instruction.
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
+            (a as *const BlockQ4_1 as *const i32).read_unaligned(),
+        ));
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
         let raw = _mm_loadu_si128(a.qs.as_ptr() as *const __m128i);
         let lo = _mm_and_si128(raw, low);
         let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
         let q = _mm256_set_m128i(hi, lo);
-        let y = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * b.d), _mm256_cvtepi32_ps(p), acc);
+        for j in 0..N {
+            let b = &x[j][i];
+            offsets[j] += m * b.s;
+            let y = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * b.d), _mm256_cvtepi32_ps(p), acc[j]);
+        }
     }
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + offsets
+    let mut out = [0f32; N];
+    for j in 0..N {
+        let s = _mm_add_ps(
+            _mm256_castps256_ps128(acc[j]),
+            _mm256_extractf128_ps(acc[j], 1),
+        );
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        out[j] = _mm_cvtss_f32(s) + offsets[j];
+    }
+    out
 }
 
 #[cfg(test)]
@@ -241,7 +326,7 @@ mod tests {
 
     #[test]
     fn matches_the_dequantized_product_and_the_scalar_kernel() {
-        let (rows, cols, tokens) = (37, 96, 3);
+        let (rows, cols, tokens) = (37, 96, 6);
         let (w, dense) = matrix(rows, cols);
         let x: Vec<f32> = (0..tokens * cols)
             .map(|i| ((i * 13) % 29) as f32 / 29.0 - 0.5)
