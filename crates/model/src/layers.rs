@@ -10,7 +10,7 @@ use candle_core::{DType, Module, Tensor};
 use strata_comm::Communicator;
 
 use crate::error::Result;
-use crate::quant::Q4_1Matrix;
+use crate::quant::{Q4_1Matrix, Q8_0Matrix};
 use crate::weights::{Shard, Weights};
 
 /// A weight matrix `[out, in]` and the kernel that multiplies by it: candle's
@@ -19,6 +19,7 @@ use crate::weights::{Shard, Weights};
 pub enum Matmul {
     Candle(QMatMul),
     Q4_1(Arc<Q4_1Matrix>),
+    Q8_0(Arc<Q8_0Matrix>),
 }
 
 impl Matmul {
@@ -27,6 +28,7 @@ impl Matmul {
         match self {
             Matmul::Candle(m) => Ok(m.forward(x)?),
             Matmul::Q4_1(m) => m.forward(x),
+            Matmul::Q8_0(m) => m.forward(x),
         }
     }
 
@@ -36,6 +38,7 @@ impl Matmul {
             Matmul::Candle(QMatMul::QTensor(q)) => q.dequantize(&candle_core::Device::Cpu)?,
             Matmul::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
             Matmul::Q4_1(q) => q.dequantize()?,
+            Matmul::Q8_0(q) => q.dequantize()?,
         })
     }
 

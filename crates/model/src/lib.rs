@@ -22,6 +22,6 @@ pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use layers::{ColumnParallelLinear, Matmul, RmsNorm, RowParallelLinear, VocabEmbedding};
 pub use llama::{BatchInput, Llama, SeqInfo, StageOutput};
-pub use quant::Q4_1Matrix;
+pub use quant::{Q4_1Matrix, Q8_0Matrix, QuantMatrix};
 pub use rope::Rope;
 pub use weights::{Shard, WeightFormat, Weights};

@@ -17,7 +17,7 @@ use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 use crate::layers::Matmul;
-use crate::quant::Q4_1Matrix;
+use crate::quant::{Q4_1Matrix, Q8_0Matrix};
 
 /// One slice of a tensor along `dim`, for tensor parallelism.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,10 +237,19 @@ impl Weights {
             ))),
             Source::Gguf { .. } => {
                 let (dtype, shape, data) = self.gguf_bytes(name, shard)?;
-                if dtype == GgmlDType::Q4_1 && shape.len() == 2 {
-                    return Ok(Matmul::Q4_1(Arc::new(Q4_1Matrix::from_bytes(
-                        name, &data, shape[0], shape[1],
-                    )?)));
+                // strata's kernels where candle's are slow (see quant.rs).
+                if let [rows, cols] = shape[..] {
+                    match dtype {
+                        GgmlDType::Q4_1 => {
+                            let m = Q4_1Matrix::from_bytes(name, &data, rows, cols)?;
+                            return Ok(Matmul::Q4_1(Arc::new(m)));
+                        }
+                        GgmlDType::Q8_0 => {
+                            let m = Q8_0Matrix::from_bytes(name, &data, rows, cols)?;
+                            return Ok(Matmul::Q8_0(Arc::new(m)));
+                        }
+                        _ => {}
+                    }
                 }
                 let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     dtype,

@@ -1,0 +1,351 @@
+//! Serving benchmark: starts each server on the same GGUF with the same
+//! thread count, drives it through the OpenAI completions API, and prints
+//! single-stream decode tok/s, 512-token prefill tok/s, aggregate tok/s of
+//! concurrent streams, TTFT and inter-token latency percentiles, and the
+//! server's peak RSS.
+//!
+//! ```sh
+//! cargo run --release -p strata-benches --bin serve-bench -- \
+//!     --strata target/release/strata --llama-cpp-python /opt/llamacpp/bin/python
+//! ```
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+struct Args {
+    /// The strata binary.
+    #[arg(long, default_value = "target/release/strata")]
+    strata: String,
+    /// A python with `llama-cpp-python[server]` installed; leave out to skip llama.cpp.
+    #[arg(long)]
+    llama_cpp_python: Option<String>,
+    /// The GGUF to serve (default: strata's demo model, fetched if needed).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 16)]
+    streams: usize,
+    #[arg(long, default_value_t = 128)]
+    tokens: usize,
+    #[arg(long, default_value_t = 512)]
+    prefill_tokens: usize,
+}
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    }
+}
+
+async fn wait_ready(client: &reqwest::Client, base: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{base}/v1/models")).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("{base} did not come up")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Text of roughly `n` tokens, different for every seed (no prompt cache hits).
+fn filler(n: usize, seed: u64) -> String {
+    const WORDS: &[&str] = &[
+        "river", "stone", "window", "garden", "silver", "quiet", "market", "cloud", "letter",
+        "bridge", "orange", "forest", "candle", "harbor", "winter", "paper", "engine", "valley",
+        "thunder", "meadow",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One streamed completion: (time to first token, inter-token gaps, tokens).
+async fn stream_one(
+    client: &reqwest::Client,
+    base: &str,
+    prompt: &str,
+    max_tokens: usize,
+) -> Result<(f64, Vec<f64>, usize)> {
+    let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
+    let start = Instant::now();
+    let r = client
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("status {}: {}", r.status(), r.text().await?);
+    }
+    let mut events = r.bytes_stream().eventsource();
+    let mut last: Option<Instant> = None;
+    let mut ttft = 0.0;
+    let mut gaps = Vec::new();
+    let mut tokens = 0;
+    while let Some(e) = events.next().await {
+        let e = e?;
+        if e.data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&e.data)?;
+        if v["choices"][0]["text"].as_str().is_none_or(str::is_empty) {
+            continue;
+        }
+        let now = Instant::now();
+        match last {
+            None => ttft = (now - start).as_secs_f64(),
+            Some(t) => gaps.push((now - t).as_secs_f64()),
+        }
+        last = Some(now);
+        tokens += 1;
+    }
+    Ok((ttft, gaps, tokens))
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+struct Figures {
+    decode: f64,
+    prefill: f64,
+    aggregate: f64,
+    ttft: [f64; 3],
+    itl: [f64; 3],
+    rss: f64,
+}
+
+async fn measure(server: &Server, args: &Args) -> Result<Figures> {
+    let client = reqwest::Client::new();
+    let base = &server.base;
+    wait_ready(&client, base).await?;
+    // Warm-up.
+    stream_one(&client, base, "Hello", 8).await?;
+
+    // Single stream: decode rate after the first token.
+    let (_, gaps, _) = stream_one(&client, base, "Once upon a time", args.tokens).await?;
+    let decode = gaps.len() as f64 / gaps.iter().sum::<f64>();
+
+    // Prefill: one new prompt, one token out.
+    let mut prefill = 0.0;
+    for trial in 0..3 {
+        let prompt = filler(args.prefill_tokens, 1000 + trial);
+        let t = Instant::now();
+        let v: Value = client
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt": prompt, "max_tokens": 1, "temperature": 0}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let n = v["usage"]["prompt_tokens"]
+            .as_f64()
+            .context("usage.prompt_tokens")?;
+        prefill = f64::max(prefill, n / t.elapsed().as_secs_f64());
+    }
+
+    // Concurrent streams.
+    let t = Instant::now();
+    let runs = futures::future::join_all((0..args.streams).map(|i| {
+        let client = client.clone();
+        let prompt = format!("Story {i}: {}", filler(16, i as u64));
+        async move { stream_one(&client, base, &prompt, args.tokens).await }
+    }))
+    .await;
+    let wall = t.elapsed().as_secs_f64();
+    let mut ttfts = Vec::new();
+    let mut itls = Vec::new();
+    let mut total = 0;
+    for r in runs {
+        let (ttft, gaps, n) = r?;
+        ttfts.push(ttft);
+        itls.extend(gaps);
+        total += n;
+    }
+    Ok(Figures {
+        decode,
+        prefill,
+        aggregate: total as f64 / wall,
+        ttft: [
+            pct(&mut ttfts, 0.5),
+            pct(&mut ttfts, 0.9),
+            pct(&mut ttfts, 0.99),
+        ],
+        itl: [
+            pct(&mut itls, 0.5),
+            pct(&mut itls, 0.9),
+            pct(&mut itls, 0.99),
+        ],
+        rss: server.peak_rss_mib(),
+    })
+}
+
+fn print(name: &str, f: &Figures, streams: usize) {
+    println!(
+        "{name:<10} decode {:>6.1} tok/s | prefill {:>6.1} tok/s | {streams} streams {:>6.1} tok/s | TTFT p50/p90/p99 {:.0}/{:.0}/{:.0} ms | ITL p50/p90/p99 {:.1}/{:.1}/{:.1} ms | peak RSS {:.0} MiB",
+        f.decode, f.prefill, f.aggregate,
+        f.ttft[0] * 1e3, f.ttft[1] * 1e3, f.ttft[2] * 1e3,
+        f.itl[0] * 1e3, f.itl[1] * 1e3, f.itl[2] * 1e3,
+        f.rss
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            // `strata serve` fetches the demo model; reuse its cache location.
+            let out = Command::new(&args.strata)
+                .args(["serve", "--help"])
+                .output()
+                .context("running strata")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "`{} serve --help` failed",
+                args.strata
+            );
+            let cache = std::env::var("STRATA_CACHE_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|_| {
+                    std::env::var("XDG_CACHE_HOME")
+                        .map(std::path::PathBuf::from)
+                        .unwrap_or_else(|_| {
+                            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache")
+                        })
+                        .join("strata")
+                });
+            let p = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+            anyhow::ensure!(
+                p.exists(),
+                "{} missing: run `strata serve` once, or pass --model",
+                p.display()
+            );
+            p.to_string_lossy().to_string()
+        }
+    };
+    println!(
+        "model {model}, {} threads, {} concurrent streams of {} tokens, {}-token prefill",
+        args.threads, args.streams, args.tokens, args.prefill_tokens
+    );
+    let mut results = Vec::new();
+    {
+        let port = free_port();
+        let child = Command::new(&args.strata)
+            .args([
+                "serve",
+                "--model",
+                &model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .args([
+                "--threads",
+                &args.threads.to_string(),
+                "--enable-prefix-caching",
+                "false",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting strata")?;
+        let s = Server {
+            name: "strata",
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let f = measure(&s, &args).await?;
+        print(s.name, &f, args.streams);
+        results.push((s.name, f));
+    }
+    if let Some(py) = &args.llama_cpp_python {
+        let port = free_port();
+        let child = Command::new(py)
+            .args([
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                &model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .args([
+                "--n_threads",
+                &args.threads.to_string(),
+                "--n_threads_batch",
+                &args.threads.to_string(),
+            ])
+            .args(["--n_ctx", "4096"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting llama_cpp.server")?;
+        let s = Server {
+            name: "llama.cpp",
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let f = measure(&s, &args).await?;
+        print(s.name, &f, args.streams);
+        results.push((s.name, f));
+    }
+    if let [(_, a), (_, b)] = &results[..] {
+        println!(
+            "strata / llama.cpp: decode {:.2}x, prefill {:.2}x, {} streams {:.2}x",
+            a.decode / b.decode,
+            a.prefill / b.prefill,
+            args.streams,
+            a.aggregate / b.aggregate
+        );
+    }
+    Ok(())
+}
