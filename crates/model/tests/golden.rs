@@ -293,3 +293,8 @@ fn stages_chained_by_hidden_states_equal_the_whole_model() {
         assert_close(g, w, "two stages");
     }
 }
+
+#[test]
+fn a_transformers_written_chat_model_matches_transformers() {
+    check_variant("llama-chat");
+}

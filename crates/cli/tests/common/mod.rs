@@ -38,12 +38,17 @@ fn free_port() -> u16 {
 impl Server {
     /// The demo model with `args` added; returns once `/health` says 200.
     pub async fn start(args: &[&str]) -> Server {
+        Self::start_model(&demo_model(), args).await
+    }
+
+    /// Any model path with `args` added.
+    pub async fn start_model(model: &str, args: &[&str]) -> Server {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
         cmd.args([
             "serve",
             "--model",
-            &demo_model(),
+            model,
             "--host",
             "127.0.0.1",
             "--port",
