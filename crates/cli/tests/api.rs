@@ -125,6 +125,28 @@ async fn chat_streaming_follows_openai_framing() {
         text,
         whole["choices"][0]["message"]["content"].as_str().unwrap()
     );
+    // With n = 2 the usage chunk comes once, after both choices finished.
+    let mut nbody = sbody.clone();
+    nbody["n"] = json!(2);
+    nbody["temperature"] = json!(1.0);
+    nbody["ignore_eos"] = json!(true);
+    let events = s.stream("/v1/chat/completions", &nbody).await;
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let finishes: Vec<usize> = (0..chunks.len())
+        .filter(|&i| {
+            let c = &chunks[i]["choices"];
+            !c.as_array().unwrap().is_empty() && !c[0]["finish_reason"].is_null()
+        })
+        .collect();
+    let usages: Vec<usize> = (0..chunks.len())
+        .filter(|&i| !chunks[i]["usage"].is_null())
+        .collect();
+    assert_eq!(finishes.len(), 2);
+    assert_eq!(usages, vec![chunks.len() - 1], "one usage chunk, last");
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 32);
     // Without include_usage, no chunk carries usage.
     sbody.as_object_mut().unwrap().remove("stream_options");
     let events = s.stream("/v1/chat/completions", &sbody).await;

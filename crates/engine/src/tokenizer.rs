@@ -87,18 +87,7 @@ impl Tokenizer {
         if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
             eos_token_ids.push(id);
         }
-        eos_token_ids.sort_unstable();
-        eos_token_ids.dedup();
-        let chat_template = template
-            .map(|t| ChatTemplate::new(t, bos_token.clone(), eos_token.clone()))
-            .transpose()?;
-        Ok(Self {
-            inner,
-            bos_token,
-            eos_token,
-            eos_token_ids,
-            chat_template,
-        })
+        Self::assemble(inner, bos_token, eos_token, eos_token_ids, template)
     }
 
     /// Builds the tokenizer that llama.cpp would use from GGUF metadata alone.
@@ -197,14 +186,25 @@ impl Tokenizer {
                 inner.with_post_processor(Some(post));
             }
         }
-        let mut eos_token_ids: Vec<TokenId> =
+        let eos_token_ids: Vec<TokenId> =
             ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
                 .iter()
                 .filter_map(|k| u(k))
                 .collect();
+        let template = s("tokenizer.chat_template");
+        Self::assemble(inner, bos_token, eos_token, eos_token_ids, template)
+    }
+
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        mut eos_token_ids: Vec<TokenId>,
+        template: Option<String>,
+    ) -> Result<Self> {
         eos_token_ids.sort_unstable();
         eos_token_ids.dedup();
-        let chat_template = s("tokenizer.chat_template")
+        let chat_template = template
             .map(|t| ChatTemplate::new(t, bos_token.clone(), eos_token.clone()))
             .transpose()?;
         Ok(Self {

@@ -122,6 +122,71 @@ where
     Sse::new(chunks.chain(done)).into_response()
 }
 
+/// The framing streamed chat and completion responses share: every chunk
+/// carries the id, object, creation time and model (and `usage: null` when
+/// usage was asked for); the usage chunk follows the last choice to finish.
+struct StreamFrame {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    num_choices: usize,
+    finished: usize,
+    usage: HashMap<usize, (usize, Usage)>,
+}
+
+impl StreamFrame {
+    fn new(
+        id: String,
+        object: &'static str,
+        created: u64,
+        model: String,
+        include_usage: bool,
+        num_choices: usize,
+    ) -> Self {
+        Self {
+            id,
+            object,
+            created,
+            model,
+            include_usage,
+            num_choices,
+            finished: 0,
+            usage: HashMap::new(),
+        }
+    }
+
+    fn chunk(&self, choices: Value, usage: Value) -> Value {
+        let mut c = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices});
+        if self.include_usage {
+            c["usage"] = usage;
+        }
+        c
+    }
+
+    fn event(&self, choices: Value) -> Result<Event, Infallible> {
+        sse_data(&self.chunk(choices, Value::Null))
+    }
+
+    /// Notes a choice's latest counts; returns the usage chunk once every
+    /// choice has finished, if the client asked for it.
+    fn record(&mut self, d: &Delta, finished: bool) -> Option<Result<Event, Infallible>> {
+        self.usage.insert(d.index, (d.prompt_index, d.usage));
+        self.finished += usize::from(finished);
+        (self.include_usage && finished && self.finished == self.num_choices).then(|| {
+            let total = total_usage(self.usage.values().copied());
+            sse_data(&self.chunk(json!([]), total.to_json()))
+        })
+    }
+}
+
+fn error_event(message: &str) -> Result<Event, Infallible> {
+    sse_data(
+        &json!({"error": {"message": message, "type": "internal_error", "param": null, "code": null}}),
+    )
+}
+
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
@@ -186,52 +251,37 @@ pub async fn chat_completions(
         .into_response());
     }
 
-    let include_usage = r.include_usage;
-    let n = choices.len();
-    let chunk = {
-        let (id, model) = (id.clone(), model.clone());
-        move |choices: Value, usage: Option<Value>| {
-            let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
-            if include_usage {
-                c["usage"] = usage.unwrap_or(Value::Null);
-            }
-            c
-        }
-    };
-    let first: Vec<Result<Event, Infallible>> = (0..n)
+    let mut frame = StreamFrame::new(
+        id,
+        "chat.completion.chunk",
+        created,
+        model,
+        r.include_usage,
+        choices.len(),
+    );
+    let first: Vec<Result<Event, Infallible>> = (0..choices.len())
         .map(|i| {
-            sse_data(&chunk(
-                json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-                None,
-            ))
+            frame.event(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]))
         })
         .collect();
     let engine = state.engine.clone();
-    let mut usages: HashMap<usize, (usize, Usage)> = HashMap::new();
-    let chunk2 = chunk.clone();
     let body = generate::merge(choices).flat_map(move |d: Delta| {
         let mut events = Vec::new();
-        match d.output {
-            Err(e) => events.push(sse_data(&json!({"error": {"message": e, "type": "internal_error", "param": null, "code": null}}))),
+        match &d.output {
+            Err(e) => events.push(error_event(e)),
             Ok(o) => {
-                usages.insert(d.index, (d.prompt_index, d.usage));
                 if !o.text.is_empty() || !o.logprobs.is_empty() {
                     let lp = top_logprobs.map(|_| chat_logprobs(engine.tokenizer(), &o.token_ids, &o.logprobs, top_n));
-                    events.push(sse_data(&chunk2(
+                    events.push(frame.event(
                         json!([{"index": d.index, "delta": {"content": o.text}, "logprobs": lp, "finish_reason": null}]),
-                        None,
-                    )));
+                    ));
                 }
                 if let Some(f) = o.finish {
-                    events.push(sse_data(&chunk2(
+                    events.push(frame.event(
                         json!([{"index": d.index, "delta": {}, "logprobs": null, "finish_reason": f.as_str()}]),
-                        None,
-                    )));
-                    if include_usage && usages.len() == n {
-                        let u = total_usage(usages.values().copied());
-                        events.push(sse_data(&chunk2(json!([]), Some(u.to_json()))));
-                    }
+                    ));
                 }
+                events.extend(frame.record(&d, o.finish.is_some()));
             }
         }
         stream::iter(events)
@@ -323,24 +373,21 @@ pub async fn completions(
         .into_response());
     }
 
-    let include_usage = r.include_usage;
-    let n = choices.len();
-    let chunk = move |choices: Value, usage: Option<Value>| {
-        let mut c = json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
-        if include_usage {
-            c["usage"] = usage.unwrap_or(Value::Null);
-        }
-        c
-    };
+    let mut frame = StreamFrame::new(
+        id,
+        "text_completion",
+        created,
+        model,
+        r.include_usage,
+        choices.len(),
+    );
     let engine = state.engine.clone();
-    let mut usages: HashMap<usize, (usize, Usage)> = HashMap::new();
     let mut offsets: HashMap<usize, usize> = HashMap::new();
     let body = generate::merge(choices).flat_map(move |d: Delta| {
         let mut events = Vec::new();
-        match d.output {
-            Err(e) => events.push(sse_data(&json!({"error": {"message": e, "type": "internal_error", "param": null, "code": null}}))),
+        match &d.output {
+            Err(e) => events.push(error_event(e)),
             Ok(o) => {
-                usages.insert(d.index, (d.prompt_index, d.usage));
                 let offset = offsets.entry(d.index).or_insert(0);
                 let mut text = o.text.clone();
                 if *offset == 0 && echo {
@@ -351,15 +398,11 @@ pub async fn completions(
                 });
                 *offset += text.len();
                 if !text.is_empty() || o.finish.is_some() || !o.logprobs.is_empty() {
-                    events.push(sse_data(&chunk(
+                    events.push(frame.event(
                         json!([{"index": d.index, "text": text, "logprobs": lp, "finish_reason": o.finish.map(|f| f.as_str())}]),
-                        None,
-                    )));
+                    ));
                 }
-                if o.finish.is_some() && include_usage && usages.len() == n {
-                    let u = total_usage(usages.values().copied());
-                    events.push(sse_data(&chunk(json!([]), Some(u.to_json()))));
-                }
+                events.extend(frame.record(&d, o.finish.is_some()));
             }
         }
         stream::iter(events)
