@@ -63,6 +63,7 @@ pub fn paged_attention(
     let group = heads.num_heads / heads.num_kv_heads;
     let kv_row = heads.num_kv_heads * d;
     let scale = 1.0 / (d as f32).sqrt();
+    let simd = crate::quant::has_avx2();
     out.par_chunks_mut(d)
         .enumerate()
         .with_min_len(4)
@@ -72,36 +73,114 @@ pub fn paged_attention(
                 let (t, h) = (i / heads.num_heads, i % heads.num_heads);
                 let pos = positions[t] as usize;
                 let table = block_tables[token_seq[t] as usize];
-                let g = h / group;
                 rope.apply(&q[i * d..(i + 1) * d], pos, qr);
                 qr.iter_mut().for_each(|x| *x *= scale);
-                // One pass with a running max (online softmax): no score buffer.
-                acc.fill(0.0);
-                let mut max = f32::NEG_INFINITY;
-                let mut sum = 0.0f32;
-                for p in 0..=pos {
-                    let slot = table[p / BLOCK_SIZE] as usize * BLOCK_SIZE + p % BLOCK_SIZE;
-                    let off = slot * kv_row + g * d;
-                    let s = dot(qr, &cache.k[off..off + d]);
-                    if s > max {
-                        let c = (max - s).exp();
-                        sum *= c;
-                        acc.iter_mut().for_each(|a| *a *= c);
-                        max = s;
-                    }
-                    let w = (s - max).exp();
-                    sum += w;
-                    for (a, v) in acc.iter_mut().zip(&cache.v[off..off + d]) {
-                        *a += w * v;
-                    }
+                let head = KvHead {
+                    cache,
+                    table,
+                    offset: (h / group) * d,
+                    row: kv_row,
+                };
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    unsafe { attend_avx2(qr, &head, pos, acc) };
+                    return;
                 }
-                let inv = 1.0 / sum;
-                acc.iter_mut().for_each(|a| *a *= inv);
+                let _ = simd;
+                attend(qr, &head, pos, acc);
             },
         );
 }
 
-#[inline]
+/// One KV head of one sequence, read through its block table.
+struct KvHead<'a> {
+    cache: &'a LayerKv,
+    table: &'a [u32],
+    /// Offset of this head inside a cache row.
+    offset: usize,
+    /// Floats per cache row (every KV head of one token).
+    row: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(q: &[f32], head: &KvHead, pos: usize, out: &mut [f32]) {
+    // The same code, compiled with 8-wide vectors.
+    attend(q, head, pos, out)
+}
+
+/// Softmax attention of one (already rotated, scaled) query over positions
+/// `0..=pos`, a cache block at a time: scores for the block, one running-max
+/// update, then the weighted values. No buffer grows with the context.
+#[inline(always)]
+fn attend(q: &[f32], head: &KvHead, pos: usize, out: &mut [f32]) {
+    let d = q.len();
+    out.fill(0.0);
+    let mut max = f32::NEG_INFINITY;
+    let mut sum = 0.0f32;
+    let mut scores = [0f32; BLOCK_SIZE];
+    for (b, &block) in head.table[..=pos / BLOCK_SIZE].iter().enumerate() {
+        let n = (pos + 1 - b * BLOCK_SIZE).min(BLOCK_SIZE);
+        let base = block as usize * BLOCK_SIZE * head.row + head.offset;
+        let mut block_max = f32::NEG_INFINITY;
+        for (i, s) in scores[..n].iter_mut().enumerate() {
+            let off = base + i * head.row;
+            *s = dot(q, &head.cache.k[off..off + d]);
+            block_max = block_max.max(*s);
+        }
+        if block_max > max {
+            let c = fast_exp(max - block_max);
+            sum *= c;
+            for a in out.iter_mut() {
+                *a *= c;
+            }
+            max = block_max;
+        }
+        for s in scores[..n].iter_mut() {
+            *s = fast_exp(*s - max);
+            sum += *s;
+        }
+        for (i, &w) in scores[..n].iter().enumerate() {
+            let off = base + i * head.row;
+            for (a, v) in out.iter_mut().zip(&head.cache.v[off..off + d]) {
+                *a += w * v;
+            }
+        }
+    }
+    let inv = 1.0 / sum;
+    for a in out.iter_mut() {
+        *a *= inv;
+    }
+}
+
+/// `e^x` for `x <= 0` to 4e-6 relative error (the f32 rounding of `x·log2 e`
+/// dominates), in plain arithmetic the
+/// compiler can vectorise (libm's `expf` is a call per element).
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    let z = x.max(-87.0) * std::f32::consts::LOG2_E;
+    let n = z.round();
+    let f = z - n;
+    // 2^f for f in [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 7.
+    const C: [f32; 7] = [
+        0.693_147_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+        0.001_333_356,
+        0.000_154_035_3,
+        0.000_015_252_73,
+    ];
+    let mut p = C[6];
+    for c in C[..6].iter().rev() {
+        p = p * f + c;
+    }
+    let p = 1.0 + f * p;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent lanes let the compiler vectorise the loop.
     let mut lanes = [0.0f32; 8];
@@ -155,6 +234,20 @@ mod tests {
         (0..d)
             .map(|j| e.iter().zip(v).map(|(w, v)| w * v[j]).sum::<f32>() / z)
             .collect()
+    }
+
+    #[test]
+    fn fast_exp_is_accurate_on_the_softmax_range() {
+        for i in 0..=20_000 {
+            let x = -(i as f32) * 0.005;
+            let (got, want) = (fast_exp(x), x.exp());
+            assert!(
+                (got - want).abs() <= 4e-6 * want + 1e-30,
+                "exp({x}): {got} vs {want}"
+            );
+        }
+        assert_eq!(fast_exp(f32::NEG_INFINITY), fast_exp(-87.0));
+        assert!(fast_exp(-200.0) < 1e-37);
     }
 
     #[test]

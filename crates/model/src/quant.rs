@@ -369,7 +369,7 @@ struct SendPtr(*mut f32);
 // SAFETY: tasks write disjoint elements through it (see `forward`).
 unsafe impl Sync for SendPtr {}
 
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2")
