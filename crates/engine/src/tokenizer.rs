@@ -95,13 +95,6 @@ impl Tokenizer {
         let s = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
         let u = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let b = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
-        let model = s("tokenizer.ggml.model").unwrap_or_default();
-        if model != "gpt2" {
-            return Err(EngineError::Tokenizer(format!(
-                "GGUF tokenizer model `{model}` is not supported yet (supported: gpt2 byte-level BPE); \
-                 use the Hugging Face folder instead"
-            )));
-        }
         let strings = |k: &str| -> Result<Vec<String>> {
             let v = md
                 .get(k)
@@ -112,32 +105,23 @@ impl Tokenizer {
                 .map(|x| x.to_string().cloned().map_err(tok_err))
                 .collect()
         };
+        let numbers = |k: &str, f: fn(&Value) -> Option<f64>| -> Result<Option<Vec<f64>>> {
+            md.get(k)
+                .map(|v| {
+                    Ok(v.to_vec()
+                        .map_err(tok_err)?
+                        .iter()
+                        .map(|x| f(x).unwrap_or(0.0))
+                        .collect())
+                })
+                .transpose()
+        };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(tok_err)?
-                .iter()
-                .map(|x| x.to_i32().unwrap_or(1))
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
-        let pre = s("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-        let pre_tokenizer = match pre.as_str() {
-            // llama.cpp's `smollm`: digits one by one, then GPT-2's split.
-            "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level]}),
-            "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-            "gpt2" | "default" => byte_level,
-            other => {
-                tracing::warn!("GGUF pre-tokenizer `{other}` is unknown; using GPT-2's split");
-                byte_level
-            }
-        };
+        let types: Vec<i32> = numbers("tokenizer.ggml.token_type", |x| {
+            x.to_i32().ok().map(f64::from)
+        })?
+        .map(|v| v.into_iter().map(|t| t as i32).collect())
+        .unwrap_or_else(|| vec![1; tokens.len()]);
         let vocab: serde_json::Map<String, Json> = tokens
             .iter()
             .enumerate()
@@ -154,18 +138,74 @@ impl Tokenizer {
                        "normalized": false, "special": *ty == 3})
             })
             .collect();
+        let model = s("tokenizer.ggml.model").unwrap_or_default();
+        let (normalizer, pre_tokenizer, decoder, bpe) = match model.as_str() {
+            // Byte-level BPE (GPT-2, Llama 3, SmolLM): merges are stored.
+            "gpt2" => {
+                let merges = strings("tokenizer.ggml.merges")?;
+                let pre = s("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+                (
+                    Json::Null,
+                    byte_level_pre_tokenizer(&pre),
+                    json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+                    json!({"unk_token": null, "fuse_unk": false, "byte_fallback": false, "merges": merges}),
+                )
+            }
+            // SentencePiece BPE (Llama 2, Mistral): spaces become `▁`, unknown
+            // characters fall back to `<0xXX>` byte tokens, and merges follow
+            // the scores of the pieces they produce.
+            "llama" => {
+                let scores = numbers("tokenizer.ggml.scores", |x| x.to_f32().ok().map(f64::from))?
+                    .ok_or_else(|| {
+                        EngineError::Tokenizer("GGUF metadata lacks tokenizer.ggml.scores".into())
+                    })?;
+                let prefix = b("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+                let replace =
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+                let normalizer = if prefix {
+                    json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+                } else {
+                    replace
+                };
+                let mut decoders = vec![
+                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if prefix {
+                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
+                let unk = u("tokenizer.ggml.unknown_token_id")
+                    .and_then(|i| tokens.get(i as usize).cloned());
+                (
+                    normalizer,
+                    Json::Null,
+                    json!({"type": "Sequence", "decoders": decoders}),
+                    json!({"unk_token": unk, "fuse_unk": true, "byte_fallback": true,
+                           "merges": merges_from_scores(&tokens, &scores)}),
+                )
+            }
+            other => return Err(EngineError::Tokenizer(format!(
+                "GGUF tokenizer model `{other}` is not supported (supported: gpt2 byte-level BPE, \
+                     llama SentencePiece BPE); use the Hugging Face folder instead"
+            ))),
+        };
+        let mut model_spec = json!({"type": "BPE", "dropout": null, "continuing_subword_prefix": null,
+                                    "end_of_word_suffix": null, "ignore_merges": false, "vocab": vocab});
+        model_spec
+            .as_object_mut()
+            .expect("an object")
+            .extend(bpe.as_object().expect("an object").clone());
         let spec = json!({
             "version": "1.0",
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": false, "vocab": vocab, "merges": merges}
+            "decoder": decoder,
+            "model": model_spec,
         });
         let mut inner =
             tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec).map_err(tok_err)?)
@@ -215,6 +255,50 @@ impl Tokenizer {
             chat_template,
         })
     }
+}
+
+/// The pre-tokenizer llama.cpp uses for a byte-level BPE vocabulary.
+fn byte_level_pre_tokenizer(pre: &str) -> Json {
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    match pre {
+        // llama.cpp's `smollm`: digits one by one, then GPT-2's split.
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level]}),
+        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        "gpt2" | "default" => byte_level,
+        other => {
+            tracing::warn!("GGUF pre-tokenizer `{other}` is unknown; using GPT-2's split");
+            byte_level
+        }
+    }
+}
+
+/// BPE merges for a SentencePiece vocabulary, which stores scores instead:
+/// every split of a piece into two pieces of the vocabulary is a merge, ranked
+/// by the score of the piece it makes (as transformers' converter does).
+fn merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&li), Some(&ri)) = (ids.get(l), ids.get(r)) {
+                merges.push((score, li, ri, l, r));
+            }
+        }
+    }
+    // Highest score first; ties by the ids of the parts.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    merges
+        .into_iter()
+        .map(|(_, _, _, l, r)| (l.to_string(), r.to_string()))
+        .collect()
 }
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
