@@ -65,7 +65,9 @@ impl IncrementalDetokenizer {
     }
 
     /// Decodes whatever is still pending (a trailing partial character) at the end.
-    pub fn flush(&mut self, tok: &Tokenizer) -> Result<()> {
+    /// Returns true when the flushed text completed a stop string.
+    pub fn flush(&mut self, tok: &Tokenizer) -> Result<bool> {
+        let mut stopped = false;
         if self.read_offset < self.ids.len() {
             let prefix = tok.decode(
                 &self.ids[self.prefix_offset..self.read_offset],
@@ -75,11 +77,11 @@ impl IncrementalDetokenizer {
             if let Some(rest) = full.get(prefix.len()..) {
                 let before = self.text.len();
                 self.text.push_str(rest);
-                self.find_stop(before);
+                stopped = self.find_stop(before);
             }
             self.read_offset = self.ids.len();
         }
-        Ok(())
+        Ok(stopped)
     }
 
     /// The text not yet handed out. Until `finished`, a tail that could be

@@ -327,6 +327,7 @@ impl EngineCore {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("step {} failed: {e}", out.step_id);
+                self.sched.step_failed(&out);
                 let ids: Vec<RequestId> =
                     out.num_scheduled_tokens.iter().map(|(id, _)| *id).collect();
                 self.fail(&ids, &e.to_string());
@@ -355,8 +356,8 @@ impl EngineCore {
                     output.logprobs.push(lp);
                 }
             }
-            if finish.is_some() {
-                let _ = live.detok.flush(&self.tokenizer);
+            if finish.is_some() && live.detok.flush(&self.tokenizer).unwrap_or(false) {
+                finish = Some(FinishReason::Stop);
             }
             output.text = live.detok.take_delta(finish.is_some());
             output.finish = finish;

@@ -57,6 +57,13 @@ pub struct ModelInfo {
 /// Loads the model and starts the engine thread.
 pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     let started = Instant::now();
+    if opts.max_num_seqs == 0 || opts.max_num_batched_tokens == 0 || opts.max_pending_requests == 0
+    {
+        return Err(EngineError::Model(
+            "max_num_seqs, max_num_batched_tokens and max_pending_requests must be at least 1"
+                .into(),
+        ));
+    }
     let path = &opts.model;
     if !path.exists() {
         return Err(EngineError::Model(format!(

@@ -11,9 +11,21 @@ use strata_types::TokenId;
 use crate::chat::ChatTemplate;
 use crate::error::{EngineError, Result};
 
+/// How the vocabulary's pieces spell bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceSpelling {
+    /// GPT-2's byte-to-character table (`Ġ` is a space).
+    ByteLevel,
+    /// SentencePiece: `▁` is a space, `<0xNN>` a raw byte.
+    SentencePiece,
+    /// Anything else: decode the token on its own.
+    Plain,
+}
+
 /// Text ↔ ids, plus what the engine needs to know about special tokens.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    spelling: PieceSpelling,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     /// Ids that end generation (eos, end-of-turn).
@@ -46,6 +58,29 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[TokenId], skip_special_tokens: bool) -> Result<String> {
         self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
+    }
+
+    /// The exact bytes one token stands for, even when they are not valid
+    /// UTF-8 on their own (OpenAI's logprob `bytes`).
+    pub fn token_bytes(&self, id: TokenId) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        match self.spelling {
+            PieceSpelling::ByteLevel => piece
+                .chars()
+                .map(byte_level_byte)
+                .collect::<Option<Vec<u8>>>()
+                .unwrap_or_else(|| piece.into_bytes()),
+            PieceSpelling::SentencePiece => {
+                let hex = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'));
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) if piece.len() == 6 => vec![b],
+                    _ => piece.replace('\u{2581}', " ").into_bytes(),
+                }
+            }
+            PieceSpelling::Plain => self.decode(&[id], false).unwrap_or_default().into_bytes(),
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -185,10 +220,12 @@ impl Tokenizer {
                            "merges": merges_from_scores(&tokens, &scores)}),
                 )
             }
-            other => return Err(EngineError::Tokenizer(format!(
+            other => {
+                return Err(EngineError::Tokenizer(format!(
                 "GGUF tokenizer model `{other}` is not supported (supported: gpt2 byte-level BPE, \
                      llama SentencePiece BPE); use the Hugging Face folder instead"
-            ))),
+            )))
+            }
         };
         let mut model_spec = json!({"type": "BPE", "dropout": null, "continuing_subword_prefix": null,
                                     "end_of_word_suffix": null, "ignore_merges": false, "vocab": vocab});
@@ -244,17 +281,42 @@ impl Tokenizer {
     ) -> Result<Self> {
         eos_token_ids.sort_unstable();
         eos_token_ids.dedup();
+        let decoder = serde_json::to_string(&inner.get_decoder()).unwrap_or_default();
+        let spelling = if decoder.contains("\"ByteLevel\"") {
+            PieceSpelling::ByteLevel
+        } else if decoder.contains("\"ByteFallback\"") {
+            PieceSpelling::SentencePiece
+        } else {
+            PieceSpelling::Plain
+        };
         let chat_template = template
             .map(|t| ChatTemplate::new(t, bos_token.clone(), eos_token.clone()))
             .transpose()?;
         Ok(Self {
             inner,
+            spelling,
             bos_token,
             eos_token,
             eos_token_ids,
             chat_template,
         })
     }
+}
+
+/// The byte a character of GPT-2's byte-level alphabet stands for: printable
+/// Latin-1 maps to itself, the other 68 bytes to U+0100 onwards in order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let cp = c as u32;
+    if printable(cp) {
+        return Some(cp as u8);
+    }
+    let n = cp.checked_sub(256)?;
+    (0..=255u32)
+        .filter(|b| !printable(*b))
+        .nth(n as usize)
+        .map(|b| b as u8)
 }
 
 /// The pre-tokenizer llama.cpp uses for a byte-level BPE vocabulary.

@@ -211,3 +211,15 @@ fn stop_strings_match_across_tokens_and_are_never_streamed() {
     assert!(stopped);
     assert_eq!(streamed, "The answer is for");
 }
+
+#[test]
+fn token_bytes_rebuild_the_text_even_inside_a_character() {
+    let text = "Hi 🙂 déjà 🦀𝄞龘ꙮ";
+    let ids = tok().encode(text, false).unwrap();
+    let bytes: Vec<u8> = ids.iter().flat_map(|&i| tok().token_bytes(i)).collect();
+    assert_eq!(bytes, text.as_bytes());
+    // Some token holds only part of a character.
+    assert!(ids
+        .iter()
+        .any(|&i| std::str::from_utf8(&tok().token_bytes(i)).is_err()));
+}

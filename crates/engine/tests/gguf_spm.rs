@@ -87,3 +87,13 @@ fn sentencepiece_vocabularies_tokenize_like_sentencepiece() {
     }
     assert!(checked >= 12);
 }
+
+#[test]
+fn sentencepiece_token_bytes_spell_spaces_and_byte_fallback() {
+    let tok = Tokenizer::from_gguf(&metadata()).unwrap();
+    let text = "emoji 🦀 done";
+    let ids = tok.encode(text, false).unwrap();
+    let bytes: Vec<u8> = ids.iter().flat_map(|&i| tok.token_bytes(i)).collect();
+    // The leading `▁` SentencePiece adds comes back as a space.
+    assert_eq!(bytes, format!(" {text}").as_bytes());
+}

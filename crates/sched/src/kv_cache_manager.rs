@@ -100,6 +100,11 @@ impl KvCacheManager {
         Some(added)
     }
 
+    /// Forgets every cached prefix.
+    pub fn reset_prefix_cache(&mut self) {
+        self.pool.reset_prefix_cache();
+    }
+
     /// Releases the request's blocks; cached ones stay reusable until evicted.
     pub fn free(&mut self, req: RequestId) {
         if let Some(blocks) = self.req_blocks.remove(&req) {

@@ -193,10 +193,13 @@ impl Scheduler {
             };
             self.waiting.pop_front();
             let req = self.requests.get_mut(&id).expect("waiting request exists");
+            // A resumed request finding its own earlier blocks is not a prompt cache hit.
+            if req.status == RequestStatus::Waiting {
+                req.num_cached_tokens = num_hit.min(req.num_prompt_tokens);
+                self.stats.prefix_cache_hit_tokens += req.num_cached_tokens as u64;
+            }
             req.status = RequestStatus::Running;
             req.num_computed_tokens = num_hit;
-            req.num_cached_tokens = num_hit.min(req.num_prompt_tokens);
-            self.stats.prefix_cache_hit_tokens += req.num_cached_tokens as u64;
             self.running.push(id);
             self.emit(id, n, &mut out);
             budget -= n;
@@ -208,6 +211,14 @@ impl Scheduler {
             self.stats.steps += 1;
         }
         out
+    }
+
+    /// Undoes what a step that failed to run promised: the blocks it was to
+    /// fill hold no valid KV, so no prefix may be served from the cache, and
+    /// the stages must still be told what it was to drop.
+    pub fn step_failed(&mut self, out: &SchedulerOutput) {
+        self.kv.reset_prefix_cache();
+        self.finished_req_ids.extend(&out.finished_req_ids);
     }
 
     /// Applies a step's sampled tokens: appends them, ends requests that hit a
@@ -495,6 +506,29 @@ mod tests {
             vec![1],
             "only request 1 reached the stages"
         );
+    }
+
+    #[test]
+    fn a_failed_step_leaves_no_prefix_to_reuse() {
+        let mut s = Scheduler::new(cfg(16));
+        let prompt: Vec<TokenId> = (0..40).collect();
+        s.add_request(Request::new(
+            1,
+            prompt.clone(),
+            SamplingParams::greedy(),
+            4,
+            vec![],
+        ));
+        let out = s.schedule();
+        s.step_failed(&out);
+        s.finish_requests(&[1]);
+        s.add_request(Request::new(2, prompt, SamplingParams::greedy(), 4, vec![]));
+        let out = s.schedule();
+        assert_eq!(
+            out.scheduled_new_reqs[0].num_computed_tokens, 0,
+            "nothing was computed"
+        );
+        assert_eq!(out.finished_req_ids, vec![1]);
     }
 
     #[test]

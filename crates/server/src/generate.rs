@@ -4,7 +4,6 @@
 use futures::stream::{self, Stream, StreamExt};
 use strata_engine::{EngineHandle, GenerateRequest, OutputStream, RequestOutput};
 use strata_types::{FinishReason, Logprobs, TokenId};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::error::ApiError;
 use crate::protocol::Resolved;
@@ -78,11 +77,15 @@ impl Usage {
     }
 }
 
-/// Usage of a whole call: prompts counted once each, completions summed.
-pub fn total_usage<'a>(per_choice: impl Iterator<Item = (usize, Usage)> + 'a) -> Usage {
+/// Usage of a whole call from `(choice, prompt, usage)`: completions summed,
+/// each prompt counted once, from its lowest-numbered choice (later choices
+/// of the same prompt find its blocks in the prefix cache).
+pub fn total_usage(per_choice: impl Iterator<Item = (usize, usize, Usage)>) -> Usage {
+    let mut all: Vec<_> = per_choice.collect();
+    all.sort_by_key(|(choice, _, _)| *choice);
     let mut seen = std::collections::HashSet::new();
     let mut total = Usage::default();
-    for (prompt_index, u) in per_choice {
+    for (_, prompt_index, u) in all {
         if seen.insert(prompt_index) {
             total.prompt_tokens += u.prompt_tokens;
             total.cached_tokens += u.cached_tokens;
@@ -137,15 +140,27 @@ pub struct Delta {
     pub usage: Usage,
 }
 
-/// Merges the choices' outputs into one stream, in arrival order.
+/// Merges the choices' outputs into one stream, in arrival order. A choice
+/// whose channel closes before it finished (the engine stopped) ends with an
+/// error item, so a stream never stops silently.
 pub fn merge(choices: Vec<Choice>) -> impl Stream<Item = Delta> + Send {
     stream::select_all(choices.into_iter().map(|c| {
         let (index, prompt_index) = (c.index, c.prompt_index);
-        UnboundedReceiverStream::new(c.rx).map(move |output| Delta {
-            index,
-            prompt_index,
-            usage: output.as_ref().map(usage_of).unwrap_or_default(),
-            output,
+        stream::unfold(Some(c.rx), move |rx| async move {
+            let mut rx = rx?;
+            let output = match rx.recv().await {
+                Some(o) => o,
+                None => Err("the engine stopped before this choice finished".to_string()),
+            };
+            let last = !matches!(&output, Ok(o) if o.finish.is_none());
+            let delta = Delta {
+                index,
+                prompt_index,
+                usage: output.as_ref().map(usage_of).unwrap_or_default(),
+                output,
+            };
+            Some((delta, (!last).then_some(rx)))
         })
+        .boxed()
     }))
 }

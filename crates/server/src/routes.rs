@@ -52,14 +52,14 @@ fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
 }
 
 fn token_text(tok: &Tokenizer, id: TokenId) -> String {
-    tok.decode(&[id], false).unwrap_or_default()
+    String::from_utf8_lossy(&tok.token_bytes(id)).into_owned()
 }
 
 /// Chat logprobs entries (`choices[].logprobs.content`).
 fn chat_logprobs(tok: &Tokenizer, ids: &[TokenId], lps: &[Logprobs], top_n: usize) -> Value {
     let entry = |id: TokenId, lp: f32| {
-        let t = token_text(tok, id);
-        json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+        let bytes = tok.token_bytes(id);
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes})
     };
     let content: Vec<Value> = ids
         .iter()
@@ -175,7 +175,7 @@ impl StreamFrame {
         self.usage.insert(d.index, (d.prompt_index, d.usage));
         self.finished += usize::from(finished);
         (self.include_usage && finished && self.finished == self.num_choices).then(|| {
-            let total = total_usage(self.usage.values().copied());
+            let total = total_usage(self.usage.iter().map(|(&c, &(p, u))| (c, p, u)));
             sse_data(&self.chunk(json!([]), total.to_json()))
         })
     }
@@ -232,7 +232,7 @@ pub async fn chat_completions(
 
     if !r.stream {
         let done = generate::collect(choices).await?;
-        let usage = total_usage(done.iter().map(|f| (f.prompt_index, f.usage)));
+        let usage = total_usage(done.iter().map(|f| (f.index, f.prompt_index, f.usage)));
         let choices: Vec<Value> = done
             .iter()
             .map(|f| {
@@ -353,7 +353,7 @@ pub async fn completions(
 
     if !r.stream {
         let done = generate::collect(choices).await?;
-        let usage = total_usage(done.iter().map(|f| (f.prompt_index, f.usage)));
+        let usage = total_usage(done.iter().map(|f| (f.index, f.prompt_index, f.usage)));
         let choices: Vec<Value> = done
             .iter()
             .map(|f| {

@@ -21,6 +21,12 @@ pub fn sample(
     history: &[TokenId],
     num_prompt: usize,
 ) -> (TokenId, Option<Logprobs>) {
+    // A NaN (an overflow upstream) must not poison the choice.
+    for l in logits.iter_mut() {
+        if l.is_nan() {
+            *l = f32::NEG_INFINITY;
+        }
+    }
     // Penalties change `logits`; keep the raw row only when both are asked for.
     let raw = params.logprobs.map(|n| {
         let (lse, top) = top_logprobs(logits, n);
@@ -105,6 +111,10 @@ fn argmax(logits: &[f32]) -> TokenId {
 /// Temperature, then top-k, top-p and min-p on the survivors, then one draw.
 fn draw(logits: &[f32], p: &SamplingParams, step: u64) -> TokenId {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    if max.is_infinite() {
+        // +inf: that token is certain; all -inf: nothing to choose between.
+        return argmax(logits);
+    }
     let t = p.temperature;
     let mut cand: Vec<(TokenId, f32)> = logits
         .iter()
@@ -266,6 +276,23 @@ mod tests {
             sample(&mut row.clone(), &SamplingParams::greedy(), &hist, 1).0,
             0
         );
+    }
+
+    #[test]
+    fn non_finite_logits_never_panic() {
+        let p = SamplingParams {
+            min_p: 0.1,
+            top_p: 0.9,
+            ..params()
+        };
+        assert_eq!(sample(&mut vec![f32::NEG_INFINITY; 4], &p, &[0], 1).0, 0);
+        assert_eq!(sample(&mut vec![0.0, f32::INFINITY, 1.0], &p, &[0], 1).0, 1);
+        assert_eq!(sample(&mut vec![f32::NAN, 2.0, f32::NAN], &p, &[0], 1).0, 1);
+        let g = SamplingParams {
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(sample(&mut vec![f32::NAN, 1.0, 0.5], &g, &[0], 1).0, 1);
     }
 
     #[test]
