@@ -4,18 +4,25 @@
 //! 1 ([`SingleRank`]) makes every collective the identity, so one code path
 //! serves one device and many.
 
+mod tcp;
+mod thread;
+
 use std::fmt::Debug;
 
 use candle_core::{Result, Tensor};
+
+pub use tcp::TcpComm;
+pub use thread::ThreadComm;
 
 pub trait Communicator: Debug + Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Element-wise sum of `t` over all ranks; every rank gets the result.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
-    /// Concatenation of every rank's `t` along `dim`, in rank order.
+    /// Concatenation of every rank's `t` (all of one shape) along `dim`, in rank order.
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor>;
-    /// `root`'s `t` on every rank.
+    /// `root`'s `t` on every rank (the others pass a tensor of the same
+    /// shape, whose values are ignored).
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
 }
 

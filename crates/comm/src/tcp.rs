@@ -1,0 +1,235 @@
+//! Tensor-parallel ranks in separate processes (or hosts), joined in a ring
+//! of TCP connections: each rank sends to the next and receives from the
+//! previous. All-reduce is the bandwidth-optimal ring algorithm
+//! (reduce-scatter, then all-gather), so every rank ends with identical bits.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::Communicator;
+
+const MAGIC: &[u8; 8] = b"strataTP";
+
+#[derive(Debug)]
+struct Links {
+    next: TcpStream,
+    prev: TcpStream,
+}
+
+/// One rank of a TCP ring.
+#[derive(Debug)]
+pub struct TcpComm {
+    rank: usize,
+    world_size: usize,
+    links: Option<Mutex<Links>>,
+}
+
+fn err(msg: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("tcp communicator: {msg}"))
+}
+
+impl TcpComm {
+    /// Joins the ring: listens on `addrs[rank]`, connects to the next rank
+    /// (retrying until `timeout`, so ranks may start in any order) and
+    /// accepts the previous one.
+    pub fn connect(rank: usize, addrs: &[SocketAddr], timeout: Duration) -> Result<Self> {
+        let world_size = addrs.len();
+        if rank >= world_size {
+            return Err(err(format!("rank {rank} outside a ring of {world_size}")));
+        }
+        if world_size == 1 {
+            return Ok(Self {
+                rank,
+                world_size,
+                links: None,
+            });
+        }
+        let listener = TcpListener::bind(addrs[rank])
+            .map_err(|e| err(format!("binding {}: {e}", addrs[rank])))?;
+        let next_rank = (rank + 1) % world_size;
+        let deadline = Instant::now() + timeout;
+        // Connect in a helper thread while this one accepts: every rank does
+        // both, so doing them in turn could deadlock.
+        let next_addr = addrs[next_rank];
+        let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
+            loop {
+                match TcpStream::connect(next_addr) {
+                    Ok(mut s) => {
+                        s.write_all(MAGIC)?;
+                        s.write_all(&(rank as u64).to_le_bytes())?;
+                        return Ok(s);
+                    }
+                    Err(e) if Instant::now() >= deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        listener.set_nonblocking(true).map_err(|e| err(e))?;
+        let prev = loop {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).map_err(|e| err(e))?;
+                    let mut hello = [0u8; 16];
+                    s.read_exact(&mut hello)
+                        .map_err(|e| err(format!("handshake: {e}")))?;
+                    let from = u64::from_le_bytes(hello[8..].try_into().expect("8 bytes")) as usize;
+                    if &hello[..8] != MAGIC || from != (rank + world_size - 1) % world_size {
+                        return Err(err(format!("rank {rank} expected its previous rank, got a connection claiming rank {from}")));
+                    }
+                    break s;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(err(format!(
+                            "rank {rank}: the previous rank did not connect within {timeout:?}"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        };
+        let next = connector
+            .join()
+            .map_err(|_| err("connector thread panicked"))?
+            .map_err(|e| {
+                err(format!(
+                    "rank {rank} could not reach rank {next_rank} at {next_addr}: {e}"
+                ))
+            })?;
+        for s in [&next, &prev] {
+            s.set_nodelay(true).map_err(|e| err(e))?;
+        }
+        Ok(Self {
+            rank,
+            world_size,
+            links: Some(Mutex::new(Links { next, prev })),
+        })
+    }
+
+    /// Sends `out` to the next rank while receiving `incoming_len` floats
+    /// from the previous one (concurrently, so large messages cannot deadlock).
+    fn shift(links: &mut Links, out: &[f32], incoming_len: usize) -> Result<Vec<f32>> {
+        let mut incoming = vec![0f32; incoming_len];
+        let Links { next, prev } = links;
+        std::thread::scope(|s| {
+            let sender = s.spawn(move || next.write_all(as_bytes(out)));
+            let received = prev.read_exact(as_bytes_mut(&mut incoming));
+            let sent = sender.join().map_err(|_| err("sender thread panicked"))?;
+            sent.map_err(|e| err(format!("send: {e}")))?;
+            received.map_err(|e| err(format!("receive: {e}")))
+        })?;
+        Ok(incoming)
+    }
+}
+
+fn as_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn as_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: every byte pattern is a valid f32 (NaNs included).
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
+fn to_f32(t: &Tensor) -> Result<(Vec<f32>, DType)> {
+    let dtype = t.dtype();
+    Ok((t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, dtype))
+}
+
+impl Communicator for TcpComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let Some(links) = &self.links else {
+            return Ok(t.clone());
+        };
+        let links = &mut *links.lock().expect("poisoned");
+        let (mut data, dtype) = to_f32(t)?;
+        let n = self.world_size;
+        let len = data.len();
+        let bounds = |c: usize| (c * len / n, (c + 1) * len / n);
+        // Reduce-scatter: after n-1 steps, rank r holds the full sum of chunk r+1.
+        for step in 0..n - 1 {
+            let send = (self.rank + n - step) % n;
+            let recv = (self.rank + n - step - 1) % n;
+            let (s0, s1) = bounds(send);
+            let (r0, r1) = bounds(recv);
+            let out = data[s0..s1].to_vec();
+            let incoming = Self::shift(links, &out, r1 - r0)?;
+            for (d, x) in data[r0..r1].iter_mut().zip(incoming) {
+                *d += x;
+            }
+        }
+        // All-gather the reduced chunks around the ring.
+        for step in 0..n - 1 {
+            let send = (self.rank + 1 + n - step) % n;
+            let recv = (self.rank + n - step) % n;
+            let (s0, s1) = bounds(send);
+            let (r0, r1) = bounds(recv);
+            let out = data[s0..s1].to_vec();
+            let incoming = Self::shift(links, &out, r1 - r0)?;
+            data[r0..r1].copy_from_slice(&incoming);
+        }
+        Tensor::from_vec(data, t.shape(), t.device())?.to_dtype(dtype)
+    }
+
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        let Some(links) = &self.links else {
+            return Ok(t.clone());
+        };
+        let links = &mut *links.lock().expect("poisoned");
+        let (mine, dtype) = to_f32(t)?;
+        let n = self.world_size;
+        let mut parts: Vec<Option<Vec<f32>>> = vec![None; n];
+        parts[self.rank] = Some(mine.clone());
+        let mut passing = mine;
+        for step in 0..n - 1 {
+            passing = Self::shift(links, &passing, passing.len())?;
+            parts[(self.rank + n - step - 1) % n] = Some(passing.clone());
+        }
+        let tensors = parts
+            .into_iter()
+            .map(|p| Tensor::from_vec(p.expect("filled by the ring"), t.shape(), t.device()))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&tensors, dim)?.to_dtype(dtype)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        let Some(links) = &self.links else {
+            return Ok(t.clone());
+        };
+        let links = &mut *links.lock().expect("poisoned");
+        let (data, dtype) = to_f32(t)?;
+        let n = self.world_size;
+        // Along the ring from the root: receive from the previous rank unless
+        // we are the root, forward unless the next rank is the root.
+        let value = if self.rank == root {
+            data
+        } else {
+            let mut v = vec![0f32; data.len()];
+            links
+                .prev
+                .read_exact(as_bytes_mut(&mut v))
+                .map_err(|e| err(format!("receive: {e}")))?;
+            v
+        };
+        if (self.rank + 1) % n != root {
+            links
+                .next
+                .write_all(as_bytes(&value))
+                .map_err(|e| err(format!("send: {e}")))?;
+        }
+        Tensor::from_vec(value, t.shape(), t.device())?.to_dtype(dtype)
+    }
+}

@@ -1,0 +1,136 @@
+//! Tensor parallelism in one process: two ranks as threads (ThreadComm) give
+//! transformers' logits, like one rank does.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::Device;
+use strata_comm::{Communicator, ThreadComm};
+use strata_model::{
+    config_from_hf_json, BatchInput, KvCache, Llama, SeqInfo, StageOutput, Weights,
+};
+use strata_types::{LayerRange, BLOCK_SIZE};
+
+fn fixture(variant: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny")
+        .join(variant)
+}
+
+fn load(variant: &str, comm: Arc<dyn Communicator>) -> strata_model::Result<Llama> {
+    let dir = fixture(variant);
+    let cfg =
+        config_from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let w = Weights::open(&dir, &Device::Cpu).unwrap();
+    Llama::load(
+        &w,
+        &cfg,
+        LayerRange::full(cfg.num_layers),
+        comm,
+        512,
+        &mut |_, _| {},
+    )
+}
+
+fn step(m: &Llama, kv: &mut KvCache, start: usize, tokens: &[u32]) -> Vec<f32> {
+    let table = [0u32, 1];
+    let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
+    let slots: Vec<u32> = positions
+        .iter()
+        .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
+        .collect();
+    let seqs = [SeqInfo {
+        query_len: tokens.len(),
+        block_table: &table,
+    }];
+    let last = [tokens.len() as u32 - 1];
+    let input = BatchInput {
+        token_ids: tokens,
+        positions: &positions,
+        slot_mapping: &slots,
+        seqs: &seqs,
+        logits_indices: &last,
+    };
+    match m.forward(&input, None, kv).unwrap() {
+        StageOutput::Logits(l) => l.flatten_all().unwrap().to_vec1().unwrap(),
+        StageOutput::Hidden(_) => unreachable!(),
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0 as u32
+}
+
+#[test]
+fn two_thread_ranks_match_transformers() {
+    let r = candle_core::safetensors::load(
+        fixture("llama-gqa").join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let prompt: Vec<u32> = r["prompt_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let greedy: Vec<u32> = r["greedy_ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let prompt_logits: Vec<Vec<f32>> = r["prompt_logits"].to_vec2().unwrap();
+    let decode_logits: Vec<Vec<f32>> = r["decode_logits"].to_vec2().unwrap();
+
+    let results: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadComm::group(2)
+            .into_iter()
+            .map(|c| {
+                let (prompt, greedy) = (&prompt, &greedy);
+                s.spawn(move || {
+                    let m = load("llama-gqa", Arc::new(c)).unwrap();
+                    let mut kv = m.new_kv_cache(2);
+                    let mut out = vec![step(&m, &mut kv, 0, prompt)];
+                    for (i, &t) in greedy[..8].iter().enumerate() {
+                        out.push(step(&m, &mut kv, prompt.len() + i, &[t]));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        results[0], results[1],
+        "both ranks hold the gathered logits"
+    );
+    let want: Vec<&Vec<f32>> = std::iter::once(prompt_logits.last().unwrap())
+        .chain(&decode_logits)
+        .collect();
+    for (i, (got, want)) in results[0].iter().zip(want).enumerate() {
+        let diff = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "step {i}: max |diff| {diff}");
+        assert_eq!(argmax(got), greedy[i], "greedy token {i}");
+    }
+}
+
+#[test]
+fn a_tp_size_that_does_not_divide_the_kv_heads_is_refused() {
+    // llama-tied has a single KV head.
+    let e = load("llama-tied", Arc::new(ThreadComm::group(2).remove(0)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tensor parallel size 2 must divide the 1 KV heads"),
+        "{e}"
+    );
+}
