@@ -60,6 +60,10 @@ struct ServeArgs {
     /// Requests admitted (running or waiting) before new ones get 429.
     #[arg(long, default_value_t = 256)]
     max_pending_requests: usize,
+    /// Pipeline stages to cut the model into. Today every stage runs in this
+    /// process, one after another; stages on other hosts come next.
+    #[arg(long, default_value_t = 1)]
+    pipeline_parallel_size: usize,
     /// Require `Authorization: Bearer <key>` on every /v1 call.
     #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -135,6 +139,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         kv_cache_bytes: args.kv_cache_memory,
         enable_prefix_caching: args.enable_prefix_caching,
         max_pending_requests: args.max_pending_requests,
+        pipeline_parallel_size: args.pipeline_parallel_size,
     };
     let (engine, info) = load_engine(&opts)?;
     let state = AppState {

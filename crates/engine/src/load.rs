@@ -29,6 +29,8 @@ pub struct LoadOptions {
     pub kv_cache_bytes: u64,
     pub enable_prefix_caching: bool,
     pub max_pending_requests: usize,
+    /// Pipeline stages to cut the model into (all in this process for now).
+    pub pipeline_parallel_size: usize,
 }
 
 /// Sampling defaults from `generation_config.json`, used when a request
@@ -106,7 +108,13 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
             config.vocab_size
         );
     }
-    let layers = LayerRange::full(config.num_layers);
+    let pp = opts.pipeline_parallel_size;
+    if pp == 0 || pp > config.num_layers {
+        return Err(EngineError::Model(format!(
+            "--pipeline-parallel-size {pp} must be between 1 and the model's {} layers",
+            config.num_layers
+        )));
+    }
     tracing::info!(
         "loading {} ({:?}): {} layers, hidden {}, {} heads / {} KV heads, vocab {}",
         path.display(),
@@ -118,15 +126,12 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         config.vocab_size
     );
     let mut last_pct = 0;
-    let mut progress = |layer: usize, range: LayerRange| {
-        let pct = (layer + 1 - range.start) * 100 / range.len();
-        if pct >= last_pct + 10 || layer + 1 == range.end {
+    let num_layers = config.num_layers;
+    let mut progress = |layer: usize, _: LayerRange| {
+        let pct = (layer + 1) * 100 / num_layers;
+        if pct >= last_pct + 10 || layer + 1 == num_layers {
             last_pct = pct;
-            tracing::info!(
-                "loaded layer {}/{} ({pct}%)",
-                layer + 1 - range.start,
-                range.len()
-            );
+            tracing::info!("loaded layer {}/{num_layers} ({pct}%)", layer + 1);
         }
     };
 
@@ -163,14 +168,18 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         }
         None => config.max_position_embeddings,
     };
-    let model = Llama::load(
-        &weights,
-        &config,
-        layers,
-        Arc::new(SingleRank),
-        max_model_len,
-        &mut progress,
-    )?;
+    let mut stages = Vec::with_capacity(pp);
+    for range in LayerRange::split(config.num_layers, pp) {
+        let model = Llama::load(
+            &weights,
+            &config,
+            range,
+            Arc::new(SingleRank),
+            max_model_len,
+            &mut progress,
+        )?;
+        stages.push(ModelRunner::new(model, num_blocks));
+    }
     let weight_bytes = weights.bytes_read();
     tracing::info!(
         "model loaded in {:.1}s ({:.1} MiB of weights); KV cache: {num_blocks} blocks of {BLOCK_SIZE} tokens \
@@ -179,7 +188,6 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         weight_bytes as f64 / (1 << 20) as f64,
         (num_blocks * bytes_per_block) as f64 / (1 << 20) as f64
     );
-    let runner = ModelRunner::new(model, num_blocks);
     let engine_cfg = EngineConfig {
         max_num_seqs: opts.max_num_seqs,
         max_num_batched_tokens: opts.max_num_batched_tokens,
@@ -190,7 +198,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     };
     let handle = start_engine(
         engine_cfg,
-        Box::new(LocalExecutor::new(runner)),
+        Box::new(LocalExecutor::new(stages)),
         Arc::new(tokenizer),
         config.vocab_size,
     );

@@ -32,6 +32,7 @@ fn engine() -> &'static EngineHandle {
             kv_cache_bytes: 256 << 20,
             enable_prefix_caching: true,
             max_pending_requests: 64,
+            pipeline_parallel_size: 1,
         };
         load_engine(&opts).unwrap().0
     })

@@ -17,6 +17,7 @@ fn generation_config_supplies_defaults_and_eos() {
         kv_cache_bytes: 16 << 20,
         enable_prefix_caching: true,
         max_pending_requests: 8,
+        pipeline_parallel_size: 1,
     })
     .unwrap();
     assert_eq!(

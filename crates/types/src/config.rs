@@ -24,6 +24,25 @@ impl LayerRange {
     pub fn contains(&self, layer: usize) -> bool {
         (self.start..self.end).contains(&layer)
     }
+    /// `num_layers` cut into `parts` contiguous stages as even as possible;
+    /// later stages take the remainder (the first also runs the leader).
+    pub fn split(num_layers: usize, parts: usize) -> Vec<LayerRange> {
+        assert!(
+            parts > 0 && parts <= num_layers,
+            "cannot cut {num_layers} layers into {parts} stages"
+        );
+        let (base, extra) = (num_layers / parts, num_layers % parts);
+        let mut start = 0;
+        (0..parts)
+            .map(|i| {
+                let len = base + usize::from(i >= parts - extra);
+                let r = LayerRange::new(start, start + len);
+                start += len;
+                r
+            })
+            .collect()
+    }
+
     /// The first stage holds the token embedding.
     pub fn is_first(&self) -> bool {
         self.start == 0
@@ -76,5 +95,22 @@ impl ModelConfig {
     /// Bytes of KV cache one token takes in `layers` layers, at `dtype_bytes` per element.
     pub fn kv_bytes_per_token(&self, layers: usize, dtype_bytes: usize) -> usize {
         2 * layers * self.num_kv_heads * self.head_dim * dtype_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_cover_every_layer_once_with_the_remainder_last() {
+        let r = LayerRange::split(30, 4);
+        assert_eq!(
+            r.iter().map(LayerRange::len).collect::<Vec<_>>(),
+            vec![7, 7, 8, 8]
+        );
+        assert_eq!((r[0].start, r[3].end), (0, 30));
+        assert!(r.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(LayerRange::split(3, 1), vec![LayerRange::new(0, 3)]);
     }
 }

@@ -8,5 +8,5 @@
 mod runner;
 mod sampler;
 
-pub use runner::{ModelRunner, RunnerError};
+pub use runner::{ModelRunner, RunnerError, StageResult};
 pub use sampler::sample;

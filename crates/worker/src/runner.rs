@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use candle_core::Tensor;
 use strata_model::{BatchInput, KvCache, Llama, SeqInfo, StageOutput};
 use strata_types::{
     BlockId, RequestId, SampledToken, SamplingParams, SchedulerOutput, StepResult, TokenId,
@@ -18,6 +19,15 @@ pub enum RunnerError {
     Candle(#[from] candle_core::Error),
     #[error("step {step}: {msg}")]
     Protocol { step: u64, msg: String },
+}
+
+/// What a stage hands on after a step.
+#[derive(Debug)]
+pub enum StageResult {
+    /// Hidden states for the next stage (`None` when nothing was scheduled).
+    Hidden(Option<Tensor>),
+    /// The last stage's sampled tokens.
+    Sampled(StepResult),
 }
 
 /// What a stage remembers about a request between steps.
@@ -61,8 +71,29 @@ impl ModelRunner {
     }
 
     /// Runs one step: updates state from `out`, computes the scheduled tokens
-    /// and samples a token for each request that reached its end.
-    pub fn execute(&mut self, out: &SchedulerOutput) -> Result<StepResult, RunnerError> {
+    /// (from their ids on the first stage, from `hidden` on the others) and,
+    /// on the last stage, samples a token for each request that reached its
+    /// end. Every stage must see every step, even an empty one, so that all
+    /// drop finished requests together.
+    pub fn execute(
+        &mut self,
+        out: &SchedulerOutput,
+        hidden: Option<Tensor>,
+    ) -> Result<StageResult, RunnerError> {
+        let is_last = self
+            .model
+            .layer_range()
+            .is_last(self.model.config().num_layers);
+        let empty = || {
+            if is_last {
+                StageResult::Sampled(StepResult {
+                    step_id: out.step_id,
+                    sampled: Vec::new(),
+                })
+            } else {
+                StageResult::Hidden(None)
+            }
+        };
         let step = out.step_id;
         let protocol = |msg: String| RunnerError::Protocol { step, msg };
         for id in &out.finished_req_ids {
@@ -90,10 +121,7 @@ impl ModelRunner {
             r.num_computed_tokens = c.num_computed_tokens;
         }
         if out.total_num_scheduled_tokens == 0 {
-            return Ok(StepResult {
-                step_id: step,
-                sampled: Vec::new(),
-            });
+            return Ok(empty());
         }
 
         // Flatten the batch in scheduling order.
@@ -144,14 +172,12 @@ impl ModelRunner {
             seqs: &seqs,
             logits_indices: &logits_indices,
         };
-        let StageOutput::Logits(logits) = self.model.forward(&input, None, &mut self.kv)? else {
-            return Err(protocol("this runner's stage is not the last".into()));
+        let logits = match self.model.forward(&input, hidden, &mut self.kv)? {
+            StageOutput::Hidden(h) => return Ok(StageResult::Hidden(Some(h))),
+            StageOutput::Logits(l) => l,
         };
         if sampled_ids.is_empty() {
-            return Ok(StepResult {
-                step_id: step,
-                sampled: Vec::new(),
-            });
+            return Ok(empty());
         }
         let vocab = logits.dim(1)?;
         let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
@@ -169,9 +195,9 @@ impl ModelRunner {
                 }
             })
             .collect();
-        Ok(StepResult {
+        Ok(StageResult::Sampled(StepResult {
             step_id: step,
             sampled,
-        })
+        }))
     }
 }
