@@ -1,4 +1,5 @@
-//! Collectives between the tensor-parallel ranks of one stage.
+//! Collectives between the tensor-parallel ranks of one stage, and the data
+//! plane that carries activations from one pipeline stage to the next.
 //!
 //! Model code calls a [`Communicator`] and never knows the backend. World size
 //! 1 ([`SingleRank`]) makes every collective the identity, so one code path
@@ -6,6 +7,7 @@
 
 mod tcp;
 mod thread;
+mod transport;
 
 use std::fmt::Debug;
 
@@ -13,6 +15,7 @@ use candle_core::{Result, Tensor};
 
 pub use tcp::TcpComm;
 pub use thread::ThreadComm;
+pub use transport::TcpTransport;
 
 pub trait Communicator: Debug + Send + Sync {
     fn rank(&self) -> usize;
