@@ -181,6 +181,22 @@ impl StreamFrame {
     }
 }
 
+/// A non-streamed response: every choice at once, with the usage.
+fn whole_response(
+    id: &str,
+    object: &str,
+    created: u64,
+    model: &str,
+    choices: Vec<Value>,
+    usage: Usage,
+) -> Response {
+    axum::Json(json!({
+        "id": id, "object": object, "created": created, "model": model,
+        "choices": choices, "usage": usage.to_json(),
+    }))
+    .into_response()
+}
+
 fn error_event(message: &str) -> Result<Event, Infallible> {
     sse_data(
         &json!({"error": {"message": message, "type": "internal_error", "param": null, "code": null}}),
@@ -244,11 +260,14 @@ pub async fn chat_completions(
                 })
             })
             .collect();
-        return Ok(axum::Json(json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage.to_json(),
-        }))
-        .into_response());
+        return Ok(whole_response(
+            &id,
+            "chat.completion",
+            created,
+            &model,
+            choices,
+            usage,
+        ));
     }
 
     let mut frame = StreamFrame::new(
@@ -366,11 +385,14 @@ pub async fn completions(
                 })
             })
             .collect();
-        return Ok(axum::Json(json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage.to_json(),
-        }))
-        .into_response());
+        return Ok(whole_response(
+            &id,
+            "text_completion",
+            created,
+            &model,
+            choices,
+            usage,
+        ));
     }
 
     let mut frame = StreamFrame::new(
