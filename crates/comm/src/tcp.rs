@@ -68,11 +68,11 @@ impl TcpComm {
                 }
             }
         });
-        listener.set_nonblocking(true).map_err(|e| err(e))?;
+        listener.set_nonblocking(true).map_err(err)?;
         let prev = loop {
             match listener.accept() {
                 Ok((mut s, _)) => {
-                    s.set_nonblocking(false).map_err(|e| err(e))?;
+                    s.set_nonblocking(false).map_err(err)?;
                     let mut hello = [0u8; 16];
                     s.read_exact(&mut hello)
                         .map_err(|e| err(format!("handshake: {e}")))?;
@@ -102,7 +102,7 @@ impl TcpComm {
                 ))
             })?;
         for s in [&next, &prev] {
-            s.set_nodelay(true).map_err(|e| err(e))?;
+            s.set_nodelay(true).map_err(err)?;
         }
         Ok(Self {
             rank,

@@ -164,7 +164,7 @@ fn fast_exp(x: f32) -> f32 {
     let f = z - n;
     // 2^f for f in [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 7.
     const C: [f32; 7] = [
-        0.693_147_2,
+        std::f32::consts::LN_2,
         0.240_226_5,
         0.055_504_11,
         0.009_618_129,

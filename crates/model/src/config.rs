@@ -181,13 +181,13 @@ pub fn config_from_gguf(
 }
 
 fn validate(c: &ModelConfig) -> Result<()> {
-    if c.num_heads == 0 || c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
+    if c.num_heads == 0 || c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
         return Err(Error::Config(format!(
             "{} attention heads do not group evenly over {} KV heads",
             c.num_heads, c.num_kv_heads
         )));
     }
-    if c.head_dim % 2 != 0 {
+    if !c.head_dim.is_multiple_of(2) {
         return Err(Error::Config(format!("head_dim {} is odd", c.head_dim)));
     }
     Ok(())

@@ -207,7 +207,7 @@ impl Llama {
             )));
         }
         let ws = comm.world_size();
-        if cfg.num_kv_heads % ws != 0 {
+        if !cfg.num_kv_heads.is_multiple_of(ws) {
             return Err(Error::Config(format!(
                 "tensor parallel size {ws} must divide the {} KV heads",
                 cfg.num_kv_heads

@@ -217,7 +217,7 @@ impl<B: WeightBlock> QuantMatrix<B> {
             name: name.into(),
             msg,
         };
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(bad(format!("{cols} columns is not a multiple of {QK}")));
         }
         let n = rows * cols / QK;

@@ -42,7 +42,7 @@ impl Shard {
 
     /// The half-open range of `len` that this shard owns.
     fn range(&self, name: &str, len: usize) -> Result<(usize, usize)> {
-        if len % self.world_size != 0 {
+        if !len.is_multiple_of(self.world_size) {
             return Err(Error::BadWeight {
                 name: name.into(),
                 msg: format!(

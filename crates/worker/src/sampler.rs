@@ -285,14 +285,14 @@ mod tests {
             top_p: 0.9,
             ..params()
         };
-        assert_eq!(sample(&mut vec![f32::NEG_INFINITY; 4], &p, &[0], 1).0, 0);
-        assert_eq!(sample(&mut vec![0.0, f32::INFINITY, 1.0], &p, &[0], 1).0, 1);
-        assert_eq!(sample(&mut vec![f32::NAN, 2.0, f32::NAN], &p, &[0], 1).0, 1);
+        assert_eq!(sample(&mut [f32::NEG_INFINITY; 4], &p, &[0], 1).0, 0);
+        assert_eq!(sample(&mut [0.0, f32::INFINITY, 1.0], &p, &[0], 1).0, 1);
+        assert_eq!(sample(&mut [f32::NAN, 2.0, f32::NAN], &p, &[0], 1).0, 1);
         let g = SamplingParams {
             logprobs: Some(2),
             ..SamplingParams::greedy()
         };
-        assert_eq!(sample(&mut vec![f32::NAN, 1.0, 0.5], &g, &[0], 1).0, 1);
+        assert_eq!(sample(&mut [f32::NAN, 1.0, 0.5], &g, &[0], 1).0, 1);
     }
 
     #[test]
