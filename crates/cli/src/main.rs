@@ -64,6 +64,10 @@ struct ServeArgs {
     /// process, one after another; stages on other hosts come next.
     #[arg(long, default_value_t = 1)]
     pipeline_parallel_size: usize,
+    /// Tensor-parallel ranks per stage; must divide the model's KV heads.
+    /// Today the ranks are threads of this process; other processes come next.
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel_size: usize,
     /// Require `Authorization: Bearer <key>` on every /v1 call.
     #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -140,6 +144,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         enable_prefix_caching: args.enable_prefix_caching,
         max_pending_requests: args.max_pending_requests,
         pipeline_parallel_size: args.pipeline_parallel_size,
+        tensor_parallel_size: args.tensor_parallel_size,
     };
     let (engine, info) = load_engine(&opts)?;
     let state = AppState {

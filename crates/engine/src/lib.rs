@@ -19,6 +19,6 @@ pub use engine::{
     RequestOutput,
 };
 pub use error::{EngineError, Result};
-pub use executor::{Executor, LocalExecutor};
+pub use executor::{Executor, LocalExecutor, LocalStage, TpStage};
 pub use load::{load_engine, GenerationDefaults, LoadOptions, ModelInfo};
 pub use tokenizer::Tokenizer;

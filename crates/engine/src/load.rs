@@ -7,14 +7,14 @@ use std::time::Instant;
 
 use candle_core::Device;
 use serde_json::Value as Json;
-use strata_comm::SingleRank;
+use strata_comm::{Communicator, SingleRank, ThreadComm};
 use strata_model::{config_from_gguf, config_from_hf_json, Llama, WeightFormat, Weights};
 use strata_types::{LayerRange, ModelConfig, TokenId, BLOCK_SIZE};
 use strata_worker::ModelRunner;
 
 use crate::engine::{start_engine, EngineConfig, EngineHandle};
 use crate::error::{EngineError, Result};
-use crate::executor::LocalExecutor;
+use crate::executor::{LocalExecutor, LocalStage, TpStage};
 use crate::tokenizer::{read_json, Tokenizer};
 
 #[derive(Debug, Clone)]
@@ -31,6 +31,8 @@ pub struct LoadOptions {
     pub max_pending_requests: usize,
     /// Pipeline stages to cut the model into (all in this process for now).
     pub pipeline_parallel_size: usize,
+    /// Tensor-parallel ranks per stage (threads of this process for now).
+    pub tensor_parallel_size: usize,
 }
 
 /// Sampling defaults from `generation_config.json`, used when a request
@@ -168,17 +170,28 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         }
         None => config.max_position_embeddings,
     };
+    let tp = opts.tensor_parallel_size;
+    if tp == 0 {
+        return Err(EngineError::Model(
+            "--tensor-parallel-size must be at least 1".into(),
+        ));
+    }
     let mut stages = Vec::with_capacity(pp);
     for range in LayerRange::split(config.num_layers, pp) {
-        let model = Llama::load(
-            &weights,
-            &config,
-            range,
-            Arc::new(SingleRank),
-            max_model_len,
-            &mut progress,
-        )?;
-        stages.push(ModelRunner::new(model, num_blocks));
+        let load = |comm: Arc<dyn Communicator>, progress: &mut dyn FnMut(usize, LayerRange)| {
+            let model = Llama::load(&weights, &config, range, comm, max_model_len, progress)?;
+            Ok::<_, EngineError>(ModelRunner::new(model, num_blocks))
+        };
+        let stage = if tp == 1 {
+            LocalStage::Single(Box::new(load(Arc::new(SingleRank), &mut progress)?))
+        } else {
+            let runners = ThreadComm::group(tp)
+                .into_iter()
+                .map(|comm| load(Arc::new(comm), &mut progress))
+                .collect::<Result<Vec<_>>>()?;
+            LocalStage::Parallel(TpStage::new(runners))
+        };
+        stages.push(stage);
     }
     let weight_bytes = weights.bytes_read();
     tracing::info!(

@@ -33,6 +33,7 @@ fn engine() -> &'static EngineHandle {
             enable_prefix_caching: true,
             max_pending_requests: 64,
             pipeline_parallel_size: 1,
+            tensor_parallel_size: 1,
         };
         load_engine(&opts).unwrap().0
     })

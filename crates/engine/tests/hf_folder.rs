@@ -18,6 +18,7 @@ fn generation_config_supplies_defaults_and_eos() {
         enable_prefix_caching: true,
         max_pending_requests: 8,
         pipeline_parallel_size: 1,
+        tensor_parallel_size: 1,
     })
     .unwrap();
     assert_eq!(

@@ -1,13 +1,18 @@
-//! Pipeline stages in one process: the demo model cut into three stages,
-//! handing hidden states down, gives exactly what the whole model gives, for
-//! concurrent requests mixing prefill chunks and decodes.
+//! Parallel stages in one process, through the engine: the demo model cut
+//! into three pipeline stages gives exactly what the whole model gives, and
+//! two tensor-parallel ranks (threads) of an f32 model give what one rank
+//! gives, for concurrent requests mixing prefill chunks and decodes.
 
 use strata_engine::{ensure_demo_model, load_engine, EngineHandle, GenerateRequest, LoadOptions};
 use strata_types::SamplingParams;
 
-fn engine(pipeline_parallel_size: usize) -> EngineHandle {
+fn engine(
+    model: std::path::PathBuf,
+    pipeline_parallel_size: usize,
+    tensor_parallel_size: usize,
+) -> EngineHandle {
     let opts = LoadOptions {
-        model: ensure_demo_model().unwrap(),
+        model,
         max_model_len: Some(512),
         max_num_seqs: 8,
         // Small steps, so long prompts are prefilled in chunks beside decodes.
@@ -16,18 +21,19 @@ fn engine(pipeline_parallel_size: usize) -> EngineHandle {
         enable_prefix_caching: true,
         max_pending_requests: 16,
         pipeline_parallel_size,
+        tensor_parallel_size,
     };
     load_engine(&opts).unwrap().0
 }
 
 /// Token ids and sampled-token logprobs of each prompt, run concurrently.
-fn run(e: &EngineHandle, prompts: &[Vec<u32>]) -> Vec<(Vec<u32>, Vec<f32>)> {
+fn run(e: &EngineHandle, prompts: &[Vec<u32>], temperature: f32) -> Vec<(Vec<u32>, Vec<f32>)> {
     let streams: Vec<_> = prompts
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let sampling = SamplingParams {
-                temperature: 0.8,
+                temperature,
                 seed: i as u64,
                 logprobs: Some(0),
                 ..SamplingParams::default()
@@ -64,7 +70,7 @@ fn run(e: &EngineHandle, prompts: &[Vec<u32>]) -> Vec<(Vec<u32>, Vec<f32>)> {
 
 #[test]
 fn three_stages_equal_the_whole_model() {
-    let whole = engine(1);
+    let whole = engine(ensure_demo_model().unwrap(), 1, 1);
     let prompts: Vec<Vec<u32>> = [
         "Tell me about the sea.",
         "Count: 1, 2, 3,",
@@ -73,8 +79,8 @@ fn three_stages_equal_the_whole_model() {
     .iter()
     .map(|t| whole.tokenizer().encode(&t.repeat(6), false).unwrap())
     .collect();
-    let want = run(&whole, &prompts);
-    let staged = run(&engine(3), &prompts);
+    let want = run(&whole, &prompts, 0.8);
+    let staged = run(&engine(ensure_demo_model().unwrap(), 3, 1), &prompts, 0.8);
     assert_eq!(staged, want);
     assert!(want
         .iter()
@@ -92,7 +98,29 @@ fn more_stages_than_layers_is_refused() {
         enable_prefix_caching: false,
         max_pending_requests: 1,
         pipeline_parallel_size: 31,
+        tensor_parallel_size: 1,
     };
     let e = load_engine(&opts).err().unwrap().to_string();
     assert!(e.contains("between 1 and the model's 30 layers"), "{e}");
+}
+
+#[test]
+fn two_tensor_parallel_ranks_serve_like_one() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tiny/llama-chat");
+    let one = engine(dir.clone(), 1, 1);
+    let prompts: Vec<Vec<u32>> = ["Hello there! ", "The quick brown fox ", "Once upon a time "]
+        .iter()
+        .map(|t| one.tokenizer().encode(&t.repeat(4), false).unwrap())
+        .collect();
+    let want = run(&one, &prompts, 0.0);
+    for (tp, pp) in [(2, 1), (2, 3)] {
+        let got = run(&engine(dir.clone(), pp, tp), &prompts, 0.0);
+        for ((gi, gl), (wi, wl)) in got.iter().zip(&want) {
+            assert_eq!(gi, wi, "TP={tp} PP={pp}: greedy tokens");
+            for (a, b) in gl.iter().zip(wl) {
+                assert!((a - b).abs() < 1e-4, "TP={tp} PP={pp}: logprob {a} vs {b}");
+            }
+        }
+    }
 }

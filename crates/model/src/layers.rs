@@ -125,14 +125,6 @@ impl ColumnParallelLinear {
         })
     }
 
-    pub fn from_matmul(weight: Matmul) -> Self {
-        Self {
-            weights: vec![weight],
-            bias: None,
-            splits: Vec::new(),
-        }
-    }
-
     /// The whole output `[tokens, sum of the projections' widths]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if self.weights.len() == 1 {
@@ -203,6 +195,7 @@ impl RowParallelLinear {
 
 /// Token embedding with the vocabulary split across ranks: a rank looks up
 /// the ids it owns, zeroes the rest, and an all-reduce assembles the rows.
+/// Ranks own `ceil(vocab / world_size)` ids each (the last may own fewer).
 #[derive(Debug)]
 pub struct VocabEmbedding {
     weight: Tensor,
@@ -211,11 +204,11 @@ pub struct VocabEmbedding {
 }
 
 impl VocabEmbedding {
-    /// `weight` is this rank's `[vocab / world_size, hidden]` slice.
-    pub fn new(weight: Tensor, comm: Arc<dyn Communicator>) -> Result<Self> {
-        let rows = weight.dim(0)? as u32;
+    /// `weight` is this rank's slice of the `[vocab, hidden]` table.
+    pub fn new(weight: Tensor, vocab_size: usize, comm: Arc<dyn Communicator>) -> Result<Self> {
+        let chunk = vocab_size.div_ceil(comm.world_size());
         Ok(Self {
-            vocab_start: rows * comm.rank() as u32,
+            vocab_start: (chunk * comm.rank()) as u32,
             weight: weight.to_dtype(DType::F32)?,
             comm,
         })
@@ -228,21 +221,54 @@ impl VocabEmbedding {
             return Ok(self.weight.index_select(&ids, 0)?);
         }
         let rows = self.weight.dim(0)? as u32;
+        let owned = |i: u32| (self.vocab_start..self.vocab_start + rows).contains(&i);
         let local: Vec<u32> = ids
             .iter()
-            .map(|&i| i.wrapping_sub(self.vocab_start).min(rows - 1))
+            .map(|&i| if owned(i) { i - self.vocab_start } else { 0 })
             .collect();
-        let owned: Vec<f32> = ids
-            .iter()
-            .map(|&i| {
-                f32::from(u8::from(
-                    (self.vocab_start..self.vocab_start + rows).contains(&i),
-                ))
-            })
-            .collect();
+        let mask: Vec<f32> = ids.iter().map(|&i| f32::from(u8::from(owned(i)))).collect();
         let x = self.weight.index_select(&Tensor::new(local, dev)?, 0)?;
-        let mask = Tensor::from_vec(owned, (ids.len(), 1), dev)?;
+        let mask = Tensor::from_vec(mask, (ids.len(), 1), dev)?;
         Ok(self.comm.all_reduce_sum(&x.broadcast_mul(&mask)?)?)
+    }
+}
+
+/// The output projection with the vocabulary split across ranks like
+/// [`VocabEmbedding`]: each rank's logits are padded to the common width, all
+/// gathered, and the padding cut off, so every rank holds the full row.
+#[derive(Debug)]
+pub struct ParallelLmHead {
+    weight: Matmul,
+    vocab_size: usize,
+    comm: Arc<dyn Communicator>,
+}
+
+impl ParallelLmHead {
+    pub fn new(weight: Matmul, vocab_size: usize, comm: Arc<dyn Communicator>) -> Self {
+        Self {
+            weight,
+            vocab_size,
+            comm,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = self.weight.forward(x)?;
+        let ws = self.comm.world_size();
+        if ws == 1 {
+            return Ok(logits);
+        }
+        let chunk = self.vocab_size.div_ceil(ws);
+        let have = logits.dim(1)?;
+        let logits = if have < chunk {
+            logits.pad_with_zeros(1, 0, chunk - have)?
+        } else {
+            logits
+        };
+        Ok(self
+            .comm
+            .all_gather(&logits, 1)?
+            .narrow(1, 0, self.vocab_size)?)
     }
 }
 

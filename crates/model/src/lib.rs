@@ -20,7 +20,9 @@ pub use attention::{paged_attention, write_kv};
 pub use config::{config_from_gguf, config_from_hf_json};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
-pub use layers::{ColumnParallelLinear, Matmul, RmsNorm, RowParallelLinear, VocabEmbedding};
+pub use layers::{
+    ColumnParallelLinear, Matmul, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
+};
 pub use llama::{BatchInput, Llama, SeqInfo, StageOutput};
 pub use quant::{Q4_1Matrix, Q8_0Matrix, QuantMatrix};
 pub use rope::Rope;

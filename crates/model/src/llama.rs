@@ -9,7 +9,9 @@ use strata_types::{LayerRange, ModelConfig};
 use crate::attention::{paged_attention, write_kv, Heads};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, LayerKv};
-use crate::layers::{ColumnParallelLinear, RmsNorm, RowParallelLinear, VocabEmbedding};
+use crate::layers::{
+    ColumnParallelLinear, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
+};
 use crate::rope::Rope;
 use crate::weights::{Shard, Weights};
 
@@ -181,10 +183,9 @@ pub struct Llama {
     embed: Option<VocabEmbedding>,
     layers: Vec<DecoderLayer>,
     norm: Option<RmsNorm>,
-    lm_head: Option<ColumnParallelLinear>,
+    lm_head: Option<ParallelLmHead>,
     rope: Rope,
     heads: Heads,
-    comm: Arc<dyn Communicator>,
     device: Device,
 }
 
@@ -214,7 +215,7 @@ impl Llama {
             )));
         }
         let device = Device::Cpu;
-        let vocab_shard = (ws > 1).then(|| Shard::new(0, comm.rank(), ws));
+        let vocab_shard = (ws > 1).then(|| Shard::uneven(0, comm.rank(), ws));
         let is_last = range.is_last(cfg.num_layers);
         // A tied lm_head reuses the embedding matrix, read once; GGUF keeps it
         // quantized for the matmul and dequantizes a copy for lookups.
@@ -223,7 +224,11 @@ impl Llama {
             .then(|| w.matmul("model.embed_tokens.weight", vocab_shard))
             .transpose()?;
         let embed = match (&embed_mm, range.is_first()) {
-            (Some(mm), true) => Some(VocabEmbedding::new(mm.dense()?, comm.clone())?),
+            (Some(mm), true) => Some(VocabEmbedding::new(
+                mm.dense()?,
+                cfg.vocab_size,
+                comm.clone(),
+            )?),
             _ => None,
         };
         let mut layers = Vec::with_capacity(range.len());
@@ -239,7 +244,7 @@ impl Llama {
             };
             (
                 Some(RmsNorm::load(w, "model.norm.weight", cfg.rms_norm_eps)?),
-                Some(ColumnParallelLinear::from_matmul(head)),
+                Some(ParallelLmHead::new(head, cfg.vocab_size, comm.clone())),
             )
         } else {
             (None, None)
@@ -262,7 +267,6 @@ impl Llama {
             layers,
             norm,
             lm_head,
-            comm,
             device,
         })
     }
@@ -333,8 +337,7 @@ impl Llama {
             (Some(norm), Some(head)) => {
                 let idx = Tensor::new(input.logits_indices, &self.device)?;
                 let rows = norm.forward(&x.index_select(&idx, 0)?)?;
-                let logits = self.comm.all_gather(&head.forward(&rows)?, 1)?;
-                Ok(StageOutput::Logits(logits))
+                Ok(StageOutput::Logits(head.forward(&rows)?))
             }
             _ => Ok(StageOutput::Hidden(x)),
         }

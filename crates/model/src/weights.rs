@@ -25,6 +25,9 @@ pub struct Shard {
     pub dim: usize,
     pub rank: usize,
     pub world_size: usize,
+    /// Allow a length that does not divide: each rank takes `ceil(len / ws)`
+    /// and the last ones get what is left (the vocabulary; its users pad).
+    pub uneven: bool,
 }
 
 impl Shard {
@@ -37,11 +40,25 @@ impl Shard {
             dim,
             rank,
             world_size,
+            uneven: false,
+        }
+    }
+
+    /// A shard of a dimension that need not divide (see `uneven`).
+    pub fn uneven(dim: usize, rank: usize, world_size: usize) -> Self {
+        Self {
+            uneven: true,
+            ..Self::new(dim, rank, world_size)
         }
     }
 
     /// The half-open range of `len` that this shard owns.
-    fn range(&self, name: &str, len: usize) -> Result<(usize, usize)> {
+    pub fn range(&self, name: &str, len: usize) -> Result<(usize, usize)> {
+        if self.uneven {
+            let chunk = len.div_ceil(self.world_size);
+            let lo = (self.rank * chunk).min(len);
+            return Ok((lo, (lo + chunk).min(len)));
+        }
         if !len.is_multiple_of(self.world_size) {
             return Err(Error::BadWeight {
                 name: name.into(),
