@@ -238,6 +238,28 @@ fn print(name: &str, f: &Figures, streams: usize) {
     );
 }
 
+/// Starts one server, measures it, prints its line, and stops it.
+async fn bench_server(
+    name: &'static str,
+    mut cmd: Command,
+    port: u16,
+    args: &Args,
+) -> Result<Figures> {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let s = Server {
+        name,
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let f = measure(&s, args).await?;
+    print(s.name, &f, args.streams);
+    Ok(f)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -280,67 +302,48 @@ async fn main() -> Result<()> {
     let mut results = Vec::new();
     {
         let port = free_port();
-        let child = Command::new(&args.strata)
-            .args([
-                "serve",
-                "--model",
-                &model,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .args([
-                "--threads",
-                &args.threads.to_string(),
-                "--enable-prefix-caching",
-                "false",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting strata")?;
-        let s = Server {
-            name: "strata",
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        let f = measure(&s, &args).await?;
-        print(s.name, &f, args.streams);
-        results.push((s.name, f));
+        let mut cmd = Command::new(&args.strata);
+        cmd.args([
+            "serve",
+            "--model",
+            &model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .args([
+            "--threads",
+            &args.threads.to_string(),
+            "--enable-prefix-caching",
+            "false",
+        ]);
+        results.push(("strata", bench_server("strata", cmd, port, &args).await?));
     }
     if let Some(py) = &args.llama_cpp_python {
         let port = free_port();
-        let child = Command::new(py)
-            .args([
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                &model,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .args([
-                "--n_threads",
-                &args.threads.to_string(),
-                "--n_threads_batch",
-                &args.threads.to_string(),
-            ])
-            .args(["--n_ctx", "4096"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting llama_cpp.server")?;
-        let s = Server {
-            name: "llama.cpp",
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        let f = measure(&s, &args).await?;
-        print(s.name, &f, args.streams);
-        results.push((s.name, f));
+        let mut cmd = Command::new(py);
+        cmd.args([
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            &model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .args([
+            "--n_threads",
+            &args.threads.to_string(),
+            "--n_threads_batch",
+            &args.threads.to_string(),
+        ])
+        .args(["--n_ctx", "4096"]);
+        results.push((
+            "llama.cpp",
+            bench_server("llama.cpp", cmd, port, &args).await?,
+        ));
     }
     if let [(_, a), (_, b)] = &results[..] {
         println!(

@@ -441,14 +441,7 @@ async fn a_full_queue_answers_429_and_recovers() {
         "Count to one thousand.",
         json!({"max_tokens": 400, "ignore_eos": true, "stream": true}),
     );
-    let r = s
-        .client
-        .post(s.url("/v1/chat/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
-    let mut body = r.bytes_stream();
+    let mut body = s.open_stream(&long).await;
     body.next().await.unwrap().unwrap();
     let (st, v) = s.post("/v1/chat/completions", &chat("x", json!({}))).await;
     assert_eq!(st, 429, "{v}");
@@ -466,14 +459,7 @@ async fn a_disconnected_client_frees_its_blocks() {
         "Write a long story.",
         json!({"max_tokens": 2000, "ignore_eos": true, "stream": true}),
     );
-    let r = s
-        .client
-        .post(s.url("/v1/chat/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
-    let mut body = r.bytes_stream();
+    let mut body = s.open_stream(&long).await;
     body.next().await.unwrap().unwrap();
     body.next().await.unwrap().unwrap();
     assert_eq!(s.metric("strata_num_requests_running").await, 1);

@@ -102,6 +102,23 @@ impl Server {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Starts a streamed chat completion and returns its unread body, so a
+    /// test can hold the request open or walk away from it.
+    pub async fn open_stream(
+        &self,
+        body: &Value,
+    ) -> impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> {
+        let r = self
+            .client
+            .post(self.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes_stream()
+    }
+
     /// POSTs a streaming request and parses the SSE events with a real SSE
     /// parser; returns each event's data.
     pub async fn stream(&self, path: &str, body: &Value) -> Vec<String> {
