@@ -5,8 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use strata_engine::{ensure_demo_model, load_engine, LoadOptions, DEMO_MODEL_NAME};
+use strata_engine::{
+    ensure_demo_model, load_engine, ClusterOptions, ClusterState, LoadOptions, DEMO_MODEL_NAME,
+};
 use strata_server::AppState;
+use strata_worker::{run_worker, WorkerOptions};
+
+mod launch;
 
 #[derive(Parser)]
 #[command(
@@ -60,14 +65,43 @@ struct ServeArgs {
     /// Requests admitted (running or waiting) before new ones get 429.
     #[arg(long, default_value_t = 256)]
     max_pending_requests: usize,
-    /// Pipeline stages to cut the model into. Today every stage runs in this
-    /// process, one after another; stages on other hosts come next.
-    #[arg(long, default_value_t = 1)]
-    pipeline_parallel_size: usize,
-    /// Tensor-parallel ranks per stage; must divide the model's KV heads.
-    /// Today the ranks are threads of this process; other processes come next.
-    #[arg(long, default_value_t = 1)]
-    tensor_parallel_size: usize,
+    /// Pipeline stages to cut the model into (default: one per node).
+    #[arg(long)]
+    pipeline_parallel_size: Option<usize>,
+    /// Tensor-parallel ranks per stage; must divide the model's KV heads
+    /// (default 1: a CPU counts as one device).
+    #[arg(long)]
+    tensor_parallel_size: Option<usize>,
+    /// Processes (hosts, pods) in the cluster; node 0 is the leader.
+    #[arg(long, env = "STRATA_NNODES")]
+    nnodes: Option<usize>,
+    /// This node's rank (default: from POD_INDEX, LWS_WORKER_INDEX or the
+    /// hostname's ordinal suffix).
+    #[arg(long, env = "STRATA_NODE_RANK")]
+    node_rank: Option<usize>,
+    /// The leader's cluster address, HOST[:PORT] (default port 29500). The
+    /// leader listens on its port. Default: LWS_LEADER_ADDRESS, or pod 0 of
+    /// this StatefulSet (`<set>-0.<headless service>`).
+    #[arg(long, env = "STRATA_LEADER_ADDR")]
+    leader_addr: Option<String>,
+    /// The headless Service of the StatefulSet, for the default leader address.
+    #[arg(long, env = "STRATA_HEADLESS_SERVICE")]
+    headless_service: Option<String>,
+    /// A shared secret every connection between nodes must present.
+    #[arg(long, env = "STRATA_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: Option<String>,
+    /// Seconds to wait for the other nodes (to join, load, connect) before
+    /// giving up with a message naming the missing ones.
+    #[arg(long, default_value_t = 600)]
+    cluster_timeout: u64,
+    /// Port of a worker's gRPC service (0: any free port; the leader learns it
+    /// when the worker joins).
+    #[arg(long, default_value_t = 0)]
+    worker_port: u16,
+    /// The address other nodes reach this worker at (default: this host's
+    /// address on the route to the leader).
+    #[arg(long)]
+    advertise_host: Option<String>,
     /// Require `Authorization: Bearer <key>` on every /v1 call.
     #[arg(long, env = "STRATA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -114,6 +148,13 @@ fn main() -> Result<()> {
     }
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
@@ -125,6 +166,15 @@ fn serve(args: ServeArgs) -> Result<()> {
     {
         bail!("--max-num-seqs, --max-num-batched-tokens and --max-pending-requests must be at least 1");
     }
+    let flags = launch::LaunchFlags {
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        leader_addr: args.leader_addr.clone(),
+        headless_service: args.headless_service.clone(),
+    };
+    let role = launch::resolve(&flags, &|k| std::env::var(k).ok(), &hostname())?;
+    let token = args.cluster_token.clone().unwrap_or_default();
+    let timeout = std::time::Duration::from_secs(args.cluster_timeout);
     let (model, default_name) = match &args.model {
         Some(p) => {
             let name = p
@@ -135,6 +185,51 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         None => (ensure_demo_model()?, DEMO_MODEL_NAME.to_string()),
     };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    if role.nnodes > 1 {
+        tracing::info!(
+            "node {} of {} (rank from {}), leader at {}",
+            role.node_rank,
+            role.nnodes,
+            role.source,
+            role.leader_addr.as_deref().unwrap_or("-")
+        );
+    }
+    if role.node_rank > 0 {
+        let opts = WorkerOptions {
+            node_rank: role.node_rank,
+            nnodes: role.nnodes,
+            leader_addr: role.leader_addr.expect("resolved for workers"),
+            model,
+            host: args.host,
+            port: args.worker_port,
+            advertise_host: args.advertise_host,
+            token,
+            timeout,
+        };
+        return rt.block_on(run_worker(opts)).map_err(Into::into);
+    }
+
+    let cluster_state = ClusterState::new(role.nnodes);
+    let cluster = (role.nnodes > 1).then(|| {
+        let port = role
+            .leader_addr
+            .as_deref()
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(launch::DEFAULT_CLUSTER_PORT);
+        ClusterOptions {
+            nnodes: role.nnodes,
+            listen: SocketAddr::new(args.host, port),
+            token,
+            timeout,
+            runtime: rt.handle().clone(),
+            state: cluster_state.clone(),
+        }
+    });
     let opts = LoadOptions {
         model,
         max_model_len: args.max_model_len,
@@ -143,30 +238,38 @@ fn serve(args: ServeArgs) -> Result<()> {
         kv_cache_bytes: args.kv_cache_memory,
         enable_prefix_caching: args.enable_prefix_caching,
         max_pending_requests: args.max_pending_requests,
-        pipeline_parallel_size: args.pipeline_parallel_size,
-        tensor_parallel_size: args.tensor_parallel_size,
+        pipeline_parallel_size: args.pipeline_parallel_size.unwrap_or(role.nnodes),
+        tensor_parallel_size: args.tensor_parallel_size.unwrap_or(1),
+        cluster,
     };
-    let (engine, info) = load_engine(&opts)?;
-    let state = AppState {
-        engine,
-        info,
-        served_model_name: args.served_model_name.unwrap_or(default_name),
-        api_key: args.api_key.filter(|k| !k.is_empty()),
-        started: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+    let served_model_name = args.served_model_name.unwrap_or(default_name);
+    let api_key = args.api_key.filter(|k| !k.is_empty());
+    let state = cluster_state.clone();
+    let ready = async move {
+        let (engine, info) = tokio::task::spawn_blocking(move || load_engine(&opts))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        state.set_loaded(0);
+        tracing::info!("serving model `{served_model_name}`");
+        Ok(AppState {
+            engine,
+            info,
+            cluster: state,
+            served_model_name,
+            api_key,
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
     };
-    tracing::info!("serving model `{}`", state.served_model_name);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     rt.block_on(strata_server::serve(
-        state,
         SocketAddr::new(args.host, args.port),
+        cluster_state,
+        ready,
         shutdown_signal(),
-    ))?;
-    Ok(())
+    ))
+    .map_err(anyhow::Error::msg)
 }
 
 async fn shutdown_signal() {

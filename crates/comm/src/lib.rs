@@ -5,6 +5,7 @@
 //! 1 ([`SingleRank`]) makes every collective the identity, so one code path
 //! serves one device and many.
 
+mod hello;
 mod tcp;
 mod thread;
 mod transport;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::Communicator;
+use crate::{hello, Communicator};
 
 const MAGIC: &[u8; 8] = b"strataTP";
 
@@ -37,6 +37,25 @@ impl TcpComm {
     /// (retrying until `timeout`, so ranks may start in any order) and
     /// accepts the previous one.
     pub fn connect(rank: usize, addrs: &[SocketAddr], timeout: Duration) -> Result<Self> {
+        let Some(&own) = addrs.get(rank) else {
+            return Err(err(format!(
+                "rank {rank} outside a ring of {}",
+                addrs.len()
+            )));
+        };
+        let listener = TcpListener::bind(own).map_err(|e| err(format!("binding {own}: {e}")))?;
+        Self::join(rank, listener, addrs, "", timeout)
+    }
+
+    /// Joins the ring on a listener bound beforehand (its address announced
+    /// as `addrs[rank]`); every link presents and checks the cluster `token`.
+    pub fn join(
+        rank: usize,
+        listener: TcpListener,
+        addrs: &[SocketAddr],
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Self> {
         let world_size = addrs.len();
         if rank >= world_size {
             return Err(err(format!("rank {rank} outside a ring of {world_size}")));
@@ -48,19 +67,18 @@ impl TcpComm {
                 links: None,
             });
         }
-        let listener = TcpListener::bind(addrs[rank])
-            .map_err(|e| err(format!("binding {}: {e}", addrs[rank])))?;
         let next_rank = (rank + 1) % world_size;
+        let prev_rank = (rank + world_size - 1) % world_size;
         let deadline = Instant::now() + timeout;
         // Connect in a helper thread while this one accepts: every rank does
         // both, so doing them in turn could deadlock.
         let next_addr = addrs[next_rank];
+        let own_token = token.to_string();
         let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
             loop {
                 match TcpStream::connect(next_addr) {
                     Ok(mut s) => {
-                        s.write_all(MAGIC)?;
-                        s.write_all(&(rank as u64).to_le_bytes())?;
+                        hello::send(&mut s, MAGIC, rank as u64, &own_token)?;
                         return Ok(s);
                     }
                     Err(e) if Instant::now() >= deadline => return Err(e),
@@ -71,16 +89,16 @@ impl TcpComm {
         listener.set_nonblocking(true).map_err(err)?;
         let prev = loop {
             match listener.accept() {
-                Ok((mut s, _)) => {
+                Ok((mut s, peer)) => {
                     s.set_nonblocking(false).map_err(err)?;
-                    let mut hello = [0u8; 16];
-                    s.read_exact(&mut hello)
-                        .map_err(|e| err(format!("handshake: {e}")))?;
-                    let from = u64::from_le_bytes(hello[8..].try_into().expect("8 bytes")) as usize;
-                    if &hello[..8] != MAGIC || from != (rank + world_size - 1) % world_size {
-                        return Err(err(format!("rank {rank} expected its previous rank, got a connection claiming rank {from}")));
+                    match hello::receive(&mut s, MAGIC, token) {
+                        Ok(from) if from as usize == prev_rank => break s,
+                        Ok(from) => {
+                            return Err(err(format!("rank {rank} expected its previous rank, got a connection claiming rank {from}")))
+                        }
+                        // A stranger or a wrong token: refuse it, keep waiting.
+                        Err(e) => tracing::warn!("tensor-parallel ring: refused {peer}: {e}"),
                     }
-                    break s;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::hello;
+
 const MAGIC: &[u8; 4] = b"STRA";
+/// Opens every data-plane connection (see `hello`).
+const HELLO: &[u8; 8] = b"strataDP";
 const VERSION: u8 = 1;
 /// Frames above this are refused rather than allocated (4 GiB).
 const MAX_PAYLOAD: u64 = 4 << 30;
@@ -45,12 +49,16 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
-    /// Connects to the next stage, retrying until `timeout` (it may start later).
-    pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self> {
+    /// Connects to the next stage as node `rank`, retrying until `timeout`
+    /// (it may start later), and presents the cluster token.
+    pub fn connect(addr: SocketAddr, rank: u64, token: &str, timeout: Duration) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         loop {
             match TcpStream::connect(addr) {
-                Ok(s) => return Self::from_stream(s),
+                Ok(mut s) => {
+                    hello::send(&mut s, HELLO, rank, token).map_err(err)?;
+                    return Self::from_stream(s);
+                }
                 Err(e) if Instant::now() >= deadline => {
                     return Err(err(format!(
                         "could not reach {addr} within {timeout:?}: {e}"
@@ -61,10 +69,32 @@ impl TcpTransport {
         }
     }
 
-    /// Accepts the previous stage's connection.
-    pub fn accept(listener: &TcpListener) -> Result<Self> {
-        let (s, _) = listener.accept().map_err(err)?;
-        Self::from_stream(s)
+    /// Accepts the previous stage's connection, waiting up to `timeout`, and
+    /// refuses callers without the cluster token. Returns the caller's rank.
+    pub fn accept(listener: &TcpListener, token: &str, timeout: Duration) -> Result<(Self, u64)> {
+        let deadline = Instant::now() + timeout;
+        listener.set_nonblocking(true).map_err(err)?;
+        loop {
+            match listener.accept() {
+                Ok((mut s, peer)) => {
+                    s.set_nonblocking(false).map_err(err)?;
+                    match hello::receive(&mut s, HELLO, token) {
+                        Ok(rank) => return Ok((Self::from_stream(s)?, rank)),
+                        // A stranger or a wrong token: refuse it, keep waiting.
+                        Err(e) => tracing::warn!("data plane: refused {peer}: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(err(format!(
+                            "the previous stage did not connect within {timeout:?}"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
     }
 
     fn from_stream(stream: TcpStream) -> Result<Self> {
@@ -197,14 +227,34 @@ impl TcpTransport {
 mod tests {
     use super::*;
 
+    const T: Duration = Duration::from_secs(5);
+
     fn pair() -> (TcpTransport, TcpTransport) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let tx = std::thread::spawn(move || {
-            TcpTransport::connect(addr, Duration::from_secs(5)).unwrap()
-        });
-        let rx = TcpTransport::accept(&listener).unwrap();
+        let tx = std::thread::spawn(move || TcpTransport::connect(addr, 3, "s3cret", T).unwrap());
+        let (rx, rank) = TcpTransport::accept(&listener, "s3cret", T).unwrap();
+        assert_eq!(rank, 3);
         (tx.join().unwrap(), rx)
+    }
+
+    #[test]
+    fn a_wrong_token_is_refused_and_the_right_one_still_admitted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let callers = std::thread::spawn(move || {
+            let mut bad = TcpTransport::connect(addr, 1, "guess", T).unwrap();
+            let t = Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
+            // The listener drops the stranger: its frames go nowhere.
+            let _ = bad.send(0, &t);
+            TcpTransport::connect(addr, 2, "s3cret", T).unwrap()
+        });
+        let (_rx, rank) = TcpTransport::accept(&listener, "s3cret", T).unwrap();
+        assert_eq!(rank, 2);
+        callers.join().unwrap();
+        // Nobody else calls: the wait ends with a clear error.
+        let e = TcpTransport::accept(&listener, "s3cret", Duration::from_millis(50)).unwrap_err();
+        assert!(e.to_string().contains("did not connect"), "{e}");
     }
 
     #[test]

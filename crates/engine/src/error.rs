@@ -37,6 +37,8 @@ pub enum EngineError {
     Stopped(String),
     #[error("execution failed: {0}")]
     Execution(String),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

@@ -1,129 +1,111 @@
-//! Runs a step on the stages. The engine loop only sees [`Executor`], so the
-//! in-process stages here and remote stages (over gRPC) are interchangeable.
+//! Runs a step on the stages. The engine loop only sees [`Executor`]; the
+//! one implementation runs this node's stages in-process and, in a cluster,
+//! streams the same step to every worker node.
 
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::mpsc;
+use std::time::Duration;
 
-use candle_core::Tensor;
+use strata_proto::v1::{self as pb, execute_request::Kind};
 use strata_types::{SchedulerOutput, StepResult};
-use strata_worker::{ModelRunner, RunnerError, StageResult};
+use strata_worker::NodeStages;
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::{EngineError, Result};
+
+/// How long a step may take on a worker before the leader gives up on it.
+const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub trait Executor: Send {
     fn execute(&mut self, out: &SchedulerOutput) -> Result<StepResult>;
 }
 
-/// One pipeline stage in this process: a single runner, or its
-/// tensor-parallel ranks on threads of their own.
-pub enum LocalStage {
-    Single(Box<ModelRunner>),
-    Parallel(TpStage),
+/// A worker node's end of the step stream, as the leader sees it.
+pub(crate) struct RemoteNode {
+    pub rank: usize,
+    pub tx: UnboundedSender<pb::ExecuteRequest>,
+    pub rx: mpsc::Receiver<std::result::Result<pb::StepReply, String>>,
 }
 
-impl LocalStage {
-    fn execute(&mut self, out: &SchedulerOutput, hidden: Option<Tensor>) -> Result<StageResult> {
-        match self {
-            LocalStage::Single(r) => r.execute(out, hidden).map_err(runner_error),
-            LocalStage::Parallel(tp) => tp.execute(out, hidden),
+/// The leader's stages plus every worker node's. Each step goes to all of
+/// them; activations flow node to node on the data plane, and the node that
+/// runs the last stage's first rank answers with the sampled tokens.
+pub struct PipelineExecutor {
+    local: NodeStages,
+    remotes: Vec<RemoteNode>,
+    /// The node whose reply carries the sampled tokens (0: this one).
+    result_node: usize,
+}
+
+impl PipelineExecutor {
+    /// Every stage in this process.
+    pub fn local(local: NodeStages) -> Self {
+        Self {
+            local,
+            remotes: Vec::new(),
+            result_node: 0,
+        }
+    }
+
+    pub(crate) fn cluster(local: NodeStages, remotes: Vec<RemoteNode>, result_node: usize) -> Self {
+        Self {
+            local,
+            remotes,
+            result_node,
         }
     }
 }
 
-fn runner_error(e: RunnerError) -> EngineError {
-    EngineError::Execution(e.to_string())
+fn exec_err(msg: impl Into<String>) -> EngineError {
+    EngineError::Execution(msg.into())
 }
 
-/// Every stage in this process, in pipeline order: each step runs them one
-/// after another, handing hidden states down the pipeline.
-pub struct LocalExecutor {
-    stages: Vec<LocalStage>,
-}
-
-impl LocalExecutor {
-    pub fn new(stages: Vec<LocalStage>) -> Self {
-        assert!(!stages.is_empty(), "an executor needs a stage");
-        Self { stages }
-    }
-}
-
-impl Executor for LocalExecutor {
+impl Executor for PipelineExecutor {
     fn execute(&mut self, out: &SchedulerOutput) -> Result<StepResult> {
-        let mut hidden = None;
-        let last = self.stages.len() - 1;
-        for (i, stage) in self.stages.iter_mut().enumerate() {
-            match stage.execute(out, hidden.take())? {
-                StageResult::Hidden(h) if i < last => hidden = h,
-                StageResult::Sampled(r) if i == last => return Ok(r),
-                _ => {
-                    return Err(EngineError::Execution(format!(
-                        "stage {i} of {} answered out of turn",
-                        last + 1
-                    )))
+        let step = out.step_id;
+        if !self.remotes.is_empty() {
+            let msg = pb::SchedulerOutput::from(out);
+            for r in &self.remotes {
+                r.tx.send(pb::ExecuteRequest {
+                    kind: Some(Kind::Step(msg.clone())),
+                })
+                .map_err(|_| exec_err(format!("node {}: the step stream is closed", r.rank)))?;
+            }
+        }
+        let mut first_error = None;
+        let mut result = match self.local.execute(out) {
+            Ok(r) => r,
+            Err(e) => {
+                first_error = Some(exec_err(e.to_string()));
+                None
+            }
+        };
+        // Collect every node's answer, even after a failure, so the streams
+        // stay in step.
+        for r in &self.remotes {
+            let reply = match r.rx.recv_timeout(STEP_TIMEOUT) {
+                Ok(Ok(reply)) if !reply.error.is_empty() => Err(exec_err(reply.error)),
+                Ok(Ok(reply)) if reply.step_id != step => Err(exec_err(format!(
+                    "node {} answered step {} while step {step} ran",
+                    r.rank, reply.step_id
+                ))),
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(e)) => Err(exec_err(e)),
+                Err(_) => Err(exec_err(format!(
+                    "node {} did not answer step {step} within {STEP_TIMEOUT:?}",
+                    r.rank
+                ))),
+            };
+            match reply {
+                Ok(reply) if r.rank == self.result_node => result = reply.result.map(Into::into),
+                Ok(_) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        unreachable!("the last stage returns or fails")
-    }
-}
-
-type Job = (Arc<SchedulerOutput>, Option<Tensor>);
-type JobResult = std::result::Result<StageResult, RunnerError>;
-
-/// A stage's tensor-parallel ranks, each a thread owning its runner (its
-/// shard of the weights and of the KV cache). Every rank runs every step on
-/// the same input; their collectives meet inside the model, and since the
-/// logits are gathered on all of them, rank 0's result speaks for the stage.
-pub struct TpStage {
-    ranks: Vec<(mpsc::Sender<Job>, mpsc::Receiver<JobResult>)>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl TpStage {
-    pub fn new(runners: Vec<ModelRunner>) -> Self {
-        let mut ranks = Vec::new();
-        let mut threads = Vec::new();
-        for (rank, mut runner) in runners.into_iter().enumerate() {
-            let (job_tx, job_rx) = mpsc::channel::<Job>();
-            let (res_tx, res_rx) = mpsc::channel();
-            let t = std::thread::Builder::new()
-                .name(format!("strata-tp{rank}"))
-                .spawn(move || {
-                    for (out, hidden) in job_rx {
-                        if res_tx.send(runner.execute(&out, hidden)).is_err() {
-                            return;
-                        }
-                    }
-                })
-                .expect("spawning a tensor-parallel rank");
-            ranks.push((job_tx, res_rx));
-            threads.push(t);
+        if let Some(e) = first_error {
+            return Err(e);
         }
-        Self { ranks, threads }
-    }
-
-    fn execute(&mut self, out: &SchedulerOutput, hidden: Option<Tensor>) -> Result<StageResult> {
-        let gone = || EngineError::Execution("a tensor-parallel rank thread has exited".into());
-        let out = Arc::new(out.clone());
-        for (tx, _) in &self.ranks {
-            tx.send((out.clone(), hidden.clone())).map_err(|_| gone())?;
-        }
-        // Wait for every rank, so none runs ahead into the next step.
-        let mut results = Vec::with_capacity(self.ranks.len());
-        for (_, rx) in &self.ranks {
-            results.push(rx.recv().map_err(|_| gone())?);
-        }
-        let first = results.into_iter().next().expect("at least one rank");
-        first.map_err(runner_error)
-    }
-}
-
-impl Drop for TpStage {
-    fn drop(&mut self) {
-        // Closing the job channels ends the rank threads.
-        self.ranks.clear();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        result.ok_or_else(|| exec_err(format!("no node sampled step {step}")))
     }
 }

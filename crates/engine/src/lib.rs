@@ -3,6 +3,7 @@
 //! (tokenizer, chat template, incremental detokenizer with stop strings).
 
 mod chat;
+mod cluster;
 mod demo;
 mod detokenizer;
 mod engine;
@@ -12,6 +13,7 @@ mod load;
 mod tokenizer;
 
 pub use chat::ChatTemplate;
+pub use cluster::{ClusterOptions, ClusterState};
 pub use demo::{cache_dir, ensure_demo_model, DEMO_MODEL_NAME};
 pub use detokenizer::IncrementalDetokenizer;
 pub use engine::{
@@ -19,6 +21,6 @@ pub use engine::{
     RequestOutput,
 };
 pub use error::{EngineError, Result};
-pub use executor::{Executor, LocalExecutor, LocalStage, TpStage};
+pub use executor::{Executor, PipelineExecutor};
 pub use load::{load_engine, GenerationDefaults, LoadOptions, ModelInfo};
 pub use tokenizer::Tokenizer;

@@ -1,20 +1,20 @@
 //! From a path on disk to a running engine: weights, config, tokenizer,
 //! generation defaults, KV cache sizing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
 use serde_json::Value as Json;
-use strata_comm::{Communicator, SingleRank, ThreadComm};
-use strata_model::{config_from_gguf, config_from_hf_json, Llama, WeightFormat, Weights};
-use strata_types::{LayerRange, ModelConfig, TokenId, BLOCK_SIZE};
-use strata_worker::ModelRunner;
+use strata_model::{WeightFormat, Weights};
+use strata_types::{ClusterLayout, LayerRange, ModelConfig, TokenId, BLOCK_SIZE};
+use strata_worker::{Links, LoadedNode};
 
+use crate::cluster::ClusterOptions;
 use crate::engine::{start_engine, EngineConfig, EngineHandle};
 use crate::error::{EngineError, Result};
-use crate::executor::{LocalExecutor, LocalStage, TpStage};
+use crate::executor::PipelineExecutor;
 use crate::tokenizer::{read_json, Tokenizer};
 
 #[derive(Debug, Clone)]
@@ -29,10 +29,13 @@ pub struct LoadOptions {
     pub kv_cache_bytes: u64,
     pub enable_prefix_caching: bool,
     pub max_pending_requests: usize,
-    /// Pipeline stages to cut the model into (all in this process for now).
+    /// Pipeline stages to cut the model into.
     pub pipeline_parallel_size: usize,
-    /// Tensor-parallel ranks per stage (threads of this process for now).
+    /// Tensor-parallel ranks per stage.
     pub tensor_parallel_size: usize,
+    /// `None`: every stage runs in this process. Otherwise this process is
+    /// the leader (node 0) of a cluster and the stages are spread over it.
+    pub cluster: Option<ClusterOptions>,
 }
 
 /// Sampling defaults from `generation_config.json`, used when a request
@@ -76,31 +79,16 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         )));
     }
     let weights = Weights::open(path, &Device::Cpu)?;
-    let (config, tokenizer, defaults) = match weights.format() {
-        WeightFormat::Gguf => {
-            let md = weights.gguf_metadata().expect("GGUF has metadata");
-            let cfg = config_from_gguf(md, weights.contains("lm_head.weight"))?;
-            (
-                cfg,
-                Tokenizer::from_gguf(md)?,
-                GenerationDefaults::default(),
-            )
-        }
-        WeightFormat::Safetensors => {
-            let dir = if path.is_dir() {
-                path.as_path()
-            } else {
-                path.parent().unwrap_or(Path::new("."))
-            };
-            let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
-                EngineError::Model(format!("{}: {e}", dir.join("config.json").display()))
-            })?;
-            let cfg = config_from_hf_json(&text)?;
+    let config = weights.config()?;
+    let (tokenizer, defaults) = match weights.gguf_metadata() {
+        Some(md) => (Tokenizer::from_gguf(md)?, GenerationDefaults::default()),
+        None => {
+            let dir = weights.folder();
+            let raw = read_json(&dir.join("config.json"))?.unwrap_or(Json::Null);
             let gen = read_json(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
-            let raw: Json = serde_json::from_str(&text).unwrap_or(Json::Null);
             let mut eos = token_ids(&raw["eos_token_id"]);
             eos.extend(token_ids(&gen["eos_token_id"]));
-            (cfg, Tokenizer::from_hf_dir(dir, &eos)?, defaults_from(&gen))
+            (Tokenizer::from_hf_dir(dir, &eos)?, defaults_from(&gen))
         }
     };
     if tokenizer.vocab_size() > config.vocab_size {
@@ -110,11 +98,14 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
             config.vocab_size
         );
     }
-    let pp = opts.pipeline_parallel_size;
-    if pp == 0 || pp > config.num_layers {
+    let (pp, tp) = (opts.pipeline_parallel_size, opts.tensor_parallel_size);
+    let nnodes = opts.cluster.as_ref().map_or(1, |c| c.nnodes);
+    let layout =
+        ClusterLayout::new(nnodes, pp, tp, config.num_layers).map_err(EngineError::Model)?;
+    if !config.num_kv_heads.is_multiple_of(tp) {
         return Err(EngineError::Model(format!(
-            "--pipeline-parallel-size {pp} must be between 1 and the model's {} layers",
-            config.num_layers
+            "--tensor-parallel-size {tp} must divide the model's {} KV heads",
+            config.num_kv_heads
         )));
     }
     tracing::info!(
@@ -137,12 +128,27 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         }
     };
 
-    // Size the cache before loading so a bad budget fails fast.
-    let bytes_per_block = strata_model::KvCache::bytes_per_block(
-        config.num_layers,
-        config.num_kv_heads,
-        config.head_dim,
-    );
+    // Size the cache before loading so a bad budget fails fast: every node
+    // gets the same budget for its own layers, and the engine schedules over
+    // the fewest blocks any node holds.
+    let bytes_per_block = layout
+        .nodes
+        .iter()
+        .map(|n| {
+            n.slots
+                .iter()
+                .map(|s| {
+                    s.tp_rank_count
+                        * strata_model::KvCache::bytes_per_block(
+                            s.layers.len(),
+                            config.num_kv_heads / tp,
+                            config.head_dim,
+                        )
+                })
+                .sum::<usize>()
+        })
+        .max()
+        .expect("at least one node");
     let num_blocks = (opts.kv_cache_bytes / bytes_per_block as u64) as usize;
     let capacity = num_blocks * BLOCK_SIZE;
     if num_blocks == 0 {
@@ -170,29 +176,37 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         }
         None => config.max_position_embeddings,
     };
-    let tp = opts.tensor_parallel_size;
-    if tp == 0 {
-        return Err(EngineError::Model(
-            "--tensor-parallel-size must be at least 1".into(),
-        ));
-    }
-    let mut stages = Vec::with_capacity(pp);
-    for range in LayerRange::split(config.num_layers, pp) {
-        let load = |comm: Arc<dyn Communicator>, progress: &mut dyn FnMut(usize, LayerRange)| {
-            let model = Llama::load(&weights, &config, range, comm, max_model_len, progress)?;
-            Ok::<_, EngineError>(ModelRunner::new(model, num_blocks))
-        };
-        let stage = if tp == 1 {
-            LocalStage::Single(Box::new(load(Arc::new(SingleRank), &mut progress)?))
-        } else {
-            let runners = ThreadComm::group(tp)
-                .into_iter()
-                .map(|comm| load(Arc::new(comm), &mut progress))
-                .collect::<Result<Vec<_>>>()?;
-            LocalStage::Parallel(TpStage::new(runners))
-        };
-        stages.push(stage);
-    }
+    let (executor, num_blocks) = match &opts.cluster {
+        None => {
+            let node = LoadedNode::load(
+                &weights,
+                &config,
+                &layout.nodes[0].slots,
+                None,
+                max_model_len,
+                &mut progress,
+            )
+            .map_err(|e| EngineError::Model(e.to_string()))?;
+            let stages = node.start(num_blocks, Links::default());
+            (PipelineExecutor::local(stages), num_blocks)
+        }
+        Some(cluster) => {
+            let formed = crate::cluster::form(
+                cluster,
+                &layout,
+                &weights,
+                &config,
+                opts.kv_cache_bytes,
+                max_model_len,
+                &mut progress,
+            )?;
+            (
+                PipelineExecutor::cluster(formed.local, formed.remotes, layout.result_node()),
+                formed.num_blocks,
+            )
+        }
+    };
+    let capacity = num_blocks * BLOCK_SIZE;
     let weight_bytes = weights.bytes_read();
     tracing::info!(
         "model loaded in {:.1}s ({:.1} MiB of weights); KV cache: {num_blocks} blocks of {BLOCK_SIZE} tokens \
@@ -211,7 +225,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     };
     let handle = start_engine(
         engine_cfg,
-        Box::new(LocalExecutor::new(stages)),
+        Box::new(executor),
         Arc::new(tokenizer),
         config.vocab_size,
     );

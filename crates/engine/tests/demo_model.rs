@@ -34,6 +34,7 @@ fn engine() -> &'static EngineHandle {
             max_pending_requests: 64,
             pipeline_parallel_size: 1,
             tensor_parallel_size: 1,
+            cluster: None,
         };
         load_engine(&opts).unwrap().0
     })

@@ -19,6 +19,7 @@ fn generation_config_supplies_defaults_and_eos() {
         max_pending_requests: 8,
         pipeline_parallel_size: 1,
         tensor_parallel_size: 1,
+        cluster: None,
     })
     .unwrap();
     assert_eq!(

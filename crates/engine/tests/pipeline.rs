@@ -22,6 +22,7 @@ fn engine(
         max_pending_requests: 16,
         pipeline_parallel_size,
         tensor_parallel_size,
+        cluster: None,
     };
     load_engine(&opts).unwrap().0
 }
@@ -99,6 +100,7 @@ fn more_stages_than_layers_is_refused() {
         max_pending_requests: 1,
         pipeline_parallel_size: 31,
         tensor_parallel_size: 1,
+        cluster: None,
     };
     let e = load_engine(&opts).err().unwrap().to_string();
     assert!(e.contains("between 1 and the model's 30 layers"), "{e}");

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
+use strata_types::ModelConfig;
 
 use crate::error::{Error, Result};
 use crate::layers::Matmul;
@@ -189,6 +190,30 @@ impl Weights {
         &self.path
     }
 
+    /// The folder that holds `config.json` and the tokenizer files.
+    pub fn folder(&self) -> &Path {
+        if self.path.is_dir() {
+            &self.path
+        } else {
+            self.path.parent().unwrap_or(Path::new("."))
+        }
+    }
+
+    /// The model's configuration: GGUF metadata, or `config.json` beside
+    /// the safetensors.
+    pub fn config(&self) -> Result<ModelConfig> {
+        match &self.source {
+            Source::Gguf { content, .. } => {
+                crate::config_from_gguf(&content.metadata, self.contains("lm_head.weight"))
+            }
+            Source::Safetensors { .. } => {
+                let path = self.folder().join("config.json");
+                let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+                crate::config_from_hf_json(&text)
+            }
+        }
+    }
+
     pub fn format(&self) -> WeightFormat {
         match self.source {
             Source::Safetensors { .. } => WeightFormat::Safetensors,
@@ -207,6 +232,29 @@ impl Weights {
     /// Bytes of tensor data read so far.
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Identifies the checkpoint across hosts (where paths may differ): a
+    /// hash of each file's size and first MiB, which holds the header (names,
+    /// shapes, dtypes, GGUF metadata) and the start of the data.
+    pub fn fingerprint(&self) -> String {
+        const HEAD: usize = 1 << 20;
+        let maps: Vec<&Mmap> = match &self.source {
+            Source::Safetensors { files, .. } => files.iter().collect(),
+            Source::Gguf { mmap, .. } => vec![mmap],
+        };
+        // FNV-1a: stable across builds and platforms, unlike std's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for &b in bytes {
+                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for m in maps {
+            feed(&(m.len() as u64).to_le_bytes());
+            feed(&m[..m.len().min(HEAD)]);
+        }
+        format!("{h:016x}")
     }
 
     /// Names (HF spelling) of every tensor read so far, in order.

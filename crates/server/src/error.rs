@@ -48,6 +48,17 @@ impl ApiError {
         }
     }
 
+    /// 503 while the model loads or the cluster forms.
+    pub fn loading() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "The model is still loading; /health says what is missing.".into(),
+            kind: "service_unavailable",
+            param: None,
+            code: Some("model_loading"),
+        }
+    }
+
     pub fn unauthorized() -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,
@@ -93,7 +104,7 @@ impl From<EngineError> for ApiError {
                 Some("overloaded"),
                 None,
             ),
-            EngineError::Stopped(_) => (
+            EngineError::Stopped(_) | EngineError::Cluster(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 None,

@@ -440,12 +440,21 @@ pub async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
 }
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.engine.is_alive() {
+    let mut missing = state.cluster.problems();
+    if !state.engine.is_alive() {
+        missing.push("engine: the engine thread has stopped".into());
+    }
+    health_response(missing)
+}
+
+/// 200 when nothing is missing; otherwise 503 naming what is.
+pub fn health_response(missing: Vec<String>) -> Response {
+    if missing.is_empty() {
         (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "unavailable", "missing": ["engine"]})),
+            axum::Json(json!({"status": "unavailable", "missing": missing})),
         )
             .into_response()
     }

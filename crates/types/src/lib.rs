@@ -5,10 +5,12 @@
 //! same types travel in-process today and over gRPC later.
 
 mod config;
+mod layout;
 mod sampling;
 mod step;
 
 pub use config::{LayerRange, ModelConfig, RopeScaling, RopeStyle};
+pub use layout::{ClusterLayout, NodePlan, StageSlot};
 pub use sampling::SamplingParams;
 pub use step::{
     CachedRequestData, Logprobs, NewRequestData, SampledToken, SchedulerOutput, StepResult,

@@ -3,10 +3,15 @@
 //!
 //! A runner holds no scheduling logic: everything it does follows from the
 //! [`SchedulerOutput`](strata_types::SchedulerOutput) it is given, so the
-//! leader can drive it in-process or, later, over gRPC.
+//! leader drives it the same way in-process ([`NodeStages`]) and over gRPC
+//! ([`run_worker`]).
 
 mod runner;
 mod sampler;
+mod service;
+mod stage;
 
 pub use runner::{ModelRunner, RunnerError, StageResult};
 pub use sampler::sample;
+pub use service::{run_worker, WorkerOptions};
+pub use stage::{Links, LoadedNode, LocalStage, NodeStages, RingMember, TpStage};

@@ -19,6 +19,8 @@ pub enum RunnerError {
     Candle(#[from] candle_core::Error),
     #[error("step {step}: {msg}")]
     Protocol { step: u64, msg: String },
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// What a stage hands on after a step.
