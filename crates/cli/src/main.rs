@@ -142,6 +142,8 @@ fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_target(false)
+        // Logs on stderr, as tools do; stdout stays free.
+        .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
@@ -263,13 +265,15 @@ fn serve(args: ServeArgs) -> Result<()> {
                 .map_or(0, |d| d.as_secs()),
         })
     };
-    rt.block_on(strata_server::serve(
+    let served = rt.block_on(strata_server::serve(
         SocketAddr::new(args.host, args.port),
         cluster_state,
         ready,
         shutdown_signal(),
-    ))
-    .map_err(anyhow::Error::msg)
+    ));
+    // A load still running (shut down early) must not hold the exit.
+    rt.shutdown_background();
+    served.map_err(anyhow::Error::msg)
 }
 
 async fn shutdown_signal() {

@@ -83,7 +83,7 @@ impl ClusterState {
             if !n.joined {
                 out.push(format!("{who}: not joined"));
             } else if !n.loaded {
-                out.push(format!("{who}: loading its stage"));
+                out.push(format!("{who}: joined, stage not loaded yet"));
             } else if i > 0 {
                 match n.last_heartbeat {
                     Some(t) if t.elapsed() <= HEARTBEAT_STALE => {}

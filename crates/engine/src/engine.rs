@@ -2,12 +2,15 @@
 //! by a channel of commands, streaming each request's output on its own
 //! channel (vLLM's `EngineCore.step`, TEI's backend thread).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use strata_sched::{Request, Scheduler, SchedulerConfig, SchedulerStats};
-use strata_types::{FinishReason, Logprobs, RequestId, SamplingParams, TokenId, BLOCK_SIZE};
+use strata_types::{
+    FinishReason, Logprobs, RequestId, SamplingParams, SchedulerOutput, StepResult, TokenId,
+    BLOCK_SIZE,
+};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::detokenizer::IncrementalDetokenizer;
@@ -198,6 +201,7 @@ pub fn start_engine(
         max_model_len: config.max_model_len,
         num_blocks: config.num_blocks,
         enable_prefix_caching: config.enable_prefix_caching,
+        pipeline_depth: executor.max_in_flight(),
     });
     let core = EngineCore {
         sched,
@@ -245,9 +249,14 @@ struct EngineCore {
 }
 
 impl EngineCore {
+    /// Keeps up to the executor's depth of steps in flight: with pipeline
+    /// stages on several nodes, step k+1 runs on the first stage while step
+    /// k runs on the next (the scheduler gives them disjoint requests).
     fn run(mut self, rx: mpsc::Receiver<Command>) {
+        let depth = self.executor.max_in_flight().max(1);
+        let mut in_flight: VecDeque<SchedulerOutput> = VecDeque::new();
         loop {
-            if !self.sched.has_work() {
+            if in_flight.is_empty() && !self.sched.has_work() {
                 match rx.recv() {
                     Ok(cmd) => self.handle(cmd),
                     Err(_) => return,
@@ -257,7 +266,30 @@ impl EngineCore {
                 self.handle(cmd);
             }
             self.drop_disconnected();
-            self.step();
+            while in_flight.len() < depth {
+                let out = self.sched.schedule();
+                if out.is_empty() {
+                    if in_flight.is_empty()
+                        && self.sched.num_running() == 0
+                        && self.sched.num_waiting() > 0
+                    {
+                        // Admission checks make this unreachable; never spin on it.
+                        let ids: Vec<RequestId> = self.live.keys().copied().collect();
+                        self.fail(&ids, "the request does not fit the KV cache");
+                    }
+                    break;
+                }
+                match self.executor.submit(&out) {
+                    Ok(()) => in_flight.push_back(out),
+                    Err(e) => self.step_failed(&out, e),
+                }
+            }
+            if let Some(out) = in_flight.pop_front() {
+                match self.executor.collect() {
+                    Ok(result) => self.apply(&result),
+                    Err(e) => self.step_failed(&out, e),
+                }
+            }
             self.publish_stats();
         }
     }
@@ -313,28 +345,19 @@ impl EngineCore {
         }
     }
 
-    fn step(&mut self) {
-        let out = self.sched.schedule();
-        if out.is_empty() {
-            if self.sched.num_running() == 0 && self.sched.num_waiting() > 0 {
-                // Admission checks make this unreachable; never spin on it.
-                let ids: Vec<RequestId> = self.live.keys().copied().collect();
-                self.fail(&ids, "the request does not fit the KV cache");
-            }
-            return;
-        }
-        let result = match self.executor.execute(&out) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("step {} failed: {e}", out.step_id);
-                self.sched.step_failed(&out);
-                let ids: Vec<RequestId> =
-                    out.num_scheduled_tokens.iter().map(|(id, _)| *id).collect();
-                self.fail(&ids, &e.to_string());
-                return;
-            }
-        };
-        for u in self.sched.update_from_output(&result) {
+    fn step_failed(&mut self, out: &SchedulerOutput, e: EngineError) {
+        tracing::error!("step {} failed: {e}", out.step_id);
+        self.sched.step_failed(out);
+        let ids: Vec<RequestId> = out.num_scheduled_tokens.iter().map(|(id, _)| *id).collect();
+        self.fail(&ids, &e.to_string());
+    }
+
+    /// Streams a step's sampled tokens to their requests.
+    fn apply(&mut self, result: &StepResult) {
+        let updates = self.sched.update_from_output(result);
+        // Counters first: a client that sees its last token may read them.
+        self.publish_stats();
+        for u in updates {
             let Some(live) = self.live.get_mut(&u.req_id) else {
                 continue;
             };

@@ -2,6 +2,7 @@
 //! one implementation runs this node's stages in-process and, in a cluster,
 //! streams the same step to every worker node.
 
+use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -15,8 +16,15 @@ use crate::error::{EngineError, Result};
 /// How long a step may take on a worker before the leader gives up on it.
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Runs steps, possibly several at once: `submit` starts one, `collect`
+/// returns the oldest one's result. Steps finish in the order submitted.
 pub trait Executor: Send {
-    fn execute(&mut self, out: &SchedulerOutput) -> Result<StepResult>;
+    /// How many steps may be in flight at once (the pipeline depth).
+    fn max_in_flight(&self) -> usize {
+        1
+    }
+    fn submit(&mut self, out: &SchedulerOutput) -> Result<()>;
+    fn collect(&mut self) -> Result<StepResult>;
 }
 
 /// A worker node's end of the step stream, as the leader sees it.
@@ -34,6 +42,10 @@ pub struct PipelineExecutor {
     remotes: Vec<RemoteNode>,
     /// The node whose reply carries the sampled tokens (0: this one).
     result_node: usize,
+    /// Pipeline stages on different nodes, which can work at once.
+    depth: usize,
+    /// Submitted steps, oldest first, with what this node's stages made of each.
+    pending: VecDeque<(u64, Result<Option<StepResult>>)>,
 }
 
 impl PipelineExecutor {
@@ -43,14 +55,23 @@ impl PipelineExecutor {
             local,
             remotes: Vec::new(),
             result_node: 0,
+            depth: 1,
+            pending: VecDeque::new(),
         }
     }
 
-    pub(crate) fn cluster(local: NodeStages, remotes: Vec<RemoteNode>, result_node: usize) -> Self {
+    pub(crate) fn cluster(
+        local: NodeStages,
+        remotes: Vec<RemoteNode>,
+        result_node: usize,
+        depth: usize,
+    ) -> Self {
         Self {
             local,
             remotes,
             result_node,
+            depth,
+            pending: VecDeque::new(),
         }
     }
 }
@@ -60,8 +81,13 @@ fn exec_err(msg: impl Into<String>) -> EngineError {
 }
 
 impl Executor for PipelineExecutor {
-    fn execute(&mut self, out: &SchedulerOutput) -> Result<StepResult> {
-        let step = out.step_id;
+    fn max_in_flight(&self) -> usize {
+        self.depth
+    }
+
+    /// Hands the step to every worker, then runs this node's stages on it
+    /// (the first stage: its activations go on to the next node).
+    fn submit(&mut self, out: &SchedulerOutput) -> Result<()> {
         if !self.remotes.is_empty() {
             let msg = pb::SchedulerOutput::from(out);
             for r in &self.remotes {
@@ -71,11 +97,21 @@ impl Executor for PipelineExecutor {
                 .map_err(|_| exec_err(format!("node {}: the step stream is closed", r.rank)))?;
             }
         }
+        let local = self.local.execute(out).map_err(|e| exec_err(e.to_string()));
+        self.pending.push_back((out.step_id, local));
+        Ok(())
+    }
+
+    fn collect(&mut self) -> Result<StepResult> {
+        let (step, local) = self
+            .pending
+            .pop_front()
+            .ok_or_else(|| exec_err("collect without a step in flight"))?;
         let mut first_error = None;
-        let mut result = match self.local.execute(out) {
+        let mut result = match local {
             Ok(r) => r,
             Err(e) => {
-                first_error = Some(exec_err(e.to_string()));
+                first_error = Some(e);
                 None
             }
         };

@@ -201,7 +201,12 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                 &mut progress,
             )?;
             (
-                PipelineExecutor::cluster(formed.local, formed.remotes, layout.result_node()),
+                PipelineExecutor::cluster(
+                    formed.local,
+                    formed.remotes,
+                    layout.result_node(),
+                    layout.pipeline_depth(),
+                ),
                 formed.num_blocks,
             )
         }

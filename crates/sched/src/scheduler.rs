@@ -18,6 +18,10 @@ pub struct SchedulerConfig {
     pub max_model_len: usize,
     pub num_blocks: usize,
     pub enable_prefix_caching: bool,
+    /// Steps the executor keeps in flight (pipeline stages on different
+    /// nodes). Above 1, each step takes about 1/depth of the requests, so
+    /// the next step has requests of its own to run while this one is away.
+    pub pipeline_depth: usize,
 }
 
 /// Counters since start, for `/metrics` and for tests that must see what was
@@ -59,6 +63,12 @@ pub struct Scheduler {
     finished_req_ids: Vec<RequestId>,
     next_step_id: u64,
     stats: SchedulerStats,
+    /// Steps handed to the stages and not yet answered, oldest first, with
+    /// the requests each computes. With pipeline parallelism several are in
+    /// flight at once, on disjoint requests.
+    steps_in_flight: VecDeque<(u64, Vec<RequestId>)>,
+    /// How many steps in flight compute each request.
+    in_flight: HashMap<RequestId, usize>,
 }
 
 impl Scheduler {
@@ -73,6 +83,8 @@ impl Scheduler {
             finished_req_ids: Vec::new(),
             next_step_id: 0,
             stats: SchedulerStats::default(),
+            steps_in_flight: VecDeque::new(),
+            in_flight: HashMap::new(),
         }
     }
 
@@ -140,9 +152,13 @@ impl Scheduler {
         self.next_step_id += 1;
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut preempted = false;
+        let mut seqs_left = match self.cfg.pipeline_depth {
+            0 | 1 => usize::MAX,
+            d => (self.running.len() + self.waiting.len()).div_ceil(d).max(1),
+        };
 
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && budget > 0 && seqs_left > 0 {
             let id = self.running[i];
             let req = &self.requests[&id];
             let n = (req.num_tokens() - req.num_computed_tokens).min(budget);
@@ -160,7 +176,16 @@ impl Scheduler {
                 {
                     break true;
                 }
-                let victim = self.running.pop().expect("the current request is running");
+                // Never a request a step in flight computes: its blocks are
+                // being written. With none left to take, wait for the steps.
+                let Some(pos) = self
+                    .running
+                    .iter()
+                    .rposition(|r| !self.in_flight.contains_key(r))
+                else {
+                    break false;
+                };
+                let victim = self.running.remove(pos);
                 self.preempt(victim, &mut out);
                 preempted = true;
                 if victim == id {
@@ -172,12 +197,14 @@ impl Scheduler {
             }
             self.emit(id, n, &mut out);
             budget -= n;
+            seqs_left -= 1;
             i += 1;
         }
 
         // Admitting new work right after preempting would only thrash.
         while !preempted
             && budget > 0
+            && seqs_left > 0
             && self.running.len() < self.cfg.max_num_seqs
             && !self.waiting.is_empty()
         {
@@ -203,6 +230,7 @@ impl Scheduler {
             self.running.push(id);
             self.emit(id, n, &mut out);
             budget -= n;
+            seqs_left -= 1;
         }
 
         out.total_num_scheduled_tokens = self.cfg.max_num_batched_tokens - budget;
@@ -210,13 +238,44 @@ impl Scheduler {
         if out.total_num_scheduled_tokens > 0 {
             self.stats.steps += 1;
         }
+        // An empty step is never run, so it never lands.
+        if !out.is_empty() {
+            let ids: Vec<RequestId> = out.num_scheduled_tokens.iter().map(|(id, _)| *id).collect();
+            for id in &ids {
+                *self.in_flight.entry(*id).or_default() += 1;
+            }
+            self.steps_in_flight.push_back((out.step_id, ids));
+        }
         out
+    }
+
+    /// Steps scheduled and not yet answered (by `update_from_output` or
+    /// `step_failed`).
+    pub fn num_steps_in_flight(&self) -> usize {
+        self.steps_in_flight.len()
+    }
+
+    /// Marks step `step_id` answered: its requests may be preempted again.
+    fn land(&mut self, step_id: u64) {
+        let Some(pos) = self.steps_in_flight.iter().position(|(s, _)| *s == step_id) else {
+            return;
+        };
+        let (_, ids) = self.steps_in_flight.remove(pos).expect("found above");
+        for id in ids {
+            if let Some(n) = self.in_flight.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_flight.remove(&id);
+                }
+            }
+        }
     }
 
     /// Undoes what a step that failed to run promised: the blocks it was to
     /// fill hold no valid KV, so no prefix may be served from the cache, and
     /// the stages must still be told what it was to drop.
     pub fn step_failed(&mut self, out: &SchedulerOutput) {
+        self.land(out.step_id);
         self.kv.reset_prefix_cache();
         self.finished_req_ids.extend(&out.finished_req_ids);
     }
@@ -224,6 +283,7 @@ impl Scheduler {
     /// Applies a step's sampled tokens: appends them, ends requests that hit a
     /// stop token or a length limit, and frees their blocks.
     pub fn update_from_output(&mut self, result: &StepResult) -> Vec<RequestUpdate> {
+        self.land(result.step_id);
         let mut updates = Vec::with_capacity(result.sampled.len());
         for s in &result.sampled {
             // A request aborted while its step was in flight is simply dropped.
@@ -331,6 +391,7 @@ mod tests {
             max_model_len: 1024,
             num_blocks,
             enable_prefix_caching: true,
+            pipeline_depth: 1,
         }
     }
 
@@ -529,6 +590,97 @@ mod tests {
             "nothing was computed"
         );
         assert_eq!(out.finished_req_ids, vec![1]);
+    }
+
+    #[test]
+    fn steps_in_flight_take_disjoint_requests_and_are_never_preempted() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_batched_tokens: 16,
+            ..cfg(64)
+        });
+        s.add_request(req(1, 16, 8));
+        s.add_request(req(2, 16, 8));
+        // Step A prefills request 1 (the budget holds one prompt) ...
+        let a = s.schedule();
+        assert_eq!(a.num_scheduled_tokens, vec![(1, 16)]);
+        // ... and while it is in flight, step B takes request 2 only: 1 waits
+        // for its sampled token.
+        let b = s.schedule();
+        assert_eq!(b.num_scheduled_tokens, vec![(2, 16)]);
+        assert_eq!(s.num_steps_in_flight(), 2);
+        // Nothing else can run until a step lands.
+        assert!(s.schedule().is_empty());
+        let land = |s: &mut Scheduler, out: &SchedulerOutput, id| {
+            s.update_from_output(&StepResult {
+                step_id: out.step_id,
+                sampled: vec![SampledToken {
+                    req_id: id,
+                    token_id: 7,
+                    logprobs: None,
+                }],
+            })
+        };
+        assert_eq!(land(&mut s, &a, 1).len(), 1);
+        assert_eq!(s.schedule().num_scheduled_tokens, vec![(1, 1)]);
+        assert_eq!(land(&mut s, &b, 2).len(), 1);
+        assert_eq!(s.num_steps_in_flight(), 1);
+    }
+
+    #[test]
+    fn a_deep_pipeline_splits_the_requests_between_steps() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            pipeline_depth: 2,
+            ..cfg(64)
+        });
+        for id in 1..=4 {
+            s.add_request(req(id, 8, 8));
+        }
+        let a = s.schedule();
+        let b = s.schedule();
+        let ids = |o: &SchedulerOutput| {
+            o.num_scheduled_tokens
+                .iter()
+                .map(|x| x.0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&a), vec![1, 2]);
+        assert_eq!(ids(&b), vec![3, 4]);
+    }
+
+    #[test]
+    fn a_request_in_flight_is_not_preempted_for_blocks() {
+        // Two blocks, one per request. Request 1 needs a second block while
+        // request 2 (the newest, the usual victim) is in flight.
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_batched_tokens: 16,
+            ..cfg(2)
+        });
+        s.add_request(req(1, 16, 8));
+        s.add_request(req(2, 16, 8));
+        let a = s.schedule();
+        let b = s.schedule();
+        assert_eq!(b.num_scheduled_tokens, vec![(2, 16)]);
+        s.update_from_output(&StepResult {
+            step_id: a.step_id,
+            sampled: vec![SampledToken {
+                req_id: 1,
+                token_id: 7,
+                logprobs: None,
+            }],
+        });
+        let c = s.schedule();
+        assert!(c.num_scheduled_tokens.is_empty(), "{c:?}");
+        // Request 1 gave way, not request 2, whose step still lands.
+        assert_eq!(s.request(1).unwrap().num_computed_tokens, 0);
+        let landed = s.update_from_output(&StepResult {
+            step_id: b.step_id,
+            sampled: vec![SampledToken {
+                req_id: 2,
+                token_id: 7,
+                logprobs: None,
+            }],
+        });
+        assert_eq!(landed.len(), 1);
     }
 
     #[test]

@@ -129,7 +129,8 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        // A 503 is a state (loading, stopped) the log already tells.
+        if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!("{}", self.message);
         }
         (self.status, Json(self.to_json())).into_response()

@@ -115,11 +115,15 @@ pub async fn serve(
     });
     let mut shutdown = Box::pin(shutdown);
     let state = tokio::select! {
-        s = ready => s,
-        _ = &mut shutdown => Err("shut down while loading".into()),
+        s = ready => Some(s),
+        _ = &mut shutdown => None,
     };
     let _ = stop_tx.send(());
     let _ = loading.await;
+    let Some(state) = state else {
+        tracing::info!("shut down before the model was loaded");
+        return Ok(());
+    };
     let state = state?;
     let listener = tokio::net::TcpListener::from_std(std_listener).map_err(io)?;
     tracing::info!("serving the OpenAI API on http://{addr}");

@@ -55,7 +55,7 @@ impl ClusterLayout {
         }
         if pp > num_layers {
             return Err(format!(
-                "--pipeline-parallel-size {pp} is more than the model's {num_layers} layers"
+                "--pipeline-parallel-size {pp} must be between 1 and the model's {num_layers} layers"
             ));
         }
         let ranks = pp * tp;
@@ -114,6 +114,16 @@ impl ClusterLayout {
         Ok(Self { pp, tp, nodes })
     }
 
+    /// Steps that can run at once: one per group of nodes along the
+    /// pipeline (each node when nodes hold whole stages, each stage when its
+    /// ranks span nodes).
+    pub fn pipeline_depth(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| n.slots[0].tp_rank_begin == 0)
+            .count()
+    }
+
     /// The node whose result speaks for a step: rank 0 of the last stage.
     pub fn result_node(&self) -> usize {
         self.nodes
@@ -151,6 +161,7 @@ mod tests {
         assert!(l.nodes[1].has_previous && l.nodes[1].next.is_none());
         assert_eq!(l.nodes[1].slots[0].tp_rank_count, 2);
         assert_eq!(l.result_node(), 1);
+        assert_eq!(l.pipeline_depth(), 2);
     }
 
     #[test]
@@ -162,6 +173,7 @@ mod tests {
         assert_eq!(l.nodes[3].ring, vec![2, 3]);
         assert!(l.nodes[3].slots[0].spans_nodes());
         assert_eq!(l.result_node(), 2);
+        assert_eq!(l.pipeline_depth(), 2);
         // TP=2 over two nodes, one stage.
         let l = ClusterLayout::new(2, 1, 2, 30).unwrap();
         assert_eq!(l.nodes[0].ring, vec![0, 1]);

@@ -43,6 +43,13 @@ impl Server {
 
     /// Any model path with `args` added.
     pub async fn start_model(model: &str, args: &[&str]) -> Server {
+        let server = Self::spawn(model, args);
+        server.wait_healthy().await;
+        server
+    }
+
+    /// Starts the binary without waiting for it.
+    pub fn spawn(model: &str, args: &[&str]) -> Server {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
         cmd.args([
@@ -59,21 +66,33 @@ impl Server {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("spawning strata");
-        let server = Server {
+        Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
-        };
+        }
+    }
+
+    /// Waits until `/health` says 200 (120 s at most).
+    pub async fn wait_healthy(&self) {
+        self.wait_health(|s, _| s == 200).await;
+    }
+
+    /// Polls `/health` until `ok(status, body)` holds (120 s at most);
+    /// returns the body that satisfied it.
+    pub async fn wait_health(&self, ok: impl Fn(u16, &Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if let Ok(r) = server.client.get(server.url("/health")).send().await {
-                if r.status() == 200 {
-                    return server;
+            if let Ok(r) = self.client.get(self.url("/health")).send().await {
+                let status = r.status().as_u16();
+                let body = r.json().await.unwrap_or(Value::Null);
+                if ok(status, &body) {
+                    return body;
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "strata did not become healthy within 120 s"
+                "/health did not reach the expected state within 120 s"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -218,4 +237,119 @@ pub fn prompts(n: usize) -> Vec<String> {
     (0..n)
         .map(|i| format!("Write one sentence about {}.", topics[i % topics.len()]))
         .collect()
+}
+
+/// A worker node (or any strata process whose output a test reads): its
+/// stderr goes to a file the test can wait on.
+pub struct Node {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+impl Node {
+    pub fn spawn(model: &str, args: &[String]) -> Node {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("strata-node-{}-{n}.log", std::process::id()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args([
+                "serve",
+                "--model",
+                model,
+                "--host",
+                "127.0.0.1",
+                "--threads",
+                "1",
+            ])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawning strata");
+        Node { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` (60 s at most).
+    pub async fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "`{needle}` never appeared in the log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the process to exit (60 s at most); returns its success and log.
+    pub async fn wait_exit(&mut self) -> (bool, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.success(), self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node did not exit:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A leader and its workers on 127.0.0.1.
+pub struct Cluster {
+    pub leader: Server,
+    pub workers: Vec<Node>,
+}
+
+/// The flags every node of an `nnodes` cluster shares, plus `extra`.
+pub fn cluster_args(nnodes: usize, rank: usize, cluster_port: u16, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--nnodes".to_string(),
+        nnodes.to_string(),
+        "--node-rank".into(),
+        rank.to_string(),
+        "--leader-addr".into(),
+        format!("127.0.0.1:{cluster_port}"),
+    ]
+    .into();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+impl Cluster {
+    /// Starts the leader, then every worker; returns once `/health` is 200.
+    pub async fn start(model: &str, nnodes: usize, extra: &[&str]) -> Cluster {
+        let port = free_port();
+        let leader_args = cluster_args(nnodes, 0, port, extra);
+        let leader_args: Vec<&str> = leader_args.iter().map(String::as_str).collect();
+        let leader = Server::spawn(model, &leader_args);
+        let workers = (1..nnodes)
+            .map(|r| Node::spawn(model, &cluster_args(nnodes, r, port, extra)))
+            .collect();
+        let c = Cluster { leader, workers };
+        c.leader.wait_healthy().await;
+        c
+    }
+}
+
+pub fn cluster_port() -> u16 {
+    free_port()
 }

@@ -1,0 +1,243 @@
+//! Clusters of real `strata` processes on 127.0.0.1: pipeline and tensor
+//! parallelism across processes give what one process gives, nodes may start
+//! in any order, and a node with the wrong model or token is refused.
+
+mod common;
+
+use common::{cluster_args, cluster_port, demo_model, prompts, Cluster, Node, Server};
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+fn tiny() -> String {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/tiny/llama-chat"
+    )
+    .to_string()
+}
+
+/// Greedy completions of several prompts at once, with top-5 logprobs.
+async fn completions(server: &Server, prompts: &[&str], max_tokens: usize) -> Vec<Value> {
+    join_all(prompts.iter().map(|p| async move {
+        let (s, v) = server
+            .post(
+                "/v1/completions",
+                &json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "logprobs": 5, "ignore_eos": true}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["choices"][0]["logprobs"].clone()
+    }))
+    .await
+}
+
+fn assert_same_tokens_and_logprobs(want: &[Value], got: &[Value], what: &str) {
+    for (w, g) in want.iter().zip(got) {
+        assert_eq!(w["tokens"], g["tokens"], "{what}: tokens differ");
+        let (wt, gt) = (
+            w["top_logprobs"].as_array().unwrap(),
+            g["top_logprobs"].as_array().unwrap(),
+        );
+        for (wstep, gstep) in wt.iter().zip(gt) {
+            for (tok, lp) in wstep.as_object().unwrap() {
+                let other = gstep[tok]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{what}: {tok} left the top 5"));
+                let diff = (lp.as_f64().unwrap() - other).abs();
+                assert!(diff <= 1e-4, "{what}: logprob of {tok} differs by {diff}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_model_across_processes_equals_one_process() {
+    let model = tiny();
+    let prompts = ["hello world", "the quick brown fox", "a b c d e f", "zebra"];
+    let one = Server::start_model(&model, &["--kv-cache-memory", "4MiB"]).await;
+    let want = completions(&one, &prompts, 8).await;
+    drop(one);
+    for (what, nnodes, flags) in [
+        (
+            "PP=2 in two processes",
+            2,
+            [
+                "--pipeline-parallel-size",
+                "2",
+                "--tensor-parallel-size",
+                "1",
+            ],
+        ),
+        (
+            "TP=2 in two processes",
+            2,
+            [
+                "--pipeline-parallel-size",
+                "1",
+                "--tensor-parallel-size",
+                "2",
+            ],
+        ),
+        (
+            "PP=2 x TP=2 in four processes",
+            4,
+            [
+                "--pipeline-parallel-size",
+                "2",
+                "--tensor-parallel-size",
+                "2",
+            ],
+        ),
+        (
+            "PP=2 x TP=2 threads in two processes",
+            2,
+            [
+                "--pipeline-parallel-size",
+                "2",
+                "--tensor-parallel-size",
+                "2",
+            ],
+        ),
+    ] {
+        let mut args = vec!["--kv-cache-memory", "4MiB"];
+        args.extend(flags);
+        let cluster = Cluster::start(&model, nnodes, &args).await;
+        let got = completions(&cluster.leader, &prompts, 8).await;
+        assert_same_tokens_and_logprobs(&want, &got, what);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_model_across_processes_gives_the_same_tokens() {
+    let model = demo_model();
+    let prompts = prompts(3);
+    async fn greedy(server: &Server, prompts: &[String]) -> Vec<String> {
+        join_all(prompts.iter().map(|p| server.greedy_chat(p, 16))).await
+    }
+    let one = Server::start_model(&model, &["--kv-cache-memory", "64MiB"]).await;
+    let want = greedy(&one, &prompts).await;
+    drop(one);
+    for (what, nnodes, flags) in [
+        (
+            "PP=2 in two processes",
+            2,
+            [
+                "--pipeline-parallel-size",
+                "2",
+                "--tensor-parallel-size",
+                "1",
+            ],
+        ),
+        (
+            "PP=3 in three processes",
+            3,
+            [
+                "--pipeline-parallel-size",
+                "3",
+                "--tensor-parallel-size",
+                "1",
+            ],
+        ),
+    ] {
+        let mut args = vec!["--kv-cache-memory", "64MiB"];
+        args.extend(flags);
+        let cluster = Cluster::start(&model, nnodes, &args).await;
+        assert_eq!(greedy(&cluster.leader, &prompts).await, want, "{what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_may_start_before_the_leader() {
+    let model = tiny();
+    let port = cluster_port();
+    let worker = Node::spawn(&model, &cluster_args(2, 1, port, &[]));
+    // The worker is up and trying to join before the leader exists.
+    worker.wait_log("joining the leader").await;
+    let args = cluster_args(2, 0, port, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let leader = Server::start_model(&model, &args).await;
+    let (s, v) = leader
+        .post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 4}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_names_the_missing_node_until_the_last_one_joins() {
+    let model = tiny();
+    let port = cluster_port();
+    let args = cluster_args(3, 0, port, &["--pipeline-parallel-size", "3"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let leader = Server::spawn(&model, &args);
+    // Leader first: both workers are missing.
+    let body = leader
+        .wait_health(|s, b| s == 503 && b.to_string().contains("node 1: not joined"))
+        .await;
+    assert!(body.to_string().contains("node 2: not joined"), "{body}");
+    let (s, v) = leader
+        .post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 4}))
+        .await;
+    assert_eq!(s, 503, "{v}");
+    let _w1 = Node::spawn(
+        &model,
+        &cluster_args(3, 1, port, &["--pipeline-parallel-size", "3"]),
+    );
+    // Node 1 joined; node 2 is late and still named.
+    let body = leader
+        .wait_health(|s, b| s == 503 && !b.to_string().contains("node 1: not joined"))
+        .await;
+    assert!(
+        body["missing"].to_string().contains("node 2: not joined"),
+        "{body}"
+    );
+    let _w2 = Node::spawn(
+        &model,
+        &cluster_args(3, 2, port, &["--pipeline-parallel-size", "3"]),
+    );
+    leader.wait_healthy().await;
+    let (s, v) = leader
+        .post("/v1/completions", &json!({"prompt": "hi", "max_tokens": 4}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_another_model_is_refused() {
+    let port = cluster_port();
+    let args = cluster_args(2, 0, port, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let leader = Server::spawn(&tiny(), &args);
+    let other = tiny().replace("llama-chat", "llama-gqa");
+    let mut worker = Node::spawn(&other, &cluster_args(2, 1, port, &[]));
+    let (ok, log) = worker.wait_exit().await;
+    assert!(!ok, "the worker should fail:\n{log}");
+    assert!(log.contains("opened a different model"), "{log}");
+    // The leader keeps waiting for a proper node 1.
+    let body = leader.wait_health(|s, _| s == 503).await;
+    assert!(body.to_string().contains("node 1: not joined"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_cluster_token_is_refused() {
+    let model = tiny();
+    let port = cluster_port();
+    let args = cluster_args(2, 0, port, &["--cluster-token", "s3cret"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let leader = Server::spawn(&model, &args);
+    let mut intruder = Node::spawn(
+        &model,
+        &cluster_args(2, 1, port, &["--cluster-token", "guess"]),
+    );
+    let (ok, log) = intruder.wait_exit().await;
+    assert!(!ok, "{log}");
+    assert!(log.contains("cluster token"), "{log}");
+    let mut no_token = Node::spawn(&model, &cluster_args(2, 1, port, &[]));
+    let (ok, log) = no_token.wait_exit().await;
+    assert!(!ok && log.contains("cluster token"), "{log}");
+    // The right token gets in.
+    let _w = Node::spawn(
+        &model,
+        &cluster_args(2, 1, port, &["--cluster-token", "s3cret"]),
+    );
+    leader.wait_healthy().await;
+}
