@@ -38,18 +38,28 @@ struct Args {
     tokens: usize,
     #[arg(long, default_value_t = 512)]
     prefill_tokens: usize,
+    /// strata layouts to measure, comma-separated: `one` (one process),
+    /// `ppN` (N processes, one stage each), `tpN-threads` (N ranks as threads
+    /// of one process), `tpN` (N processes, one rank each). Processes split
+    /// the threads between them.
+    #[arg(long, default_value = "one")]
+    layouts: String,
 }
 
 struct Server {
-    name: &'static str,
+    name: String,
     child: Child,
+    /// Worker nodes of a distributed layout.
+    workers: Vec<Child>,
     base: String,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in self.workers.iter_mut().chain([&mut self.child]) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -238,26 +248,106 @@ fn print(name: &str, f: &Figures, streams: usize) {
     );
 }
 
-/// Starts one server, measures it, prints its line, and stops it.
+/// Starts one server (and its workers), measures it, prints its line, and stops it.
 async fn bench_server(
-    name: &'static str,
+    name: &str,
     mut cmd: Command,
+    workers: Vec<Command>,
     port: u16,
     args: &Args,
 ) -> Result<Figures> {
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
+    let mut spawn = |mut c: Command| {
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))
+    };
+    let child = spawn(std::mem::replace(&mut cmd, Command::new("true")))?;
+    let workers = workers
+        .into_iter()
+        .map(&mut spawn)
+        .collect::<Result<Vec<_>>>()?;
     let s = Server {
-        name,
+        name: name.to_string(),
         child,
+        workers,
         base: format!("http://127.0.0.1:{port}"),
     };
     let f = measure(&s, args).await?;
-    print(s.name, &f, args.streams);
+    print(&s.name, &f, args.streams);
+    if let Ok(text) = reqwest::get(format!("{}/metrics", s.base))
+        .await?
+        .text()
+        .await
+    {
+        let metric = |n: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(n)?.strip_prefix(' ')?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let bytes = metric("strata_activation_bytes_sent_total");
+        if bytes > 0.0 {
+            println!(
+                "{:>10} activations: {:.0} bytes per computed token at the first stage boundary",
+                "",
+                bytes / metric("strata_computed_tokens_total")
+            );
+        }
+    }
     Ok(f)
+}
+
+/// `strata serve` on `model` for one layout: the leader's command and the workers'.
+fn strata_layout(
+    layout: &str,
+    model: &str,
+    port: u16,
+    args: &Args,
+) -> Result<(Command, Vec<Command>)> {
+    let (procs, extra): (usize, Vec<String>) = if layout == "one" {
+        (1, vec![])
+    } else if let Some(n) = layout.strip_prefix("pp") {
+        let n: usize = n.parse().context("ppN")?;
+        (n, vec!["--pipeline-parallel-size".into(), n.to_string()])
+    } else if let Some(n) = layout
+        .strip_prefix("tp")
+        .and_then(|n| n.strip_suffix("-threads"))
+    {
+        let n: usize = n.parse().context("tpN-threads")?;
+        (1, vec!["--tensor-parallel-size".into(), n.to_string()])
+    } else if let Some(n) = layout.strip_prefix("tp") {
+        let n: usize = n.parse().context("tpN")?;
+        let v = [
+            "--tensor-parallel-size",
+            n.to_string().as_str(),
+            "--pipeline-parallel-size",
+            "1",
+        ];
+        (n, v.iter().map(|s| s.to_string()).collect())
+    } else {
+        bail!("unknown layout `{layout}` (one, ppN, tpN, tpN-threads)");
+    };
+    let threads = (args.threads / procs).max(1).to_string();
+    let cluster_port = free_port().to_string();
+    let node = |rank: usize| {
+        let mut cmd = Command::new(&args.strata);
+        cmd.args(["serve", "--model", model, "--host", "127.0.0.1"])
+            .args(["--threads", &threads, "--enable-prefix-caching", "false"])
+            .args(&extra);
+        if procs > 1 {
+            cmd.args([
+                "--nnodes",
+                &procs.to_string(),
+                "--node-rank",
+                &rank.to_string(),
+            ])
+            .args(["--leader-addr", &format!("127.0.0.1:{cluster_port}")]);
+        }
+        cmd
+    };
+    let mut leader = node(0);
+    leader.args(["--port", &port.to_string()]);
+    Ok((leader, (1..procs).map(node).collect()))
 }
 
 #[tokio::main]
@@ -300,25 +390,18 @@ async fn main() -> Result<()> {
         args.threads, args.streams, args.tokens, args.prefill_tokens
     );
     let mut results = Vec::new();
-    {
+    for layout in args.layouts.split(',') {
         let port = free_port();
-        let mut cmd = Command::new(&args.strata);
-        cmd.args([
-            "serve",
-            "--model",
-            &model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-        ])
-        .args([
-            "--threads",
-            &args.threads.to_string(),
-            "--enable-prefix-caching",
-            "false",
-        ]);
-        results.push(("strata", bench_server("strata", cmd, port, &args).await?));
+        let (leader, workers) = strata_layout(layout, &model, port, &args)?;
+        let name = if layout == "one" {
+            "strata".to_string()
+        } else {
+            format!("strata {layout}")
+        };
+        results.push((
+            name.clone(),
+            bench_server(&name, leader, workers, port, &args).await?,
+        ));
     }
     if let Some(py) = &args.llama_cpp_python {
         let port = free_port();
@@ -341,18 +424,21 @@ async fn main() -> Result<()> {
         ])
         .args(["--n_ctx", "4096"]);
         results.push((
-            "llama.cpp",
-            bench_server("llama.cpp", cmd, port, &args).await?,
+            "llama.cpp".to_string(),
+            bench_server("llama.cpp", cmd, Vec::new(), port, &args).await?,
         ));
     }
-    if let [(_, a), (_, b)] = &results[..] {
-        println!(
-            "strata / llama.cpp: decode {:.2}x, prefill {:.2}x, {} streams {:.2}x",
-            a.decode / b.decode,
-            a.prefill / b.prefill,
-            args.streams,
-            a.aggregate / b.aggregate
-        );
+    // Every other server against the first.
+    if let [(first, base), rest @ ..] = &results[..] {
+        for (name, f) in rest {
+            println!(
+                "{name} / {first}: decode {:.2}x, prefill {:.2}x, {} streams {:.2}x",
+                f.decode / base.decode,
+                f.prefill / base.prefill,
+                args.streams,
+                f.aggregate / base.aggregate
+            );
+        }
     }
     Ok(())
 }

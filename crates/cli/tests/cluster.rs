@@ -241,3 +241,79 @@ async fn a_wrong_cluster_token_is_refused() {
     );
     leader.wait_healthy().await;
 }
+
+/// Tensor sizes from a safetensors header: name -> bytes.
+fn tensor_bytes(file: &str) -> std::collections::HashMap<String, u64> {
+    let data = std::fs::read(file).unwrap();
+    let len = u64::from_le_bytes(data[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&data[8..8 + len]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let o = v["data_offsets"].as_array().unwrap();
+            (k.clone(), o[1].as_u64().unwrap() - o[0].as_u64().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_process_reads_only_its_share_of_the_checkpoint() {
+    // PP=3 x TP=2 in six processes: every node holds one layer's half.
+    let model = tiny();
+    let sizes = tensor_bytes(&format!("{model}/model.safetensors"));
+    let layers: u64 = sizes
+        .iter()
+        .filter(|(k, _)| k.contains(".layers."))
+        .map(|(_, v)| v)
+        .sum();
+    let (embed, head, norm) = (
+        sizes["model.embed_tokens.weight"],
+        sizes["lm_head.weight"],
+        sizes["model.norm.weight"],
+    );
+    let cluster = Cluster::start(
+        &model,
+        6,
+        &[
+            "--pipeline-parallel-size",
+            "3",
+            "--tensor-parallel-size",
+            "2",
+            "--kv-cache-memory",
+            "4MiB",
+        ],
+    )
+    .await;
+    let text = cluster
+        .leader
+        .client
+        .get(cluster.leader.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for node in 0..6u64 {
+        let read: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("strata_node_weight_bytes{{node=\"{node}\"}} ")))
+            .unwrap_or_else(|| panic!("node {node} missing from /metrics:\n{text}"))
+            .parse()
+            .unwrap();
+        let stage = node / 2;
+        let own = match stage {
+            0 => embed / 2,
+            2 => head / 2 + norm,
+            _ => 0,
+        };
+        let limit = ((layers / 6 + own) as f64 * 1.05) as u64;
+        assert!(
+            read > 0 && read <= limit,
+            "node {node} read {read} bytes, its share is {limit}"
+        );
+    }
+}

@@ -45,6 +45,8 @@ struct NodeStatus {
     joined: bool,
     loaded: bool,
     last_heartbeat: Option<Instant>,
+    /// Checkpoint bytes the node read for its stages.
+    weight_bytes: u64,
 }
 
 /// What every node is doing, for `/health`: ready only when every node has
@@ -103,6 +105,12 @@ impl ClusterState {
             n.loaded = true;
             n.last_heartbeat = Some(Instant::now());
         });
+    }
+
+    /// Checkpoint bytes each node read (0 until it has loaded), by node rank.
+    pub fn weight_bytes(&self) -> Vec<u64> {
+        let nodes = self.nodes.lock().expect("poisoned");
+        nodes.iter().map(|n| n.weight_bytes).collect()
     }
 }
 
@@ -348,6 +356,8 @@ pub(crate) fn form(
     let local = LoadedNode::load(weights, config, &plan.slots, ring, max_model_len, progress)
         .map_err(|e| cluster_err(format!("loading the leader's stages: {e}")))?;
     let mut num_blocks = kv_cache_bytes / local.bytes_per_block() as u64;
+    opts.state
+        .update(0, |n| n.weight_bytes = weights.bytes_read());
     opts.state.set_loaded(0);
     for (rank, load) in loads {
         let reply = rt
@@ -361,6 +371,8 @@ pub(crate) fn form(
             reply.num_blocks
         );
         num_blocks = num_blocks.min(reply.num_blocks);
+        opts.state
+            .update(rank, |n| n.weight_bytes = reply.weight_bytes_read);
         opts.state.set_loaded(rank);
     }
     if num_blocks == 0 {

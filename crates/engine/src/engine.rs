@@ -68,6 +68,8 @@ pub struct EngineStats {
     pub num_blocks: usize,
     pub num_free_blocks: usize,
     pub num_pending: usize,
+    /// Bytes of activations this node sent down the pipeline.
+    pub activation_bytes_sent: u64,
 }
 
 enum Command {
@@ -414,6 +416,7 @@ impl EngineCore {
             num_blocks: self.sched.config().num_blocks,
             num_free_blocks: self.sched.num_free_blocks(),
             num_pending: self.pending.load(Ordering::SeqCst),
+            activation_bytes_sent: self.executor.activation_bytes_sent(),
         };
     }
 }

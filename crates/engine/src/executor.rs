@@ -25,6 +25,10 @@ pub trait Executor: Send {
     }
     fn submit(&mut self, out: &SchedulerOutput) -> Result<()>;
     fn collect(&mut self) -> Result<StepResult>;
+    /// Activation bytes this node has sent to the next pipeline node.
+    fn activation_bytes_sent(&self) -> u64 {
+        0
+    }
 }
 
 /// A worker node's end of the step stream, as the leader sees it.
@@ -83,6 +87,10 @@ fn exec_err(msg: impl Into<String>) -> EngineError {
 impl Executor for PipelineExecutor {
     fn max_in_flight(&self) -> usize {
         self.depth
+    }
+
+    fn activation_bytes_sent(&self) -> u64 {
+        self.local.bytes_sent()
     }
 
     /// Hands the step to every worker, then runs this node's stages on it

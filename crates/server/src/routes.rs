@@ -531,7 +531,7 @@ pub async fn detokenize(
 /// Prometheus text format.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let s = state.engine.stats();
-    let rows: [(&str, &str, &str, u64); 11] = [
+    let rows: [(&str, &str, &str, u64); 12] = [
         (
             "strata_prompt_tokens_total",
             "counter",
@@ -543,6 +543,12 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "counter",
             "Tokens whose KV was computed (prefill and decode).",
             s.sched.computed_tokens,
+        ),
+        (
+            "strata_activation_bytes_sent_total",
+            "counter",
+            "Activation bytes (frames with headers) the leader sent to the next pipeline node.",
+            s.activation_bytes_sent,
         ),
         (
             "strata_prefix_cache_hit_tokens_total",
@@ -604,6 +610,19 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
         ));
+    }
+    let name = "strata_node_weight_bytes";
+    out.push_str(&format!(
+        "# HELP {name} Checkpoint bytes each node read for its share of the model.\n# TYPE {name} gauge\n"
+    ));
+    let per_node = state.cluster.weight_bytes();
+    for (node, bytes) in per_node.iter().enumerate() {
+        let bytes = if per_node.len() == 1 {
+            state.info.weight_bytes
+        } else {
+            *bytes
+        };
+        out.push_str(&format!("{name}{{node=\"{node}\"}} {bytes}\n"));
     }
     (
         [(

@@ -256,20 +256,28 @@ impl Drop for Node {
 
 impl Node {
     pub fn spawn(model: &str, args: &[String]) -> Node {
+        let mut all = vec!["--host".to_string(), "127.0.0.1".into()];
+        all.extend_from_slice(args);
+        Self::spawn_in(&[], model, &all)
+    }
+
+    /// Runs `strata serve` under `prefix` (e.g. `ip netns exec <ns>`).
+    pub fn spawn_in(prefix: &[&str], model: &str, args: &[String]) -> Node {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!("strata-node-{}-{n}.log", std::process::id()));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .args([
-                "serve",
-                "--model",
-                model,
-                "--host",
-                "127.0.0.1",
-                "--threads",
-                "1",
-            ])
+        let bin = env!("CARGO_BIN_EXE_strata");
+        let mut cmd = match prefix {
+            [] => Command::new(bin),
+            [first, rest @ ..] => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+        };
+        let child = cmd
+            .args(["serve", "--model", model, "--threads", "1"])
             .args(args)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
