@@ -317,13 +317,13 @@ fn strata_layout(
         (1, vec!["--tensor-parallel-size".into(), n.to_string()])
     } else if let Some(n) = layout.strip_prefix("tp") {
         let n: usize = n.parse().context("tpN")?;
-        let v = [
-            "--tensor-parallel-size",
-            n.to_string().as_str(),
-            "--pipeline-parallel-size",
-            "1",
+        let v = vec![
+            "--tensor-parallel-size".to_string(),
+            n.to_string(),
+            "--pipeline-parallel-size".into(),
+            "1".into(),
         ];
-        (n, v.iter().map(|s| s.to_string()).collect())
+        (n, v)
     } else {
         bail!("unknown layout `{layout}` (one, ppN, tpN, tpN-threads)");
     };

@@ -144,6 +144,22 @@ async fn demo_model_across_processes_gives_the_same_tokens() {
         let cluster = Cluster::start(&model, nnodes, &args).await;
         assert_eq!(greedy(&cluster.leader, &prompts).await, want, "{what}");
     }
+    // Tensor parallelism on quantized weights cannot equal one rank bit for
+    // bit (each rank quantizes its own activations, and partial sums round
+    // differently), so ranks as processes must equal ranks as threads. (The
+    // model's 3 KV heads rule out TP=2.)
+    let tp3 = ["--tensor-parallel-size", "3", "--kv-cache-memory", "64MiB"];
+    let threads = Server::start_model(&model, &tp3).await;
+    let want = greedy(&threads, &prompts).await;
+    drop(threads);
+    let mut args = tp3.to_vec();
+    args.extend(["--pipeline-parallel-size", "1"]);
+    let cluster = Cluster::start(&model, 3, &args).await;
+    assert_eq!(
+        greedy(&cluster.leader, &prompts).await,
+        want,
+        "TP=3 in three processes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,22 @@ pub use tcp::TcpComm;
 pub use thread::ThreadComm;
 pub use transport::TcpTransport;
 
+/// Columns of chunk `c` of `n`, for a tensor whose last dimension is `cols`.
+/// All-reduce sums chunk `c` around the ring starting at rank `c`,
+/// `((x_c + x_c+1) + x_c+2) + ...`: the TCP ring does so by construction and
+/// the thread backend copies the order, so ranks as threads and ranks as
+/// processes give identical bits. Chunks are column ranges, not slices of the
+/// flattened tensor, so a token's sum does not depend on how many other
+/// tokens share the batch.
+pub(crate) fn ring_chunk(cols: usize, n: usize, c: usize) -> std::ops::Range<usize> {
+    c * cols / n..(c + 1) * cols / n
+}
+
+/// The last dimension of `t` (1 for a scalar): all-reduce chunks split it.
+pub(crate) fn last_dim(t: &Tensor) -> usize {
+    t.dims().last().copied().unwrap_or(1).max(1)
+}
+
 pub trait Communicator: Debug + Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;

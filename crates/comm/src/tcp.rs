@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::{hello, Communicator};
+use crate::{hello, last_dim, ring_chunk, Communicator};
 
 const MAGIC: &[u8; 8] = b"strataTP";
 
@@ -155,7 +155,7 @@ fn as_bytes_mut(v: &mut [f32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
 
-fn to_f32(t: &Tensor) -> Result<(Vec<f32>, DType)> {
+pub(crate) fn to_f32(t: &Tensor) -> Result<(Vec<f32>, DType)> {
     let dtype = t.dtype();
     Ok((t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, dtype))
 }
@@ -175,29 +175,44 @@ impl Communicator for TcpComm {
         let links = &mut *links.lock().expect("poisoned");
         let (mut data, dtype) = to_f32(t)?;
         let n = self.world_size;
-        let len = data.len();
-        let bounds = |c: usize| (c * len / n, (c + 1) * len / n);
+        let cols = last_dim(t);
+        let rows = data.len() / cols;
+        // A chunk is a range of columns in every row (see `ring_chunk`).
+        let pack = |data: &[f32], c: usize| -> Vec<f32> {
+            let r = ring_chunk(cols, n, c);
+            (0..rows)
+                .flat_map(|row| {
+                    data[row * cols + r.start..row * cols + r.end]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
+        let chunk_len = |c: usize| rows * ring_chunk(cols, n, c).len();
         // Reduce-scatter: after n-1 steps, rank r holds the full sum of chunk r+1.
         for step in 0..n - 1 {
             let send = (self.rank + n - step) % n;
             let recv = (self.rank + n - step - 1) % n;
-            let (s0, s1) = bounds(send);
-            let (r0, r1) = bounds(recv);
-            let out = data[s0..s1].to_vec();
-            let incoming = Self::shift(links, &out, r1 - r0)?;
-            for (d, x) in data[r0..r1].iter_mut().zip(incoming) {
-                *d += x;
+            let incoming = Self::shift(links, &pack(&data, send), chunk_len(recv))?;
+            let r = ring_chunk(cols, n, recv);
+            for (row, part) in incoming.chunks(r.len().max(1)).enumerate().take(rows) {
+                for (d, x) in data[row * cols + r.start..row * cols + r.end]
+                    .iter_mut()
+                    .zip(part)
+                {
+                    *d += x;
+                }
             }
         }
         // All-gather the reduced chunks around the ring.
         for step in 0..n - 1 {
             let send = (self.rank + 1 + n - step) % n;
             let recv = (self.rank + n - step) % n;
-            let (s0, s1) = bounds(send);
-            let (r0, r1) = bounds(recv);
-            let out = data[s0..s1].to_vec();
-            let incoming = Self::shift(links, &out, r1 - r0)?;
-            data[r0..r1].copy_from_slice(&incoming);
+            let incoming = Self::shift(links, &pack(&data, send), chunk_len(recv))?;
+            let r = ring_chunk(cols, n, recv);
+            for (row, part) in incoming.chunks(r.len().max(1)).enumerate().take(rows) {
+                data[row * cols + r.start..row * cols + r.end].copy_from_slice(part);
+            }
         }
         Tensor::from_vec(data, t.shape(), t.device())?.to_dtype(dtype)
     }

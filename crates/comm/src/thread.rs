@@ -5,7 +5,8 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use candle_core::{Result, Tensor};
 
-use crate::Communicator;
+use crate::tcp::to_f32;
+use crate::{last_dim, ring_chunk, Communicator};
 
 #[derive(Debug)]
 struct Shared {
@@ -45,9 +46,10 @@ impl ThreadComm {
     fn exchange<R>(&self, t: Option<&Tensor>, f: impl FnOnce(&[Option<Tensor>]) -> R) -> R {
         self.shared.slots.lock().expect("poisoned")[self.rank] = t.cloned();
         self.shared.barrier.wait();
-        let out = f(&self.shared.slots.lock().expect("poisoned"));
+        // Tensors are shared handles: copy them out so ranks work in parallel.
+        let all = self.shared.slots.lock().expect("poisoned").clone();
         self.shared.barrier.wait();
-        out
+        f(&all)
     }
 }
 
@@ -62,12 +64,27 @@ impl Communicator for ThreadComm {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         let t = t.contiguous()?;
         self.exchange(Some(&t), |all| {
-            // The same order on every rank, so every rank gets the same bits.
-            let mut sum = all[0].clone().expect("rank 0 published");
-            for x in &all[1..] {
-                sum = (sum + x.as_ref().expect("every rank published"))?;
+            // The TCP ring's order (see `ring_chunk`), the same on every rank.
+            let parts = all
+                .iter()
+                .map(|x| to_f32(x.as_ref().expect("every rank published")).map(|p| p.0))
+                .collect::<Result<Vec<_>>>()?;
+            let n = parts.len();
+            let cols = last_dim(&t);
+            let mut sum = vec![0f32; parts[0].len()];
+            for (row, out) in sum.chunks_mut(cols).enumerate() {
+                for c in 0..n {
+                    for j in ring_chunk(cols, n, c) {
+                        let i = row * cols + j;
+                        let mut acc = parts[c][i];
+                        for k in 1..n {
+                            acc += parts[(c + k) % n][i];
+                        }
+                        out[j] = acc;
+                    }
+                }
             }
-            Ok(sum)
+            Tensor::from_vec(sum, t.shape(), t.device())?.to_dtype(t.dtype())
         })
     }
 

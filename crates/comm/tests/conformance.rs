@@ -147,3 +147,61 @@ fn tcp_ring() {
         check(tcp, world);
     }
 }
+
+#[test]
+fn threads_and_tcp_sum_in_the_same_order_to_the_same_bits() {
+    // Values whose sum depends on the order of additions in f32.
+    let noisy = |rank: usize| {
+        let v: Vec<f32> = (0..1001)
+            .map(|i| {
+                let x = ((i * 7919 + rank * 104_729) % 1000) as f32;
+                (x - 500.0) * 1e-3 * 10f32.powi((i % 7) as i32 - 3)
+            })
+            .collect();
+        Tensor::from_vec(v, (7, 143), &Device::Cpu).unwrap()
+    };
+    let sum = |g: Group| {
+        on_all(g, |r, c| {
+            c.all_reduce_sum(&noisy(r))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+    };
+    let first_row = |g: Group| {
+        on_all(g, |r, c| {
+            let row = noisy(r).narrow(0, 0, 1).unwrap();
+            c.all_reduce_sum(&row)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for world in [3, 4] {
+        let a = sum(threads(world));
+        let b = sum(tcp(world));
+        for r in 0..world {
+            assert_eq!(
+                bits(&a[r]),
+                bits(&b[r]),
+                "world {world}, rank {r}: backends disagree"
+            );
+        }
+        // A row sums the same alone as in a batch: batch invariance survives TP.
+        for (name, alone) in [
+            ("threads", first_row(threads(world))),
+            ("tcp", first_row(tcp(world))),
+        ] {
+            assert_eq!(
+                bits(&alone[0]),
+                bits(&a[0][..143]),
+                "{name}, world {world}: row 0 depends on the batch"
+            );
+        }
+    }
+}

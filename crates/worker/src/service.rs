@@ -84,6 +84,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
     };
 
     let done = Arc::new(Notify::new());
+    let running = Arc::new(Mutex::new(None));
     let service = WorkerService {
         node_rank: opts.node_rank,
         weights: Arc::new(weights),
@@ -93,7 +94,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
         data: Mutex::new(Some(data)),
         comm: Mutex::new(Some(comm)),
         loaded: Arc::new(Mutex::new(None)),
-        running: Arc::new(Mutex::new(None)),
+        running: running.clone(),
         done: done.clone(),
     };
     grpc.set_nonblocking(true)
