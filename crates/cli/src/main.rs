@@ -136,7 +136,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok((num * mult as f64) as u64)
 }
 
+/// A fixed mmap threshold: large buffers (the KV cache above all) come from
+/// mmap, stay untouched zero pages until used, and go back to the OS when
+/// freed. glibc's default threshold grows after large frees, after which
+/// calloc in a thread's arena writes every page of a new KV cache.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called once at start-up, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn main() -> Result<()> {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

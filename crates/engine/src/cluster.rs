@@ -328,7 +328,6 @@ pub(crate) fn form(
         let plan = &layout.nodes[rank];
         let req = pb::LoadStageRequest {
             slots: plan.slots.iter().map(Into::into).collect(),
-            num_stages: layout.pp as u32,
             kv_cache_bytes,
             max_model_len: max_model_len as u32,
             comm_ring: plan

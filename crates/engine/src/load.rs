@@ -100,8 +100,14 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     }
     let (pp, tp) = (opts.pipeline_parallel_size, opts.tensor_parallel_size);
     let nnodes = opts.cluster.as_ref().map_or(1, |c| c.nnodes);
-    let layout =
-        ClusterLayout::new(nnodes, pp, tp, config.num_layers).map_err(EngineError::Model)?;
+    let layout = ClusterLayout::new(
+        nnodes,
+        pp,
+        tp,
+        config.num_layers,
+        config.head_cost_in_layers(),
+    )
+    .map_err(EngineError::Model)?;
     if !config.num_kv_heads.is_multiple_of(tp) {
         return Err(EngineError::Model(format!(
             "--tensor-parallel-size {tp} must divide the model's {} KV heads",

@@ -24,20 +24,27 @@ impl LayerRange {
     pub fn contains(&self, layer: usize) -> bool {
         (self.start..self.end).contains(&layer)
     }
-    /// `num_layers` cut into `parts` contiguous stages as even as possible;
-    /// later stages take the remainder (the first also runs the leader).
-    pub fn split(num_layers: usize, parts: usize) -> Vec<LayerRange> {
+    /// `num_layers` cut into `parts` contiguous stages of about equal cost,
+    /// where the last stage also pays `tail_cost` layers' worth of work (the
+    /// lm_head and sampling): a pipeline runs at the pace of its slowest stage.
+    pub fn split(num_layers: usize, parts: usize, tail_cost: f64) -> Vec<LayerRange> {
         assert!(
             parts > 0 && parts <= num_layers,
             "cannot cut {num_layers} layers into {parts} stages"
         );
-        let (base, extra) = (num_layers / parts, num_layers % parts);
+        let per_stage = (num_layers as f64 + tail_cost.max(0.0)) / parts as f64;
         let mut start = 0;
         (0..parts)
             .map(|i| {
-                let len = base + usize::from(i >= parts - extra);
-                let r = LayerRange::new(start, start + len);
-                start += len;
+                let end = if i + 1 == parts {
+                    num_layers
+                } else {
+                    // At least one layer here and one for each later stage.
+                    let ideal = ((i + 1) as f64 * per_stage).floor() as usize;
+                    ideal.clamp(start + 1, num_layers - (parts - 1 - i))
+                };
+                let r = LayerRange::new(start, end);
+                start = end;
                 r
             })
             .collect()
@@ -93,6 +100,18 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// Bytes of KV cache one token takes in `layers` layers, at `dtype_bytes` per element.
+    /// The lm_head's matmul per token, in units of one decoder layer's: the
+    /// work the last pipeline stage does beyond its layers.
+    pub fn head_cost_in_layers(&self) -> f64 {
+        let h = self.hidden_size;
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size;
+        (self.vocab_size * h) as f64 / layer.max(1) as f64
+    }
+
     pub fn kv_bytes_per_token(&self, layers: usize, dtype_bytes: usize) -> usize {
         2 * layers * self.num_kv_heads * self.head_dim * dtype_bytes
     }
@@ -103,14 +122,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splits_cover_every_layer_once_with_the_remainder_last() {
-        let r = LayerRange::split(30, 4);
+    fn splits_cover_every_layer_once_as_evenly_as_the_cost_allows() {
+        let r = LayerRange::split(30, 4, 0.0);
         assert_eq!(
             r.iter().map(LayerRange::len).collect::<Vec<_>>(),
-            vec![7, 7, 8, 8]
+            vec![7, 8, 7, 8]
         );
         assert_eq!((r[0].start, r[3].end), (0, 30));
         assert!(r.windows(2).all(|w| w[0].end == w[1].start));
-        assert_eq!(LayerRange::split(3, 1), vec![LayerRange::new(0, 3)]);
+        assert_eq!(LayerRange::split(3, 1, 5.0), vec![LayerRange::new(0, 3)]);
+        // A head worth 4 layers: 30 + 4 = 34 split in two, 17 each.
+        let r = LayerRange::split(30, 2, 4.0);
+        assert_eq!((r[0].len(), r[1].len()), (17, 13));
     }
 }

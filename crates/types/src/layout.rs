@@ -46,7 +46,16 @@ pub struct ClusterLayout {
 }
 
 impl ClusterLayout {
-    pub fn new(nnodes: usize, pp: usize, tp: usize, num_layers: usize) -> Result<Self, String> {
+    /// `head_cost` is the last stage's extra work in layers
+    /// ([`ModelConfig::head_cost_in_layers`](crate::ModelConfig::head_cost_in_layers)):
+    /// it gets fewer layers to make up for it.
+    pub fn new(
+        nnodes: usize,
+        pp: usize,
+        tp: usize,
+        num_layers: usize,
+        head_cost: f64,
+    ) -> Result<Self, String> {
         if nnodes == 0 || pp == 0 || tp == 0 {
             return Err(
                 "--nnodes, --pipeline-parallel-size and --tensor-parallel-size must be at least 1"
@@ -65,7 +74,7 @@ impl ClusterLayout {
             ));
         }
         let per_node = ranks / nnodes;
-        let ranges = LayerRange::split(num_layers, pp);
+        let ranges = LayerRange::split(num_layers, pp, head_cost);
         let nodes = if per_node.is_multiple_of(tp) {
             // Whole stages per node; the next stage lives on the next node.
             let stages = per_node / tp;
@@ -143,7 +152,7 @@ mod tests {
 
     #[test]
     fn one_node_runs_every_stage() {
-        let l = ClusterLayout::new(1, 3, 2, 30).unwrap();
+        let l = ClusterLayout::new(1, 3, 2, 30, 0.0).unwrap();
         assert_eq!(l.nodes.len(), 1);
         let n = &l.nodes[0];
         assert_eq!(n.slots.len(), 3);
@@ -155,7 +164,7 @@ mod tests {
 
     #[test]
     fn whole_stages_chain_node_to_node() {
-        let l = ClusterLayout::new(2, 2, 2, 30).unwrap();
+        let l = ClusterLayout::new(2, 2, 2, 30, 0.0).unwrap();
         assert_eq!(l.nodes[0].slots[0].layers, LayerRange::new(0, 15));
         assert_eq!(l.nodes[0].next, Some(1));
         assert!(l.nodes[1].has_previous && l.nodes[1].next.is_none());
@@ -167,7 +176,7 @@ mod tests {
     #[test]
     fn single_ranks_pair_up_across_stages() {
         // PP=2 × TP=2 on four nodes: node 1 is stage 0 rank 1 and feeds node 3.
-        let l = ClusterLayout::new(4, 2, 2, 30).unwrap();
+        let l = ClusterLayout::new(4, 2, 2, 30, 0.0).unwrap();
         assert_eq!(l.nodes[1].slots[0].tp_rank_begin, 1);
         assert_eq!(l.nodes[1].next, Some(3));
         assert_eq!(l.nodes[3].ring, vec![2, 3]);
@@ -175,20 +184,31 @@ mod tests {
         assert_eq!(l.result_node(), 2);
         assert_eq!(l.pipeline_depth(), 2);
         // TP=2 over two nodes, one stage.
-        let l = ClusterLayout::new(2, 1, 2, 30).unwrap();
+        let l = ClusterLayout::new(2, 1, 2, 30, 0.0).unwrap();
         assert_eq!(l.nodes[0].ring, vec![0, 1]);
         assert!(l.nodes.iter().all(|n| n.next.is_none() && !n.has_previous));
     }
 
     #[test]
+    fn the_last_stage_gets_fewer_layers_for_its_lm_head() {
+        // SmolLM2-135M: the lm_head costs about 8 layers.
+        let l = ClusterLayout::new(2, 2, 1, 30, 8.0).unwrap();
+        assert_eq!(l.nodes[0].slots[0].layers, LayerRange::new(0, 19));
+        assert_eq!(l.nodes[1].slots[0].layers, LayerRange::new(19, 30));
+        // Never an empty stage, however heavy the head.
+        let r = LayerRange::split(3, 3, 100.0);
+        assert!(r.iter().all(|r| r.len() == 1), "{r:?}");
+    }
+
+    #[test]
     fn uneven_spreads_are_refused_with_the_arithmetic() {
-        let e = ClusterLayout::new(3, 2, 2, 30).unwrap_err();
+        let e = ClusterLayout::new(3, 2, 2, 30, 0.0).unwrap_err();
         assert!(
             e.contains("4 ranks cannot be spread evenly over 3 nodes"),
             "{e}"
         );
-        let e = ClusterLayout::new(2, 1, 4, 30).unwrap_err();
+        let e = ClusterLayout::new(2, 1, 4, 30, 0.0).unwrap_err();
         assert!(e.contains("puts 2 on each"), "{e}");
-        assert!(ClusterLayout::new(1, 31, 1, 30).is_err());
+        assert!(ClusterLayout::new(1, 31, 1, 30, 0.0).is_err());
     }
 }

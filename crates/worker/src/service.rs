@@ -23,6 +23,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::stage::{Links, LoadedNode, RingMember};
 use crate::RunnerError;
 
+/// A running worker exits when the leader's heartbeats (one a second) stop
+/// for this long.
+const LEADER_SILENCE: Duration = Duration::from_secs(15);
+
 /// How a worker finds and joins its cluster.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -85,6 +89,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
 
     let done = Arc::new(Notify::new());
     let running = Arc::new(Mutex::new(None));
+    let last_beat = Arc::new(Mutex::new(Instant::now()));
     let service = WorkerService {
         node_rank: opts.node_rank,
         weights: Arc::new(weights),
@@ -95,6 +100,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
         comm: Mutex::new(Some(comm)),
         loaded: Arc::new(Mutex::new(None)),
         running: running.clone(),
+        last_beat: last_beat.clone(),
         done: done.clone(),
     };
     grpc.set_nonblocking(true)
@@ -239,6 +245,8 @@ struct WorkerService {
     loaded: Arc<Mutex<Option<Prepared>>>,
     /// The running node's job queue, once Execute has started it.
     running: Arc<Mutex<Option<mpsc::Sender<Job>>>>,
+    /// When the leader's heartbeat last arrived.
+    last_beat: Arc<Mutex<Instant>>,
     done: Arc<Notify>,
 }
 
@@ -353,6 +361,8 @@ impl Worker for WorkerService {
         let (reply_tx, reply_rx) = tmpsc::unbounded_channel();
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         *self.running.lock().expect("poisoned") = Some(job_tx.clone());
+        // Heartbeats start now; the watchdog counts from here.
+        *self.last_beat.lock().expect("poisoned") = Instant::now();
         let (token, timeout, rank) = (self.token.clone(), self.timeout, self.node_rank);
         let num_blocks = start.num_blocks as usize;
         let done = self.done.clone();
@@ -445,12 +455,10 @@ impl Worker for WorkerService {
         &self,
         _req: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthReply>, Status> {
+        *self.last_beat.lock().expect("poisoned") = Instant::now();
         let running = self.running.lock().expect("poisoned").is_some();
         let loaded = running || self.loaded.lock().expect("poisoned").is_some();
-        Ok(Response::new(pb::HealthReply {
-            loaded,
-            num_requests: 0,
-        }))
+        Ok(Response::new(pb::HealthReply { loaded }))
     }
 
     async fn reset(
