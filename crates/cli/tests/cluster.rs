@@ -333,3 +333,14 @@ async fn each_process_reads_only_its_share_of_the_checkpoint() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_stop_when_the_leader_goes_away() {
+    let Cluster {
+        leader,
+        mut workers,
+    } = Cluster::start(&tiny(), 2, &["--kv-cache-memory", "4MiB"]).await;
+    drop(leader);
+    let (_, log) = workers[0].wait_exit().await;
+    assert!(log.contains("step stream"), "{log}");
+}

@@ -123,10 +123,38 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
         opts.leader_addr
     );
     join_leader(&opts, join).await?;
-    server
-        .await
-        .map_err(|e| setup(e.to_string()))?
-        .map_err(|e| setup(format!("worker service: {e}")))?;
+    // A leader that dies before it starts this node, or goes silent after
+    // (a host lost without a TCP reset), must not strand it.
+    let watchdog = async {
+        let deadline = Instant::now() + opts.timeout;
+        while running.lock().expect("poisoned").is_none() {
+            if Instant::now() >= deadline {
+                return format!(
+                    "the leader at {} did not start node {} within {:?} of its joining",
+                    opts.leader_addr, opts.node_rank, opts.timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let silent = last_beat.lock().expect("poisoned").elapsed();
+            if silent > LEADER_SILENCE {
+                return format!(
+                    "no heartbeat from the leader at {} for {:.0} s",
+                    opts.leader_addr,
+                    silent.as_secs_f32()
+                );
+            }
+        }
+    };
+    tokio::select! {
+        r = server => {
+            r.map_err(|e| setup(e.to_string()))?
+                .map_err(|e| setup(format!("worker service: {e}")))?;
+        }
+        why = watchdog => return Err(setup(why)),
+    }
     tracing::info!(
         "the leader closed the step stream; node {} exits",
         opts.node_rank
