@@ -23,6 +23,9 @@ use tonic::{Request, Response, Status};
 use crate::error::{EngineError, Result};
 use crate::executor::RemoteNode;
 
+/// What activations are computed and sent in (CPU builds: f32).
+const ACTIVATION_DTYPE: &str = "f32";
+
 /// A heartbeat older than this makes the cluster unhealthy.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(5);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -340,6 +343,7 @@ pub(crate) fn form(
                 .map(|n| members[&n].data_addr.to_string())
                 .unwrap_or_default(),
             has_previous: plan.has_previous,
+            dtype: ACTIVATION_DTYPE.into(),
         };
         let mut client = client.clone();
         loads.push((rank, rt.spawn(async move { client.load_stage(req).await })));

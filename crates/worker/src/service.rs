@@ -300,6 +300,12 @@ impl Worker for WorkerService {
         if slots.is_empty() {
             return Err(Status::invalid_argument("no stage to load"));
         }
+        if req.dtype != "f32" {
+            return Err(Status::failed_precondition(format!(
+                "node {} computes activations in f32 on CPU; the leader asked for `{}`",
+                self.node_rank, req.dtype
+            )));
+        }
         let ring = if slots.iter().any(|s| s.spans_nodes()) {
             let addrs = req
                 .comm_ring
