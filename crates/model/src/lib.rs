@@ -17,6 +17,9 @@ mod rope;
 pub mod weights;
 
 pub use attention::{paged_attention, write_kv};
+
+// The CUDA kernels address the same paged cache layout.
+const _: () = assert!(strata_kernels::KERNEL_BLOCK_SIZE == strata_types::BLOCK_SIZE);
 pub use config::{config_from_gguf, config_from_hf_json};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
