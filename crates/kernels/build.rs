@@ -28,7 +28,9 @@ fn main() {
     sources.sort();
     for src in &sources {
         println!("cargo:rerun-if-changed={}", src.display());
-        let ptx = out.join(src.file_stem().expect("a file name")).with_extension("ptx");
+        let ptx = out
+            .join(src.file_stem().expect("a file name"))
+            .with_extension("ptx");
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17", "--use_fast_math"])
             .arg(format!("-arch=compute_{cap}"))

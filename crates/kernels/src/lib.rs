@@ -9,6 +9,10 @@
 //! (`strata_model::Rope::apply`, `write_kv`, `paged_attention`), so the GPU
 //! is held to what the CPU path serves.
 
+mod ops;
+
+pub use ops::silu_and_mul;
+
 /// The PTX of each `kernels/*.cu`, by module name.
 #[cfg(feature = "cuda")]
 pub mod ptx {
