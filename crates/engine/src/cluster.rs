@@ -364,7 +364,13 @@ pub(crate) fn form(
     opts.state.set_loaded(0);
     for (rank, load) in loads {
         let reply = rt
-            .block_on(load)
+            .block_on(tokio::time::timeout(opts.timeout, load))
+            .map_err(|_| {
+                cluster_err(format!(
+                    "node {rank} did not finish loading within {:?}",
+                    opts.timeout
+                ))
+            })?
             .map_err(|e| cluster_err(e.to_string()))?
             .map_err(|s| cluster_err(format!("node {rank} could not load: {}", s.message())))?
             .into_inner();
@@ -417,7 +423,13 @@ pub(crate) fn form(
     };
     for (rank, tx, call) in streams {
         let mut replies = rt
-            .block_on(call)
+            .block_on(tokio::time::timeout(opts.timeout, call))
+            .map_err(|_| {
+                cluster_err(format!(
+                    "node {rank} did not open its step stream within {:?}",
+                    opts.timeout
+                ))
+            })?
             .map_err(|e| cluster_err(e.to_string()))?
             .map_err(|s| cluster_err(format!("node {rank}: {}", s.message())))?
             .into_inner();
