@@ -124,13 +124,21 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         config.num_kv_heads,
         config.vocab_size
     );
-    let mut last_pct = 0;
-    let num_layers = config.num_layers;
-    let mut progress = |layer: usize, _: LayerRange| {
-        let pct = (layer + 1) * 100 / num_layers;
-        if pct >= last_pct + 10 || layer + 1 == num_layers {
+    // Progress over what this node loads: each layer of each local rank.
+    let slots = &layout.nodes[0].slots;
+    let total: usize = slots.iter().map(|s| s.layers.len() * s.tp_rank_count).sum();
+    let unit = if slots.iter().all(|s| s.tp_rank_count == 1) {
+        "layers"
+    } else {
+        "layer shards"
+    };
+    let (mut done, mut last_pct) = (0, 0);
+    let mut progress = |_layer: usize, _: LayerRange| {
+        done += 1;
+        let pct = done * 100 / total;
+        if pct >= last_pct + 10 || done == total {
             last_pct = pct;
-            tracing::info!("loaded layer {}/{num_layers} ({pct}%)", layer + 1);
+            tracing::info!("loaded {done}/{total} {unit} of this node ({pct}%)");
         }
     };
 
