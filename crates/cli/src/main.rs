@@ -265,7 +265,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        state.set_loaded(0);
+        state.set_loaded(0, info.weight_bytes);
         tracing::info!("serving model `{served_model_name}`");
         Ok(AppState {
             engine,

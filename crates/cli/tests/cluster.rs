@@ -16,6 +16,19 @@ fn tiny() -> String {
     .to_string()
 }
 
+/// The flags of a PP x TP layout with a KV budget per node.
+fn sizes(pp: usize, tp: usize, kv: &str) -> Vec<String> {
+    let flags = [
+        "--pipeline-parallel-size",
+        &pp.to_string(),
+        "--tensor-parallel-size",
+        &tp.to_string(),
+        "--kv-cache-memory",
+        kv,
+    ];
+    flags.iter().map(|f| f.to_string()).collect()
+}
+
 /// Greedy completions of several prompts at once, with top-5 logprobs.
 async fn completions(server: &Server, prompts: &[&str], max_tokens: usize) -> Vec<Value> {
     join_all(prompts.iter().map(|p| async move {
@@ -57,51 +70,13 @@ async fn tiny_model_across_processes_equals_one_process() {
     let one = Server::start_model(&model, &["--kv-cache-memory", "4MiB"]).await;
     let want = completions(&one, &prompts, 8).await;
     drop(one);
-    for (what, nnodes, flags) in [
-        (
-            "PP=2 in two processes",
-            2,
-            [
-                "--pipeline-parallel-size",
-                "2",
-                "--tensor-parallel-size",
-                "1",
-            ],
-        ),
-        (
-            "TP=2 in two processes",
-            2,
-            [
-                "--pipeline-parallel-size",
-                "1",
-                "--tensor-parallel-size",
-                "2",
-            ],
-        ),
-        (
-            "PP=2 x TP=2 in four processes",
-            4,
-            [
-                "--pipeline-parallel-size",
-                "2",
-                "--tensor-parallel-size",
-                "2",
-            ],
-        ),
-        (
-            "PP=2 x TP=2 threads in two processes",
-            2,
-            [
-                "--pipeline-parallel-size",
-                "2",
-                "--tensor-parallel-size",
-                "2",
-            ],
-        ),
+    for (what, nnodes, pp, tp) in [
+        ("PP=2 in two processes", 2, 2, 1),
+        ("TP=2 in two processes", 2, 1, 2),
+        ("PP=2 x TP=2 in four processes", 4, 2, 2),
+        ("PP=2 x TP=2 threads in two processes", 2, 2, 2),
     ] {
-        let mut args = vec!["--kv-cache-memory", "4MiB"];
-        args.extend(flags);
-        let cluster = Cluster::start(&model, nnodes, &args).await;
+        let cluster = Cluster::start(&model, nnodes, &sizes(pp, tp, "4MiB")).await;
         let got = completions(&cluster.leader, &prompts, 8).await;
         assert_same_tokens_and_logprobs(&want, &got, what);
     }
@@ -117,31 +92,11 @@ async fn demo_model_across_processes_gives_the_same_tokens() {
     let one = Server::start_model(&model, &["--kv-cache-memory", "64MiB"]).await;
     let want = greedy(&one, &prompts).await;
     drop(one);
-    for (what, nnodes, flags) in [
-        (
-            "PP=2 in two processes",
-            2,
-            [
-                "--pipeline-parallel-size",
-                "2",
-                "--tensor-parallel-size",
-                "1",
-            ],
-        ),
-        (
-            "PP=3 in three processes",
-            3,
-            [
-                "--pipeline-parallel-size",
-                "3",
-                "--tensor-parallel-size",
-                "1",
-            ],
-        ),
+    for (what, nnodes, pp, tp) in [
+        ("PP=2 in two processes", 2, 2, 1),
+        ("PP=3 in three processes", 3, 3, 1),
     ] {
-        let mut args = vec!["--kv-cache-memory", "64MiB"];
-        args.extend(flags);
-        let cluster = Cluster::start(&model, nnodes, &args).await;
+        let cluster = Cluster::start(&model, nnodes, &sizes(pp, tp, "64MiB")).await;
         assert_eq!(greedy(&cluster.leader, &prompts).await, want, "{what}");
     }
     // Tensor parallelism on quantized weights cannot equal one rank bit for
@@ -279,47 +234,23 @@ fn tensor_bytes(file: &str) -> std::collections::HashMap<String, u64> {
 async fn each_process_reads_only_its_share_of_the_checkpoint() {
     // PP=3 x TP=2 in six processes: every node holds one layer's half.
     let model = tiny();
-    let sizes = tensor_bytes(&format!("{model}/model.safetensors"));
-    let layers: u64 = sizes
+    let bytes = tensor_bytes(&format!("{model}/model.safetensors"));
+    let layers: u64 = bytes
         .iter()
         .filter(|(k, _)| k.contains(".layers."))
         .map(|(_, v)| v)
         .sum();
     let (embed, head, norm) = (
-        sizes["model.embed_tokens.weight"],
-        sizes["lm_head.weight"],
-        sizes["model.norm.weight"],
+        bytes["model.embed_tokens.weight"],
+        bytes["lm_head.weight"],
+        bytes["model.norm.weight"],
     );
-    let cluster = Cluster::start(
-        &model,
-        6,
-        &[
-            "--pipeline-parallel-size",
-            "3",
-            "--tensor-parallel-size",
-            "2",
-            "--kv-cache-memory",
-            "4MiB",
-        ],
-    )
-    .await;
-    let text = cluster
-        .leader
-        .client
-        .get(cluster.leader.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let cluster = Cluster::start(&model, 6, &sizes(3, 2, "4MiB")).await;
     for node in 0..6u64 {
-        let read: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("strata_node_weight_bytes{{node=\"{node}\"}} ")))
-            .unwrap_or_else(|| panic!("node {node} missing from /metrics:\n{text}"))
-            .parse()
-            .unwrap();
+        let read = cluster
+            .leader
+            .metric(&format!("strata_node_weight_bytes{{node=\"{node}\"}}"))
+            .await;
         let stage = node / 2;
         let own = match stage {
             0 => embed / 2,

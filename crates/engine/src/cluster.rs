@@ -103,9 +103,11 @@ impl ClusterState {
         out
     }
 
-    pub fn set_loaded(&self, node: usize) {
+    /// Marks `node` loaded, having read `weight_bytes` of the checkpoint.
+    pub fn set_loaded(&self, node: usize, weight_bytes: u64) {
         self.update(node, |n| {
             n.loaded = true;
+            n.weight_bytes = weight_bytes;
             n.last_heartbeat = Some(Instant::now());
         });
     }
@@ -359,9 +361,7 @@ pub(crate) fn form(
     let local = LoadedNode::load(weights, config, &plan.slots, ring, max_model_len, progress)
         .map_err(|e| cluster_err(format!("loading the leader's stages: {e}")))?;
     let mut num_blocks = kv_cache_bytes / local.bytes_per_block() as u64;
-    opts.state
-        .update(0, |n| n.weight_bytes = weights.bytes_read());
-    opts.state.set_loaded(0);
+    opts.state.set_loaded(0, weights.bytes_read());
     for (rank, load) in loads {
         let reply = rt
             .block_on(tokio::time::timeout(opts.timeout, load))
@@ -380,9 +380,7 @@ pub(crate) fn form(
             reply.num_blocks
         );
         num_blocks = num_blocks.min(reply.num_blocks);
-        opts.state
-            .update(rank, |n| n.weight_bytes = reply.weight_bytes_read);
-        opts.state.set_loaded(rank);
+        opts.state.set_loaded(rank, reply.weight_bytes_read);
     }
     if num_blocks == 0 {
         return Err(cluster_err(format!(

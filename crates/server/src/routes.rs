@@ -615,13 +615,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     out.push_str(&format!(
         "# HELP {name} Checkpoint bytes each node read for its share of the model.\n# TYPE {name} gauge\n"
     ));
-    let per_node = state.cluster.weight_bytes();
-    for (node, bytes) in per_node.iter().enumerate() {
-        let bytes = if per_node.len() == 1 {
-            state.info.weight_bytes
-        } else {
-            *bytes
-        };
+    for (node, bytes) in state.cluster.weight_bytes().iter().enumerate() {
         out.push_str(&format!("{name}{{node=\"{node}\"}} {bytes}\n"));
     }
     (

@@ -344,7 +344,9 @@ pub fn cluster_args(nnodes: usize, rank: usize, cluster_port: u16, extra: &[&str
 
 impl Cluster {
     /// Starts the leader, then every worker; returns once `/health` is 200.
-    pub async fn start(model: &str, nnodes: usize, extra: &[&str]) -> Cluster {
+    pub async fn start(model: &str, nnodes: usize, extra: &[impl AsRef<str>]) -> Cluster {
+        let extra: Vec<&str> = extra.iter().map(AsRef::as_ref).collect();
+        let extra = &extra[..];
         let port = free_port();
         let leader_args = cluster_args(nnodes, 0, port, extra);
         let leader_args: Vec<&str> = leader_args.iter().map(String::as_str).collect();
