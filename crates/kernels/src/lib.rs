@@ -26,15 +26,6 @@ pub mod ptx {
     module!(PAGED_ATTENTION, "paged_attention");
     module!(RMS_NORM, "rms_norm");
     module!(ROTARY, "rotary");
-
-    /// Every module with the kernels it defines (each in three dtypes).
-    pub const MODULES: &[(&str, &str, &[&str])] = &[
-        ("activation", ACTIVATION, &["silu_and_mul"]),
-        ("kv_cache", KV_CACHE, &["write_kv"]),
-        ("paged_attention", PAGED_ATTENTION, &["paged_attention"]),
-        ("rms_norm", RMS_NORM, &["add_rms_norm"]),
-        ("rotary", ROTARY, &["rotary"]),
-    ];
 }
 
 /// Tokens per KV-cache block the kernels assume (`STRATA_BLOCK_SIZE` in
