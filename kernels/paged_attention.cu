@@ -1,7 +1,9 @@
 // Causal attention over the paged KV cache for a flattened batch: token t of
 // sequence token_seq[t] attends to positions 0..=positions[t] through that
-// sequence's block table (block_tables is [seqs, max_blocks]). Query heads
-// share KV heads in groups (GQA). The query is rotated here, as the CPU path
+// sequence's block table (block_tables is [seqs, max_blocks]); `kv_cache` is
+// one layer's [2, num_slots, kv_heads * head_dim], keys then values. Query heads
+// share KV heads in groups (GQA). Query rows are q_stride elements apart (a
+// column slice of the fused qkv output). The query is rotated here, as the CPU path
 // does. Decode tokens and prefill tokens take the same path, so it serves
 // both; long prefills are bounded by one pass over the context per token.
 //
@@ -17,8 +19,8 @@
 #define PER_LANE (MAX_HEAD_DIM / 32)
 
 template <typename T>
-__device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k_cache,
-                                const T* __restrict__ v_cache,
+__device__ void paged_attention(const T* __restrict__ q, int64_t q_stride,
+                                const T* __restrict__ kv_cache, int64_t num_slots,
                                 const uint32_t* __restrict__ positions,
                                 const uint32_t* __restrict__ token_seq,
                                 const uint32_t* __restrict__ block_tables, int max_blocks,
@@ -36,7 +38,7 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     const float scale = rsqrtf((float)head_dim);
 
     // The rotated, scaled query.
-    const T* qh = q + (t * heads + h) * head_dim;
+    const T* qh = q + t * q_stride + (int64_t)h * head_dim;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
         int ia, ib;
         pair_index(style, i, half, ia, ib);
@@ -48,6 +50,8 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
     __syncthreads();
 
     const int64_t kv_row = (int64_t)kv_heads * head_dim;
+    const T* k_cache = kv_cache;
+    const T* v_cache = kv_cache + num_slots * kv_row;
     const int64_t kv_off = (int64_t)(h / (heads / kv_heads)) * head_dim;
     const uint32_t* table = block_tables + (int64_t)token_seq[t] * max_blocks;
     float m = -INFINITY, s = 0.0f, acc[PER_LANE];
@@ -102,10 +106,10 @@ __device__ void paged_attention(const T* __restrict__ q, const T* __restrict__ k
 
 #define INSTANTIATE(T, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) paged_attention_##NAME(        \
-        const T* q, const T* k_cache, const T* v_cache, const uint32_t* positions,               \
+        const T* q, int64_t q_stride, const T* kv_cache, int64_t num_slots, const uint32_t* positions,               \
         const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks, const float* cos, \
         const float* sin, T* out, int heads, int kv_heads, int head_dim, int style) {            \
-        paged_attention<T>(q, k_cache, v_cache, positions, token_seq, block_tables, max_blocks,  \
+        paged_attention<T>(q, q_stride, kv_cache, num_slots, positions, token_seq, block_tables, max_blocks,  \
                            cos, sin, out, heads, kv_heads, head_dim, style);                     \
     }
 STRATA_FOR_EACH_DTYPE(INSTANTIATE)

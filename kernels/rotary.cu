@@ -1,8 +1,10 @@
-// Rotary embedding in place on `x` = [tokens, heads, head_dim], token t at
-// position positions[t]; `cos`/`sin` are [max_positions, head_dim / 2] (f32,
-// llama3 scaling and GGUF frequency factors already folded in). One thread
-// block per token, one thread per (head, pair).
-// CPU reference: strata_model::Rope::apply.
+// Rotary embedding in place on `x` = [tokens, heads, head_dim] (contiguous),
+// token t at position positions[t]; `cos`/`sin` are [max_positions,
+// head_dim / 2] (f32, llama3 scaling and GGUF frequency factors already
+// folded in). One thread block per token, one thread per (head, pair).
+// The model rotates inside write_kv and paged_attention instead; this kernel
+// is the stand-alone form of the same rotation.
+// CPU reference: strata_kernels::reference::rotary (held to strata_model::Rope::apply).
 #include "common.cuh"
 
 template <typename T>

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use strata_engine::{
     ensure_demo_model, load_engine, ClusterOptions, ClusterState, LoadOptions, DEMO_MODEL_NAME,
 };
+use strata_model::{parse_dtype, DeviceRequest};
 use strata_server::AppState;
 use strata_worker::{run_worker, WorkerOptions};
 
@@ -56,9 +57,24 @@ struct ServeArgs {
     /// prompts are prefilled in chunks of this size.
     #[arg(long, default_value_t = 2048)]
     max_num_batched_tokens: usize,
-    /// Memory for the KV cache, e.g. 512MiB, 2GiB, or bytes.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-    kv_cache_memory: u64,
+    /// Where to compute: auto (a CUDA GPU when one is visible, else the CPU),
+    /// cpu or cuda. CUDA_VISIBLE_DEVICES chooses the GPUs; tensor-parallel
+    /// ranks of one process take one GPU each.
+    #[arg(long, env = "STRATA_DEVICE", default_value = "auto")]
+    device: DeviceRequest,
+    /// Activation and KV-cache dtype: auto (float32 on CPU, bfloat16 on GPU),
+    /// float32, bfloat16 or float16 (half precision on GPU only).
+    #[arg(long, default_value = "auto", value_parser = |s: &str| parse_dtype(s).map(|_| s.to_string()))]
+    dtype: String,
+    /// Memory for the KV cache, e.g. 512MiB, 2GiB, or bytes. Default: 1GiB on
+    /// the CPU; on a GPU, what --gpu-memory-utilization leaves.
+    #[arg(long, value_parser = parse_size)]
+    kv_cache_memory: Option<u64>,
+    /// On a GPU, the fraction of its memory strata may use (vLLM's meaning):
+    /// the KV cache gets this share of the device, less the weights and an
+    /// activation reserve. Ignored when --kv-cache-memory is given.
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
     /// Reuse the KV of shared prompt prefixes (on by default).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     enable_prefix_caching: bool,
@@ -181,6 +197,12 @@ fn serve(args: ServeArgs) -> Result<()> {
     {
         bail!("--max-num-seqs, --max-num-batched-tokens and --max-pending-requests must be at least 1");
     }
+    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+        bail!(
+            "--gpu-memory-utilization must be in (0, 1], got {}",
+            args.gpu_memory_utilization
+        );
+    }
     let flags = launch::LaunchFlags {
         nnodes: args.nnodes,
         node_rank: args.node_rank,
@@ -224,6 +246,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             advertise_host: args.advertise_host,
             token,
             timeout,
+            device: args.device,
         };
         return rt.block_on(run_worker(opts)).map_err(Into::into);
     }
@@ -250,7 +273,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_model_len: args.max_model_len,
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
-        kv_cache_bytes: args.kv_cache_memory,
+        kv_cache_bytes: args.kv_cache_memory.unwrap_or(1 << 30),
+        gpu_memory_utilization: args
+            .kv_cache_memory
+            .is_none()
+            .then_some(args.gpu_memory_utilization),
+        device: args.device,
+        dtype: parse_dtype(&args.dtype).map_err(anyhow::Error::msg)?,
         enable_prefix_caching: args.enable_prefix_caching,
         max_pending_requests: args.max_pending_requests,
         pipeline_parallel_size: args.pipeline_parallel_size.unwrap_or(role.nnodes),

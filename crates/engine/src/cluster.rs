@@ -6,13 +6,13 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use strata_model::Weights;
+use strata_model::{dtype_name, Placement, Weights};
 use strata_proto::v1::leader_server::{Leader, LeaderServer};
 use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{self as pb, execute_request::Kind};
 use strata_proto::{AddToken, CheckToken, BUILD_VERSION};
 use strata_types::{ClusterLayout, ModelConfig};
-use strata_worker::{Links, LoadedNode, NodeStages, RingMember};
+use strata_worker::{KvBudget, Links, LoadedNode, NodeStages, RingMember};
 use tokio::sync::{mpsc as tmpsc, Notify};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::StreamExt;
@@ -24,7 +24,6 @@ use crate::error::{EngineError, Result};
 use crate::executor::RemoteNode;
 
 /// What activations are computed and sent in (CPU builds: f32).
-const ACTIVATION_DTYPE: &str = "f32";
 
 /// A heartbeat older than this makes the cluster unhealthy.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(5);
@@ -229,6 +228,14 @@ pub(crate) struct Formed {
     pub num_blocks: usize,
 }
 
+/// How every node loads: the KV budget, the leader's placement (workers
+/// compute in its dtype on their own devices), the rope length.
+pub(crate) struct NodeSetup<'a> {
+    pub budget: KvBudget,
+    pub placement: &'a Placement,
+    pub max_model_len: usize,
+}
+
 /// Forms the cluster: waits for every worker to join, loads every node's
 /// stages (the leader's own here, the others by LoadStage), allocates the
 /// least KV capacity any node can hold, and opens the step streams.
@@ -237,10 +244,17 @@ pub(crate) fn form(
     layout: &ClusterLayout,
     weights: &Weights,
     config: &ModelConfig,
-    kv_cache_bytes: u64,
-    max_model_len: usize,
+    setup: NodeSetup,
     progress: &mut dyn FnMut(usize, strata_types::LayerRange),
 ) -> Result<Formed> {
+    let max_model_len = setup.max_model_len;
+    let (kv_cache_bytes, gpu_memory_utilization, max_num_batched_tokens) = match setup.budget {
+        KvBudget::Bytes(b) => (b, 0.0, 0),
+        KvBudget::DeviceFraction {
+            fraction,
+            max_batch_tokens,
+        } => (0, fraction, max_batch_tokens as u32),
+    };
     let rt = &opts.runtime;
     let add_token = AddToken::new(&opts.token).map_err(cluster_err)?;
     let comm_listener = TcpListener::bind(SocketAddr::new(opts.listen.ip(), 0))
@@ -345,7 +359,9 @@ pub(crate) fn form(
                 .map(|n| members[&n].data_addr.to_string())
                 .unwrap_or_default(),
             has_previous: plan.has_previous,
-            dtype: ACTIVATION_DTYPE.into(),
+            dtype: dtype_name(setup.placement.dtype()).into(),
+            gpu_memory_utilization,
+            max_num_batched_tokens,
         };
         let mut client = client.clone();
         loads.push((rank, rt.spawn(async move { client.load_stage(req).await })));
@@ -358,9 +374,20 @@ pub(crate) fn form(
         token: opts.token.clone(),
         timeout: opts.timeout,
     });
-    let local = LoadedNode::load(weights, config, &plan.slots, ring, max_model_len, progress)
-        .map_err(|e| cluster_err(format!("loading the leader's stages: {e}")))?;
-    let mut num_blocks = kv_cache_bytes / local.bytes_per_block() as u64;
+    let local = LoadedNode::load(
+        weights,
+        config,
+        &plan.slots,
+        ring,
+        max_model_len,
+        setup.placement,
+        progress,
+    )
+    .map_err(|e| cluster_err(format!("loading the leader's stages: {e}")))?;
+    let mut num_blocks = local
+        .kv_blocks(setup.budget)
+        .map_err(|e| cluster_err(format!("sizing the leader's KV cache: {e}")))?
+        as u64;
     opts.state.set_loaded(0, weights.bytes_read());
     for (rank, load) in loads {
         let reply = rt
@@ -383,9 +410,9 @@ pub(crate) fn form(
         opts.state.set_loaded(rank, reply.weight_bytes_read);
     }
     if num_blocks == 0 {
-        return Err(cluster_err(format!(
-            "--kv-cache-memory of {kv_cache_bytes} bytes holds no KV block on some node"
-        )));
+        return Err(cluster_err(
+            "the KV budget holds no block on some node (give it more with --kv-cache-memory or --gpu-memory-utilization)",
+        ));
     }
 
     // Open the step streams; each worker connects its data plane on Start.
@@ -461,7 +488,9 @@ pub(crate) fn form(
             rx: reply_rx,
         });
     }
-    let local = local.start(num_blocks as usize, links);
+    let local = local
+        .start(num_blocks as usize, links)
+        .map_err(|e| cluster_err(format!("starting the leader's stages: {e}")))?;
 
     // Heartbeats: every worker, every second, for as long as the leader runs.
     for (rank, mut client) in clients {

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde_json::Value as Json;
-use strata_model::{WeightFormat, Weights};
+use strata_model::{DeviceRequest, Placement, WeightFormat, Weights};
 use strata_types::{ClusterLayout, LayerRange, ModelConfig, TokenId, BLOCK_SIZE};
-use strata_worker::{Links, LoadedNode};
+use strata_worker::{KvBudget, Links, LoadedNode};
 
 use crate::cluster::ClusterOptions;
 use crate::engine::{start_engine, EngineConfig, EngineHandle};
@@ -25,8 +25,15 @@ pub struct LoadOptions {
     pub max_model_len: Option<usize>,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
-    /// Bytes for the KV cache.
+    /// Bytes for the KV cache (each node's, for its own layers).
     pub kv_cache_bytes: u64,
+    /// On a GPU, size the KV cache by vLLM's `--gpu-memory-utilization`
+    /// instead of `kv_cache_bytes` (ignored on the CPU).
+    pub gpu_memory_utilization: Option<f64>,
+    /// `--device`: where this process computes.
+    pub device: DeviceRequest,
+    /// `--dtype`: `None` for the device's default (f32 on CPU, bf16 on GPU).
+    pub dtype: Option<DType>,
     pub enable_prefix_caching: bool,
     pub max_pending_requests: usize,
     /// Pipeline stages to cut the model into.
@@ -126,6 +133,9 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     );
     // Progress over what this node loads: each layer of each local rank.
     let slots = &layout.nodes[0].slots;
+    let local_ranks: usize = slots.iter().map(|s| s.tp_rank_count).sum();
+    let placement = Placement::resolve(opts.device, opts.dtype, local_ranks)?;
+    tracing::info!("computing on {}", placement.describe());
     let total: usize = slots.iter().map(|s| s.layers.len() * s.tp_rank_count).sum();
     let unit = if slots.iter().all(|s| s.tp_rank_count == 1) {
         "layers"
@@ -142,9 +152,17 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         }
     };
 
-    // Size the cache before loading so a bad budget fails fast: every node
-    // gets the same budget for its own layers, and the engine schedules over
-    // the fewest blocks any node holds.
+    let budget = match opts.gpu_memory_utilization {
+        Some(fraction) if !placement.is_cpu() => KvBudget::DeviceFraction {
+            fraction,
+            max_batch_tokens: opts.max_num_batched_tokens,
+        },
+        _ => KvBudget::Bytes(opts.kv_cache_bytes),
+    };
+    // A byte budget is checked before loading, so a bad one fails fast:
+    // every node gets the same budget for its own layers, and the engine
+    // schedules over the fewest blocks any node holds.
+    let dtype_bytes = placement.dtype().size_in_bytes();
     let bytes_per_block = layout
         .nodes
         .iter()
@@ -157,38 +175,27 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                             s.layers.len(),
                             config.num_kv_heads / tp,
                             config.head_dim,
+                            dtype_bytes,
                         )
                 })
                 .sum::<usize>()
         })
         .max()
         .expect("at least one node");
-    let num_blocks = (opts.kv_cache_bytes / bytes_per_block as u64) as usize;
-    let capacity = num_blocks * BLOCK_SIZE;
-    if num_blocks == 0 {
-        return Err(EngineError::Model(format!(
-            "--kv-cache-memory of {} bytes holds no block ({} bytes each)",
-            opts.kv_cache_bytes, bytes_per_block
-        )));
+    if let KvBudget::Bytes(bytes) = budget {
+        let capacity = (bytes / bytes_per_block as u64) as usize * BLOCK_SIZE;
+        check_max_model_len(opts.max_model_len, capacity, bytes_per_block, bytes)?;
     }
-    let max_model_len = match opts.max_model_len {
-        Some(n) if n > capacity => {
-            return Err(EngineError::Model(format!(
-                "--max-model-len {n} needs {} bytes of KV cache but --kv-cache-memory gives {} ({capacity} tokens)",
-                n.div_ceil(BLOCK_SIZE) * bytes_per_block,
-                opts.kv_cache_bytes
-            )))
+    // The rope tables cover the longest sequence this run may allow.
+    let rope_len = match budget {
+        KvBudget::Bytes(bytes) => {
+            let capacity = (bytes / bytes_per_block as u64) as usize * BLOCK_SIZE;
+            opts.max_model_len
+                .unwrap_or(config.max_position_embeddings.min(capacity))
         }
-        Some(n) => n,
-        None if config.max_position_embeddings > capacity => {
-            tracing::warn!(
-                "the KV cache holds {capacity} tokens, less than the model's context of {}; \
-                 serving with --max-model-len {capacity} (raise --kv-cache-memory for more)",
-                config.max_position_embeddings
-            );
-            capacity
+        KvBudget::DeviceFraction { .. } => {
+            opts.max_model_len.unwrap_or(config.max_position_embeddings)
         }
-        None => config.max_position_embeddings,
     };
     let (executor, num_blocks) = match &opts.cluster {
         None => {
@@ -197,11 +204,23 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                 &config,
                 &layout.nodes[0].slots,
                 None,
-                max_model_len,
+                rope_len,
+                &placement,
                 &mut progress,
             )
             .map_err(|e| EngineError::Model(e.to_string()))?;
-            let stages = node.start(num_blocks, Links::default());
+            let num_blocks = node
+                .kv_blocks(budget)
+                .map_err(|e| EngineError::Model(e.to_string()))?;
+            check_max_model_len(
+                opts.max_model_len,
+                num_blocks * BLOCK_SIZE,
+                bytes_per_block,
+                (num_blocks * bytes_per_block) as u64,
+            )?;
+            let stages = node
+                .start(num_blocks, Links::default())
+                .map_err(|e| EngineError::Model(e.to_string()))?;
             (PipelineExecutor::local(stages), num_blocks)
         }
         Some(cluster) => {
@@ -210,9 +229,18 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                 &layout,
                 &weights,
                 &config,
-                opts.kv_cache_bytes,
-                max_model_len,
+                crate::cluster::NodeSetup {
+                    budget,
+                    placement: &placement,
+                    max_model_len: rope_len,
+                },
                 &mut progress,
+            )?;
+            check_max_model_len(
+                opts.max_model_len,
+                formed.num_blocks * BLOCK_SIZE,
+                bytes_per_block,
+                (formed.num_blocks * bytes_per_block) as u64,
             )?;
             (
                 PipelineExecutor::cluster(
@@ -226,10 +254,22 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         }
     };
     let capacity = num_blocks * BLOCK_SIZE;
+    let max_model_len = match opts.max_model_len {
+        Some(n) => n,
+        None if config.max_position_embeddings > capacity => {
+            tracing::warn!(
+                "the KV cache holds {capacity} tokens, less than the model's context of {}; \
+                 serving with --max-model-len {capacity} (give the cache more memory for more)",
+                config.max_position_embeddings
+            );
+            capacity
+        }
+        None => config.max_position_embeddings,
+    };
     let weight_bytes = weights.bytes_read();
     tracing::info!(
         "model loaded in {:.1}s ({:.1} MiB of weights); KV cache: {num_blocks} blocks of {BLOCK_SIZE} tokens \
-         = {capacity} tokens ({:.1} MiB); max model length {max_model_len}",
+         = {capacity} tokens ({:.1} MiB on the largest node); max model length {max_model_len}",
         started.elapsed().as_secs_f32(),
         weight_bytes as f64 / (1 << 20) as f64,
         (num_blocks * bytes_per_block) as f64 / (1 << 20) as f64
@@ -260,6 +300,29 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
             weight_bytes,
         },
     ))
+}
+
+/// Refuses a `--max-model-len` the KV cache cannot hold, and a cache that
+/// holds no block.
+fn check_max_model_len(
+    max_model_len: Option<usize>,
+    capacity: usize,
+    bytes_per_block: usize,
+    cache_bytes: u64,
+) -> Result<()> {
+    if capacity == 0 {
+        return Err(EngineError::Model(format!(
+            "the KV cache budget of {cache_bytes} bytes holds no block ({bytes_per_block} bytes each); \
+             give it more with --kv-cache-memory or --gpu-memory-utilization"
+        )));
+    }
+    match max_model_len {
+        Some(n) if n > capacity => Err(EngineError::Model(format!(
+            "--max-model-len {n} needs {} bytes of KV cache but the budget gives {cache_bytes} ({capacity} tokens)",
+            n.div_ceil(BLOCK_SIZE) * bytes_per_block,
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn token_ids(v: &Json) -> Vec<TokenId> {

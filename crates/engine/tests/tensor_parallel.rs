@@ -35,7 +35,7 @@ fn run(comm: Arc<dyn Communicator>, prompt: &[u32], forced: &[u32]) -> (Vec<Vec<
         &mut |_, _| {},
     )
     .unwrap();
-    let mut kv = m.new_kv_cache(8);
+    let mut kv = m.new_kv_cache(8).unwrap();
     let table: Vec<u32> = (0..8).collect();
     let mut out = Vec::new();
     let mut start = 0;

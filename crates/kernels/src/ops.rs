@@ -1,22 +1,92 @@
-//! The kernels as candle ops: one call works on CPU tensors (through the
-//! reference) and on CUDA tensors (through the kernel), so model code does
-//! not branch on the device.
+//! The element-wise kernels as candle ops: fused residual add + RMSNorm,
+//! SiLU-and-mul, rotary embedding.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp1, Layout, Result, Shape, Tensor};
 
-use crate::reference;
+use crate::attention::RopeTables;
+use crate::{err, reference};
+
+/// The f32 elements of a CPU storage from `l`'s start offset on.
+pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(&v[l.start_offset()..]),
+        _ => Err(err(format!("{what} on CPU takes f32"))),
+    }
+}
+
+pub(crate) fn cpu_f32_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<&'a mut [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[l.start_offset()..]),
+        _ => Err(err(format!("{what} on CPU takes f32"))),
+    }
+}
+
+/// `(rows, width, row stride)` of a 2-D layout whose rows are contiguous.
+pub(crate) fn rows(l: &Layout, what: &str) -> Result<(usize, usize, usize)> {
+    match (l.dims(), l.stride()) {
+        ([r, w], [s, 1]) => Ok((*r, *w, *s)),
+        ([r, 1], [s, _]) => Ok((*r, 1, *s)),
+        (d, s) => Err(err(format!(
+            "{what} needs [rows, width] with contiguous rows, got dims {d:?} strides {s:?}"
+        ))),
+    }
+}
+
+fn contiguous(l: &Layout, what: &str) -> Result<()> {
+    if l.is_contiguous() {
+        Ok(())
+    } else {
+        Err(err(format!("{what} needs a contiguous input")))
+    }
+}
 
 /// `silu(gate) * up` over a `[tokens, 2 * inter]` tensor holding `[gate | up]`.
 pub fn silu_and_mul(gate_up: &Tensor) -> Result<Tensor> {
     gate_up.apply_op1_no_bwd(&SiluAndMul)
 }
 
+/// RMSNorm of each row of `x` (`[tokens, hidden]`).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&RmsNorm {
+        weight: weight.clone(),
+        eps,
+    })
+}
+
+/// `residual + x` and its RMSNorm, in one pass: returns `(new residual,
+/// normed)`, both `[tokens, hidden]`.
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let both = x.contiguous()?.apply_op2_no_bwd(
+        &residual.contiguous()?,
+        &RmsNorm {
+            weight: weight.clone(),
+            eps,
+        },
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// Rotates `x` (`[tokens, heads, head_dim]`, contiguous) in place, token `t`
+/// at `positions[t]` (u32 on `x`'s device).
+pub fn rotary(x: &Tensor, positions: &Tensor, rope: &RopeTables) -> Result<()> {
+    x.inplace_op1(&Rotary { positions, rope })
+}
+
 struct SiluAndMul;
 
-fn dims2(shape: &Shape) -> Result<(usize, usize)> {
-    match shape.dims() {
+fn gate_up_dims(l: &Layout) -> Result<(usize, usize)> {
+    match l.dims() {
         [t, w] if w % 2 == 0 => Ok((*t, w / 2)),
-        d => Err(candle_core::Error::Msg(format!(
+        d => Err(err(format!(
             "silu_and_mul needs [tokens, 2 * inter], got {d:?}"
         ))),
     }
@@ -27,81 +97,322 @@ impl CustomOp1 for SiluAndMul {
         "silu_and_mul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (tokens, inter) = dims2(layout.shape())?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg(
-                "silu_and_mul needs a contiguous input".into(),
-            ));
-        };
-        let CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg(
-                "silu_and_mul on CPU takes f32".into(),
-            ));
-        };
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (tokens, inter) = gate_up_dims(l)?;
+        contiguous(l, "silu_and_mul")?;
         let mut out = vec![0f32; tokens * inter];
-        reference::silu_and_mul(&data[start..end], inter, &mut out);
+        reference::silu_and_mul(cpu_f32(s, l, "silu_and_mul")?, inter, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((tokens, inter))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{by_dtype, load, view, KernelType};
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-        use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
-        use candle_core::DType;
+        use candle_core::cuda_backend::{CudaStorage, WrapErr};
 
-        fn run<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-            storage: &CudaStorage,
-            layout: &Layout,
-            suffix: &str,
-        ) -> Result<CudaStorage> {
-            let (tokens, inter) = dims2(layout.shape())?;
-            let Some((start, end)) = layout.contiguous_offsets() else {
-                return Err(candle_core::Error::Msg(
-                    "silu_and_mul needs a contiguous input".into(),
-                ));
-            };
-            let dev = storage.device().clone();
-            let input = storage.as_cuda_slice::<T>()?.slice(start..end);
-            // SAFETY: every element is written by the kernel before it is read.
+        fn run<T: KernelType>(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+            let (tokens, inter) = gate_up_dims(l)?;
+            contiguous(l, "silu_and_mul")?;
+            let dev = s.device().clone();
+            let input = view::<T>(s, l)?;
+            // SAFETY: the kernel writes every element before anything reads it.
             let out = unsafe { dev.alloc::<T>(tokens * inter) }?;
-            let func = dev.get_or_load_custom_func(
-                &format!("silu_and_mul_{suffix}"),
+            let f = load(
+                &dev,
+                "silu_and_mul",
+                s.dtype(),
                 "activation",
                 crate::ptx::ACTIVATION,
             )?;
+            let stream = dev.cuda_stream();
             let inter_arg = inter as i32;
-            let mut b = func.builder();
-            b.arg(&input);
-            b.arg(&out);
-            b.arg(&inter_arg);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&input).arg(&out).arg(&inter_arg);
             let cfg = LaunchConfig {
                 grid_dim: (tokens as u32, 1, 1),
                 block_dim: (inter.min(1024) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: the arguments match the kernel's signature in activation.cu.
+            // SAFETY: the arguments match silu_and_mul in activation.cu.
             unsafe { b.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
+        let shape = Shape::from(gate_up_dims(l)?);
+        Ok((by_dtype!(s.dtype(), run(s, l))?, shape))
+    }
+}
 
-        let shape = Shape::from(dims2(layout.shape())?);
-        let out = match storage.dtype() {
-            DType::F32 => run::<f32>(storage, layout, "f32")?,
-            DType::F16 => run::<half::f16>(storage, layout, "f16")?,
-            DType::BF16 => run::<half::bf16>(storage, layout, "bf16")?,
-            d => {
-                return Err(candle_core::Error::Msg(format!(
-                    "silu_and_mul does not take {d:?}"
-                )))
+/// RMSNorm as a unary op (`rms_norm`) and fused with the residual add as a
+/// binary one (`add_rms_norm`: `x`, `residual` → `[2, tokens, hidden]`).
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn dims(&self, l: &Layout) -> Result<(usize, usize)> {
+        let hidden = self.weight.elem_count();
+        match l.dims() {
+            [t, h] if *h == hidden => Ok((*t, *h)),
+            d => Err(err(format!("rms_norm needs [tokens, {hidden}], got {d:?}"))),
+        }
+    }
+
+    fn cpu(
+        &self,
+        x: Option<(&CpuStorage, &Layout)>,
+        r: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (tokens, hidden) = self.dims(rl)?;
+        contiguous(rl, "rms_norm")?;
+        let weight = self
+            .weight
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let mut residual = cpu_f32(r, rl, "rms_norm")?[..tokens * hidden].to_vec();
+        let mut out = vec![0f32; tokens * hidden];
+        match x {
+            None => {
+                reference::add_rms_norm(None, &mut residual, &weight, self.eps, &mut out);
+                Ok((CpuStorage::F32(out), Shape::from((tokens, hidden))))
             }
+            Some((xs, xl)) => {
+                if xl.dims() != rl.dims() {
+                    return Err(err(format!(
+                        "add_rms_norm: x is {:?} but the residual {:?}",
+                        xl.dims(),
+                        rl.dims()
+                    )));
+                }
+                contiguous(xl, "add_rms_norm")?;
+                let x = cpu_f32(xs, xl, "add_rms_norm")?;
+                reference::add_rms_norm(Some(x), &mut residual, &weight, self.eps, &mut out);
+                residual.extend_from_slice(&out);
+                Ok((CpuStorage::F32(residual), Shape::from((2, tokens, hidden))))
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        x: Option<(&candle_core::CudaStorage, &Layout)>,
+        r: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{by_dtype, cuda, load, view, KernelType};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaStorage, WrapErr};
+
+        fn run<T: KernelType>(
+            op: &RmsNorm,
+            x: Option<(&CudaStorage, &Layout)>,
+            r: &CudaStorage,
+            rl: &Layout,
+        ) -> Result<CudaStorage> {
+            let (tokens, hidden) = op.dims(rl)?;
+            contiguous(rl, "rms_norm")?;
+            let dev = r.device().clone();
+            let weight = op.weight.to_dtype(r.dtype())?;
+            let (ws, wl) = weight.storage_and_layout();
+            let w = view::<T>(cuda(&ws, "the norm weight")?, wl)?;
+            let residual = view::<T>(r, rl)?;
+            let n = tokens * hidden;
+            // SAFETY: every element is written by the kernel before it is read.
+            let out = unsafe { dev.alloc::<T>(if x.is_some() { 2 * n } else { n }) }?;
+            let stream = dev.cuda_stream();
+            let (hidden_arg, eps) = (hidden as i32, op.eps);
+            // Block sums need whole warps.
+            let threads = hidden.div_ceil(32).clamp(1, 32) as u32 * 32;
+            let cfg = LaunchConfig {
+                grid_dim: (tokens as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            match x {
+                None => {
+                    let f = load(
+                        &dev,
+                        "rms_norm",
+                        r.dtype(),
+                        "rms_norm",
+                        crate::ptx::RMS_NORM,
+                    )?;
+                    let mut b = stream.launch_builder(&f);
+                    b.arg(&residual)
+                        .arg(&w)
+                        .arg(&out)
+                        .arg(&hidden_arg)
+                        .arg(&eps);
+                    // SAFETY: the arguments match rms_norm in rms_norm.cu.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+                Some((xs, xl)) => {
+                    if xl.dims() != rl.dims() {
+                        return Err(err(format!(
+                            "add_rms_norm: x is {:?} but the residual {:?}",
+                            xl.dims(),
+                            rl.dims()
+                        )));
+                    }
+                    contiguous(xl, "add_rms_norm")?;
+                    let xv = view::<T>(xs, xl)?;
+                    let (res_out, normed) = (out.slice(..n), out.slice(n..));
+                    let f = load(
+                        &dev,
+                        "add_rms_norm",
+                        r.dtype(),
+                        "rms_norm",
+                        crate::ptx::RMS_NORM,
+                    )?;
+                    let mut b = stream.launch_builder(&f);
+                    b.arg(&xv)
+                        .arg(&residual)
+                        .arg(&res_out)
+                        .arg(&w)
+                        .arg(&normed)
+                        .arg(&hidden_arg)
+                        .arg(&eps);
+                    // SAFETY: the arguments match add_rms_norm in rms_norm.cu.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        let (tokens, hidden) = self.dims(rl)?;
+        let shape = match x {
+            None => Shape::from((tokens, hidden)),
+            Some(_) => Shape::from((2, tokens, hidden)),
         };
-        Ok((out, shape))
+        Ok((by_dtype!(r.dtype(), run(self, x, r, rl))?, shape))
+    }
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu(None, s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(None, s, l)
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "add_rms_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        r: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu(Some((x, xl)), r, rl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        r: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(Some((x, xl)), r, rl)
+    }
+}
+
+struct Rotary<'a> {
+    positions: &'a Tensor,
+    rope: &'a RopeTables,
+}
+
+impl Rotary<'_> {
+    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize)> {
+        match l.dims() {
+            [t, h, d] if d % 2 == 0 && *t == self.positions.elem_count() => Ok((*t, *h, *d)),
+            d => Err(err(format!(
+                "rotary needs [tokens, heads, even head_dim] with one position per token, got {d:?} and {} positions",
+                self.positions.elem_count()
+            ))),
+        }
+    }
+}
+
+impl InplaceOp1 for Rotary<'_> {
+    fn name(&self) -> &'static str {
+        "rotary"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let (t, h, d) = self.dims(l)?;
+        contiguous(l, "rotary")?;
+        let positions = self.positions.to_vec1::<u32>()?;
+        let (cos, sin) = self.rope.host()?;
+        let x = &mut cpu_f32_mut(s, l, "rotary")?[..t * h * d];
+        reference::rotary(x, &positions, self.rope.rotation(&cos, &sin), d);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        use crate::cuda::{by_dtype, cuda, load, view, KernelType};
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaStorage, WrapErr};
+
+        fn run<T: KernelType>(op: &Rotary, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+            let (t, h, d) = op.dims(l)?;
+            contiguous(l, "rotary")?;
+            let dev = s.device().clone();
+            let f = load(&dev, "rotary", s.dtype(), "rotary", crate::ptx::ROTARY)?;
+            let (ps, pl) = op.positions.storage_and_layout();
+            let pos = view::<u32>(cuda(&ps, "positions")?, pl)?;
+            let (cs, cl) = op.rope.cos.storage_and_layout();
+            let cos = view::<f32>(cuda(&cs, "the rotary tables")?, cl)?;
+            let (ss, sl) = op.rope.sin.storage_and_layout();
+            let sin = view::<f32>(cuda(&ss, "the rotary tables")?, sl)?;
+            let mut x = s.as_cuda_slice_mut::<T>()?.slice_mut(l.start_offset()..);
+            let (heads, head_dim, style) = (h as i32, d as i32, op.rope.style_code());
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut x)
+                .arg(&pos)
+                .arg(&cos)
+                .arg(&sin)
+                .arg(&heads)
+                .arg(&head_dim)
+                .arg(&style);
+            let cfg = LaunchConfig {
+                grid_dim: (t as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match rotary in rotary.cu.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        }
+        by_dtype!(s.dtype(), run(self, s, l))
     }
 }
 
@@ -110,7 +421,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     #[test]
-    fn the_op_on_cpu_is_the_reference() {
+    fn silu_and_mul_on_cpu_is_the_reference_and_refuses_strided_input() {
         let v: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 3.0).collect();
         let t = Tensor::from_vec(v.clone(), (2, 6), &Device::Cpu).unwrap();
         let got = super::silu_and_mul(&t).unwrap();
@@ -126,5 +437,45 @@ mod tests {
         )
         .unwrap();
         assert!(super::silu_and_mul(&wide.narrow(1, 0, 6).unwrap()).is_err());
+    }
+
+    #[test]
+    fn add_rms_norm_returns_the_sum_and_its_norm_and_matches_candle() {
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec((0..8).map(|i| i as f32 - 3.5).collect(), (2, 4), &dev).unwrap();
+        let r =
+            Tensor::from_vec((0..8).map(|i| (i * i) as f32 * 0.1).collect(), (2, 4), &dev).unwrap();
+        let w = Tensor::from_vec(vec![1.0f32, 0.5, 2.0, -1.0], 4, &dev).unwrap();
+        let (sum, normed) = super::add_rms_norm(&x, &r, &w, 1e-5).unwrap();
+        let want_sum = (&x + &r).unwrap();
+        assert_eq!(
+            sum.to_vec2::<f32>().unwrap(),
+            want_sum.to_vec2::<f32>().unwrap()
+        );
+        let want =
+            candle_core::Tensor::to_vec2::<f32>(&candle_nn_rms_norm(&want_sum, &w, 1e-5)).unwrap();
+        for (a, b) in normed
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+        {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let alone = super::rms_norm(&want_sum, &w, 1e-5).unwrap();
+        assert_eq!(
+            alone.to_vec2::<f32>().unwrap(),
+            normed.to_vec2::<f32>().unwrap()
+        );
+    }
+
+    /// RMSNorm written with candle's tensor ops.
+    fn candle_nn_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+        let ms = x.sqr().unwrap().mean_keepdim(1).unwrap();
+        x.broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w)
+            .unwrap()
     }
 }

@@ -7,16 +7,10 @@
 use rayon::prelude::*;
 use strata_types::BLOCK_SIZE;
 
+pub use strata_kernels::Heads;
+
 use crate::kv_cache::LayerKv;
 use crate::rope::Rope;
-
-/// Head geometry of one shard: `num_heads` query heads share `num_kv_heads`.
-#[derive(Debug, Clone, Copy)]
-pub struct Heads {
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-}
 
 /// Writes each token's rotated key and its value into the cache slot given by
 /// `slot_mapping` (`block * BLOCK_SIZE + offset`).

@@ -32,11 +32,14 @@ impl Matmul {
         }
     }
 
-    /// The matrix as dense f32 (embedding lookups).
+    /// The matrix as a dense tensor (embedding lookups): quantized ones in
+    /// f32 on the CPU, dense ones as they are.
     pub fn dense(&self) -> Result<Tensor> {
         Ok(match self {
             Matmul::Candle(QMatMul::QTensor(q)) => q.dequantize(&candle_core::Device::Cpu)?,
-            Matmul::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
+            // Dense weights are already in the activation dtype.
+            Matmul::Candle(QMatMul::Tensor(t)) => t.clone(),
+            Matmul::Candle(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
             Matmul::Q4_1(q) => q.dequantize()?,
             Matmul::Q8_0(q) => q.dequantize()?,
         })
@@ -209,7 +212,7 @@ impl VocabEmbedding {
         let chunk = vocab_size.div_ceil(comm.world_size());
         Ok(Self {
             vocab_start: (chunk * comm.rank()) as u32,
-            weight: weight.to_dtype(DType::F32)?,
+            weight,
             comm,
         })
     }
@@ -228,7 +231,7 @@ impl VocabEmbedding {
             .collect();
         let mask: Vec<f32> = ids.iter().map(|&i| f32::from(u8::from(owned(i)))).collect();
         let x = self.weight.index_select(&Tensor::new(local, dev)?, 0)?;
-        let mask = Tensor::from_vec(mask, (ids.len(), 1), dev)?;
+        let mask = Tensor::from_vec(mask, (ids.len(), 1), dev)?.to_dtype(x.dtype())?;
         Ok(self.comm.all_reduce_sum(&x.broadcast_mul(&mask)?)?)
     }
 }
@@ -272,6 +275,8 @@ impl ParallelLmHead {
     }
 }
 
+/// RMSNorm through strata's kernel, alone or fused with the residual add
+/// before it.
 #[derive(Debug)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -287,6 +292,16 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+        Ok(strata_kernels::rms_norm(x, &self.weight, self.eps)?)
+    }
+
+    /// `(residual + x, norm(residual + x))`.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(strata_kernels::add_rms_norm(
+            x,
+            residual,
+            &self.weight,
+            self.eps,
+        )?)
     }
 }

@@ -8,6 +8,7 @@
 
 mod attention;
 mod config;
+mod device;
 mod error;
 mod kv_cache;
 mod layers;
@@ -16,11 +17,9 @@ mod quant;
 mod rope;
 pub mod weights;
 
-pub use attention::{paged_attention, write_kv};
-
-// The CUDA kernels address the same paged cache layout.
-const _: () = assert!(strata_kernels::KERNEL_BLOCK_SIZE == strata_types::BLOCK_SIZE);
+pub use attention::{paged_attention, write_kv, Heads};
 pub use config::{config_from_gguf, config_from_hf_json};
+pub use device::{dtype_from_name, dtype_name, parse_dtype, DeviceRequest, Placement};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use layers::{

@@ -2,13 +2,16 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Storage, Tensor};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Storage, Tensor};
 use strata_comm::Communicator;
+use strata_kernels::RopeTables;
 use strata_types::{LayerRange, ModelConfig};
 
 use crate::attention::{paged_attention, write_kv, Heads};
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvCache, LayerKv};
+use crate::kv_cache::{KvCache, LayerCache, LayerKv};
 use crate::layers::{
     ColumnParallelLinear, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
 };
@@ -64,6 +67,43 @@ struct Ctx<'a> {
     block_tables: Vec<&'a [u32]>,
     rope: &'a Rope,
     heads: Heads,
+    /// The batch's indices as tensors, for the kernels (device-layout cache only).
+    device: Option<DeviceInputs<'a>>,
+}
+
+/// What strata's kernels read, uploaded once per forward.
+struct DeviceInputs<'a> {
+    positions: Tensor,
+    slots: Tensor,
+    token_seq: Tensor,
+    /// `[seqs, max_blocks]`, short tables padded with block 0 (never read:
+    /// a token reads only the blocks up to its position).
+    block_tables: Tensor,
+    rope: &'a RopeTables,
+}
+
+impl<'a> DeviceInputs<'a> {
+    fn new(ctx: &Ctx, rope: &'a RopeTables, device: &Device) -> Result<Self> {
+        let input = ctx.input;
+        let max_blocks = ctx
+            .block_tables
+            .iter()
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut tables = vec![0u32; ctx.block_tables.len() * max_blocks];
+        for (row, t) in tables.chunks_mut(max_blocks).zip(&ctx.block_tables) {
+            row[..t.len()].copy_from_slice(t);
+        }
+        Ok(Self {
+            positions: Tensor::new(input.positions, device)?,
+            slots: Tensor::new(input.slot_mapping, device)?,
+            token_seq: Tensor::new(ctx.token_seq.as_slice(), device)?,
+            block_tables: Tensor::from_vec(tables, (ctx.block_tables.len(), max_blocks), device)?,
+            rope,
+        })
+    }
 }
 
 impl DecoderLayer {
@@ -118,11 +158,61 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Ctx, cache: &mut LayerKv) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?;
-        let qkv = self.qkv_proj.forward_split(&h)?;
+    /// `x` is the previous layer's output and `residual` the stream before it
+    /// (`None` at the stage's first layer, where `x` is the whole stream).
+    /// Returns this layer's output and the stream before it: the residual
+    /// adds are fused into the next RMSNorm.
+    fn forward(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        ctx: &Ctx,
+        cache: LayerCache,
+    ) -> Result<(Tensor, Tensor)> {
+        let (residual, h) = match residual {
+            None => (x.clone(), self.input_layernorm.forward(x)?),
+            Some(r) => self.input_layernorm.forward_residual(x, r)?,
+        };
+        let attn = match cache {
+            LayerCache::Host(kv) => self.host_attention(&h, ctx, kv)?,
+            LayerCache::Device(kv) => {
+                let d = ctx
+                    .device
+                    .as_ref()
+                    .expect("built for a device-layout cache");
+                let qkv = self.qkv_proj.forward(&h)?;
+                let Heads {
+                    num_heads,
+                    num_kv_heads,
+                    head_dim,
+                } = ctx.heads;
+                let (q_w, kv_w) = (num_heads * head_dim, num_kv_heads * head_dim);
+                let k = qkv.narrow(1, q_w, kv_w)?;
+                let v = qkv.narrow(1, q_w + kv_w, kv_w)?;
+                strata_kernels::write_kv(kv, &k, &v, &d.positions, &d.slots, d.rope)?;
+                strata_kernels::paged_attention(
+                    &qkv.narrow(1, 0, q_w)?,
+                    kv,
+                    &d.positions,
+                    &d.token_seq,
+                    &d.block_tables,
+                    d.rope,
+                    num_heads,
+                )?
+            }
+        };
+        let (residual, h) = self
+            .post_attention_layernorm
+            .forward_residual(&self.o_proj.forward(&attn)?, &residual)?;
+        let m = strata_kernels::silu_and_mul(&self.gate_up_proj.forward(&h)?)?;
+        Ok((self.down_proj.forward(&m)?, residual))
+    }
+
+    /// Attention on the CPU's own layout and code (`attention.rs`).
+    fn host_attention(&self, h: &Tensor, ctx: &Ctx, cache: &mut LayerKv) -> Result<Tensor> {
+        let qkv = self.qkv_proj.forward_split(h)?;
         let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
-        let tokens = x.dim(0)?;
+        let tokens = h.dim(0)?;
         let heads = ctx.heads;
         let mut out = vec![0f32; tokens * heads.num_heads * heads.head_dim];
         with_f32(k, |k| {
@@ -150,12 +240,11 @@ impl DecoderLayer {
                 &mut out,
             )
         })?;
-        let attn = Tensor::from_vec(out, (tokens, heads.num_heads * heads.head_dim), x.device())?;
-        let x = (x + self.o_proj.forward(&attn)?)?;
-        let h = self.post_attention_layernorm.forward(&x)?;
-        let gu = self.gate_up_proj.forward_split(&h)?;
-        let m = (gu[0].silu()? * &gu[1])?;
-        Ok((x + self.down_proj.forward(&m)?)?)
+        Ok(Tensor::from_vec(
+            out,
+            (tokens, heads.num_heads * heads.head_dim),
+            h.device(),
+        )?)
     }
 }
 
@@ -170,7 +259,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
             Ok(f(&data[start..start + layout.shape().elem_count()]))
         }
         _ => Err(Error::Unsupported(
-            "paged attention runs on the CPU only in this build".into(),
+            "the host KV-cache layout is read on the CPU only".into(),
         )),
     }
 }
@@ -185,8 +274,11 @@ pub struct Llama {
     norm: Option<RmsNorm>,
     lm_head: Option<ParallelLmHead>,
     rope: Rope,
+    /// `rope`'s tables on the device, made on the first forward that needs them.
+    rope_tables: OnceLock<RopeTables>,
     heads: Heads,
     device: Device,
+    dtype: DType,
 }
 
 impl Llama {
@@ -214,7 +306,7 @@ impl Llama {
                 cfg.num_kv_heads
             )));
         }
-        let device = Device::Cpu;
+        let (device, dtype) = (w.device().clone(), w.dtype());
         let vocab_shard = (ws > 1).then(|| Shard::uneven(0, comm.rank(), ws));
         let is_last = range.is_last(cfg.num_layers);
         // A tied lm_head reuses the embedding matrix, read once; GGUF keeps it
@@ -250,12 +342,17 @@ impl Llama {
             (None, None)
         };
         let freq_factors = if w.contains("rope_freqs.weight") {
-            Some(w.tensor("rope_freqs.weight", None)?.to_vec1::<f32>()?)
+            Some(
+                w.tensor("rope_freqs.weight", None)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            )
         } else {
             None
         };
         Ok(Self {
             rope: Rope::new(cfg, freq_factors.as_deref(), max_positions),
+            rope_tables: OnceLock::new(),
             heads: Heads {
                 num_heads: cfg.num_heads / ws,
                 num_kv_heads: cfg.num_kv_heads / ws,
@@ -268,6 +365,7 @@ impl Llama {
             norm,
             lm_head,
             device,
+            dtype,
         })
     }
 
@@ -283,13 +381,41 @@ impl Llama {
         self.rope.max_positions()
     }
 
-    /// An empty KV cache for this stage's layers and shard.
-    pub fn new_kv_cache(&self, num_blocks: usize) -> KvCache {
-        KvCache::new(
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The activation (and KV cache) dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// An empty KV cache for this stage's layers and shard: the host layout
+    /// on the CPU, the kernels' layout on a GPU.
+    pub fn new_kv_cache(&self, num_blocks: usize) -> Result<KvCache> {
+        if self.device.is_cpu() {
+            Ok(KvCache::new(
+                self.layers.len(),
+                num_blocks,
+                self.heads.num_kv_heads,
+                self.heads.head_dim,
+            ))
+        } else {
+            self.new_device_kv_cache(num_blocks)
+        }
+    }
+
+    /// The kernels' cache layout on this model's device, whatever it is: on
+    /// the CPU it runs the GPU's code path with the kernels' CPU references,
+    /// which is how tests hold that path to the CPU one.
+    pub fn new_device_kv_cache(&self, num_blocks: usize) -> Result<KvCache> {
+        KvCache::new_on_device(
             self.layers.len(),
             num_blocks,
             self.heads.num_kv_heads,
             self.heads.head_dim,
+            self.dtype,
+            &self.device,
         )
     }
 
@@ -299,7 +425,27 @@ impl Llama {
             self.layers.len(),
             self.heads.num_kv_heads,
             self.heads.head_dim,
+            self.dtype.size_in_bytes(),
         )
+    }
+
+    /// A generous bound on the device memory one step of `tokens` tokens
+    /// needs beyond weights and KV cache: a layer's live activations (candle
+    /// frees each layer's as the next begins), the logits of up to 256
+    /// sequences, and room for the CUDA libraries' workspaces.
+    pub fn activation_bytes(&self, tokens: usize) -> usize {
+        let c = &self.cfg;
+        let ws = self.heads.num_heads.max(1) * c.head_dim;
+        let kv = self.heads.num_kv_heads * c.head_dim;
+        let inter = c.intermediate_size * self.heads.num_heads / c.num_heads.max(1);
+        let per_token = 4 * c.hidden_size + ws + 2 * kv + ws + 3 * inter;
+        let layer = 2 * tokens * per_token * self.dtype.size_in_bytes();
+        let logits = if self.lm_head.is_some() {
+            tokens.min(256) * c.vocab_size * (self.dtype.size_in_bytes() + 4)
+        } else {
+            0
+        };
+        layer + logits + (512 << 20)
     }
 
     /// Runs the stage. The first stage embeds `input.token_ids`; later stages
@@ -311,7 +457,7 @@ impl Llama {
         kv: &mut KvCache,
     ) -> Result<StageOutput> {
         let mut x = match (&self.embed, hidden) {
-            (_, Some(h)) => h,
+            (_, Some(h)) => h.to_device(&self.device)?.to_dtype(self.dtype)?,
             (Some(e), None) => e.forward(input.token_ids)?,
             (None, None) => {
                 return Err(Error::Config(
@@ -323,23 +469,47 @@ impl Llama {
         for (s, seq) in input.seqs.iter().enumerate() {
             token_seq.extend(std::iter::repeat_n(s as u32, seq.query_len));
         }
-        let ctx = Ctx {
+        let mut ctx = Ctx {
             input,
             token_seq,
             block_tables: input.seqs.iter().map(|s| s.block_table).collect(),
             rope: &self.rope,
             heads: self.heads,
+            device: None,
         };
+        if kv.num_layers() > 0 && matches!(kv.layer(0), LayerCache::Device(_)) {
+            let tables = match self.rope_tables.get() {
+                Some(t) => t,
+                None => {
+                    let t = self.rope.tables(&self.device)?;
+                    self.rope_tables.get_or_init(|| t)
+                }
+            };
+            ctx.device = Some(DeviceInputs::new(&ctx, tables, &self.device)?);
+        }
+        let mut residual = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &ctx, kv.layer_mut(i))?;
+            let (out, r) = layer.forward(&x, residual.as_ref(), &ctx, kv.layer(i))?;
+            x = out;
+            residual = Some(r);
         }
         match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => {
                 let idx = Tensor::new(input.logits_indices, &self.device)?;
-                let rows = norm.forward(&x.index_select(&idx, 0)?)?;
-                Ok(StageOutput::Logits(head.forward(&rows)?))
+                let x = x.index_select(&idx, 0)?;
+                let rows = match residual {
+                    Some(r) => norm.forward_residual(&x, &r.index_select(&idx, 0)?)?.1,
+                    None => norm.forward(&x)?,
+                };
+                Ok(StageOutput::Logits(
+                    head.forward(&rows)?.to_dtype(DType::F32)?,
+                ))
             }
-            _ => Ok(StageOutput::Hidden(x)),
+            // The next stage gets the whole residual stream.
+            _ => Ok(StageOutput::Hidden(match residual {
+                Some(r) => (x + r)?,
+                None => x,
+            })),
         }
     }
 }

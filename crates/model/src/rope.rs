@@ -1,5 +1,6 @@
 //! Rotary position embeddings, precomputed per position.
 
+use strata_kernels::RopeTables;
 use strata_types::{ModelConfig, RopeStyle};
 
 /// cos/sin tables `[positions, head_dim / 2]` and how dimensions pair up.
@@ -63,6 +64,11 @@ impl Rope {
 
     pub fn max_positions(&self) -> usize {
         self.max_positions
+    }
+
+    /// The same tables on `device`, as strata's kernels read them.
+    pub fn tables(&self, device: &candle_core::Device) -> candle_core::Result<RopeTables> {
+        RopeTables::new(&self.cos, &self.sin, self.half, self.style, device)
     }
 
     /// Rotates one head vector `x` for position `pos` into `out`.

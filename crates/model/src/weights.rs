@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use strata_types::ModelConfig;
 
@@ -104,10 +104,13 @@ enum Source {
 /// A checkpoint on disk: a Hugging Face folder of safetensors, or a GGUF file.
 pub struct Weights {
     path: PathBuf,
-    source: Source,
+    source: Arc<Source>,
     device: Device,
-    bytes_read: AtomicU64,
-    names_read: Mutex<Vec<String>>,
+    /// What dense tensors are made in: f32 on the CPU, bf16/f16/f32 on a GPU.
+    dtype: DType,
+    /// Shared by every view of the checkpoint ([`Weights::on`]).
+    bytes_read: Arc<AtomicU64>,
+    names_read: Arc<Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -136,7 +139,15 @@ fn mmap(path: &Path) -> Result<Mmap> {
 impl Weights {
     /// Opens `path`: a `.gguf` file, a `.safetensors` file, or a folder with
     /// `model.safetensors` or `model.safetensors.index.json` (sharded).
+    /// Tensors are read onto `device` in f32.
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        Self::open_as(path, device, DType::F32)
+    }
+
+    /// Like [`open`](Self::open), with dense tensors in `dtype`; quantized
+    /// GGUF weights are dequantized to it everywhere but on the CPU, where
+    /// they stay quantized for strata's and candle's CPU kernels.
+    pub fn open_as(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let source =
             if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
                 let mmap = mmap(path)?;
@@ -179,15 +190,37 @@ impl Weights {
             };
         Ok(Self {
             path: path.to_path_buf(),
-            source,
+            source: Arc::new(source),
             device: device.clone(),
-            bytes_read: AtomicU64::new(0),
-            names_read: Mutex::new(Vec::new()),
+            dtype,
+            bytes_read: Arc::new(AtomicU64::new(0)),
+            names_read: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The same checkpoint (one mapping, one read counter) read onto
+    /// `device` in `dtype`: each tensor-parallel rank reads onto its own GPU.
+    pub fn on(&self, device: &Device, dtype: DType) -> Weights {
+        Weights {
+            path: self.path.clone(),
+            source: self.source.clone(),
+            device: device.clone(),
+            dtype,
+            bytes_read: self.bytes_read.clone(),
+            names_read: self.names_read.clone(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The folder that holds `config.json` and the tokenizer files.
@@ -202,7 +235,7 @@ impl Weights {
     /// The model's configuration: GGUF metadata, or `config.json` beside
     /// the safetensors.
     pub fn config(&self) -> Result<ModelConfig> {
-        match &self.source {
+        match &*self.source {
             Source::Gguf { content, .. } => {
                 crate::config_from_gguf(&content.metadata, self.contains("lm_head.weight"))
             }
@@ -215,7 +248,7 @@ impl Weights {
     }
 
     pub fn format(&self) -> WeightFormat {
-        match self.source {
+        match *self.source {
             Source::Safetensors { .. } => WeightFormat::Safetensors,
             Source::Gguf { .. } => WeightFormat::Gguf,
         }
@@ -223,7 +256,7 @@ impl Weights {
 
     /// GGUF metadata (architecture, tokenizer, chat template), if this is GGUF.
     pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
-        match &self.source {
+        match &*self.source {
             Source::Gguf { content, .. } => Some(&content.metadata),
             Source::Safetensors { .. } => None,
         }
@@ -239,7 +272,7 @@ impl Weights {
     /// shapes, dtypes, GGUF metadata) and the start of the data.
     pub fn fingerprint(&self) -> String {
         const HEAD: usize = 1 << 20;
-        let maps: Vec<&Mmap> = match &self.source {
+        let maps: Vec<&Mmap> = match &*self.source {
             Source::Safetensors { files, .. } => files.iter().collect(),
             Source::Gguf { mmap, .. } => vec![mmap],
         };
@@ -263,7 +296,7 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        match &self.source {
+        match &*self.source {
             Source::Safetensors { entries, .. } => entries.contains_key(name),
             Source::Gguf { content, .. } => {
                 gguf_name(name).is_some_and(|g| content.tensor_infos.contains_key(&g))
@@ -273,7 +306,7 @@ impl Weights {
 
     /// Shape of a tensor without reading it (candle order: outermost first).
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        match &self.source {
+        match &*self.source {
             Source::Safetensors { entries, .. } => entries
                 .get(name)
                 .map(|e| e.shape.clone())
@@ -285,18 +318,24 @@ impl Weights {
         }
     }
 
-    /// A tensor (or its shard) as dense f32.
+    /// A tensor (or its shard), dense, in the weights' dtype.
     pub fn tensor(&self, name: &str, shard: Option<Shard>) -> Result<Tensor> {
-        match &self.source {
+        match &*self.source {
             Source::Safetensors { .. } => self.dense_safetensors(name, shard),
-            Source::Gguf { .. } => Ok(self.qtensor(name, shard)?.dequantize(&self.device)?),
+            Source::Gguf { .. } => Ok(self
+                .qtensor(name, shard)?
+                .dequantize(&self.device)?
+                .to_dtype(self.dtype)?),
         }
     }
 
     /// A linear layer's weight `[out, in]` ready to multiply: GGUF stays
-    /// quantized, safetensors become dense f32.
+    /// quantized on the CPU, everything else is dense in the weights' dtype.
     pub fn matmul(&self, name: &str, shard: Option<Shard>) -> Result<Matmul> {
-        match &self.source {
+        match &*self.source {
+            Source::Gguf { .. } if !self.device.is_cpu() => {
+                Ok(Matmul::Candle(QMatMul::Tensor(self.tensor(name, shard)?)))
+            }
             Source::Safetensors { .. } => Ok(Matmul::Candle(QMatMul::Tensor(
                 self.dense_safetensors(name, shard)?,
             ))),
@@ -336,7 +375,7 @@ impl Weights {
     }
 
     fn dense_safetensors(&self, name: &str, shard: Option<Shard>) -> Result<Tensor> {
-        let Source::Safetensors { files, entries } = &self.source else {
+        let Source::Safetensors { files, entries } = &*self.source else {
             unreachable!("called on safetensors only")
         };
         let e = entries
@@ -354,10 +393,23 @@ impl Weights {
         };
         let bytes = &files[e.file][e.start..e.end];
         let (shape, parts) = slice_rows(name, &e.shape, elem, bytes, shard)?;
+        let read: usize = parts.iter().map(|p| p.len()).sum();
+        self.record(name, read);
+        let stored = match e.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            _ => DType::BF16,
+        };
+        if stored == self.dtype {
+            // The bytes as they are (little-endian, as candle lays them out).
+            let t = match &parts[..] {
+                [one] => Tensor::from_raw_buffer(one, stored, &shape, &self.device)?,
+                _ => Tensor::from_raw_buffer(&parts.concat(), stored, &shape, &self.device)?,
+            };
+            return Ok(t);
+        }
         let mut out = Vec::with_capacity(shape.iter().product());
-        let mut read = 0;
         for part in parts {
-            read += part.len();
             match e.dtype {
                 safetensors::Dtype::F32 => out.extend(
                     part.chunks_exact(4)
@@ -373,8 +425,9 @@ impl Weights {
                 ),
             }
         }
-        self.record(name, read);
-        Ok(Tensor::from_vec(out, shape, &self.device)?)
+        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?)
     }
 
     fn qtensor(&self, name: &str, shard: Option<Shard>) -> Result<QTensor> {
@@ -393,7 +446,7 @@ impl Weights {
         name: &str,
         shard: Option<Shard>,
     ) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
-        let Source::Gguf { mmap, content } = &self.source else {
+        let Source::Gguf { mmap, content } = &*self.source else {
             unreachable!("called on GGUF only")
         };
         let info = gguf_name(name)

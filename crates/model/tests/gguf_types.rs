@@ -107,7 +107,7 @@ fn logits(path: &std::path::Path, prompt: &[u32]) -> Vec<Vec<f32>> {
         &mut |_, _| {},
     )
     .unwrap();
-    let mut kv = m.new_kv_cache(2);
+    let mut kv = m.new_kv_cache(2).unwrap();
     let positions: Vec<u32> = (0..prompt.len() as u32).collect();
     let seqs = [SeqInfo {
         query_len: prompt.len(),

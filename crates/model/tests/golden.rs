@@ -112,9 +112,29 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 fn check_variant(variant: &str) {
+    check_variant_with(variant, Layout::Host);
+}
+
+/// Which KV-cache layout, and so which attention code, a check runs.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// The CPU's own cache and attention.
+    Host,
+    /// The GPU's layout and kernels, through their CPU references.
+    Kernels,
+}
+
+fn new_cache(m: &Llama, layout: Layout, blocks: usize) -> KvCache {
+    match layout {
+        Layout::Host => m.new_kv_cache(blocks).unwrap(),
+        Layout::Kernels => m.new_device_kv_cache(blocks).unwrap(),
+    }
+}
+
+fn check_variant_with(variant: &str, layout: Layout) {
     let r = reference(variant);
     let (m, _) = load(variant, None);
-    let mut kv = m.new_kv_cache(8);
+    let mut kv = new_cache(&m, layout, 8);
     let table = [5u32, 2, 7]; // scattered blocks
     let logits = run(&m, &mut kv, &table, 0, &r.prompt, true);
     for (i, (g, w)) in logits.iter().zip(&r.prompt_logits).enumerate() {
@@ -173,12 +193,27 @@ fn sharded_checkpoints_match_transformers() {
     check_variant("llama-sharded");
 }
 
+/// The code path a GPU runs (the kernels' cache layout, fused RMSNorm,
+/// write_kv and paged_attention ops), run on the CPU through the kernels'
+/// references, matches transformers like the CPU's own path does.
+#[test]
+fn the_kernels_code_path_matches_transformers() {
+    for v in ["llama-gqa", "llama-tied", "llama3-rope", "mistral"] {
+        check_variant_with(v, Layout::Kernels);
+    }
+    chunked_and_batched(Layout::Kernels);
+}
+
 #[test]
 fn chunked_prefill_and_batching_give_the_same_logits() {
+    chunked_and_batched(Layout::Host);
+}
+
+fn chunked_and_batched(layout: Layout) {
     let r = reference("llama-gqa");
     let (m, _) = load("llama-gqa", None);
     // Prompt in chunks of 3, 3 and 1 tokens.
-    let mut kv = m.new_kv_cache(8);
+    let mut kv = new_cache(&m, layout, 8);
     let table = [1u32];
     let mut last = Vec::new();
     for (start, chunk) in [
@@ -191,7 +226,7 @@ fn chunked_prefill_and_batching_give_the_same_logits() {
     assert_close(&last[0], r.prompt_logits.last().unwrap(), "chunked prefill");
 
     // Two sequences in one forward: a decode of sequence A and the prompt of B.
-    let mut kv = m.new_kv_cache(8);
+    let mut kv = new_cache(&m, layout, 8);
     run(&m, &mut kv, &[3], 0, &r.prompt, false);
     let p = r.prompt.len();
     let tokens: Vec<u32> = std::iter::once(r.greedy[0])
@@ -266,7 +301,7 @@ fn stages_chained_by_hidden_states_equal_the_whole_model() {
     let r = reference("llama-gqa");
     let (a, _) = load("llama-gqa", Some(LayerRange::new(0, 2)));
     let (b, _) = load("llama-gqa", Some(LayerRange::new(2, 3)));
-    let (mut ka, mut kb) = (a.new_kv_cache(2), b.new_kv_cache(2));
+    let (mut ka, mut kb) = (a.new_kv_cache(2).unwrap(), b.new_kv_cache(2).unwrap());
     let p = r.prompt.len();
     let positions: Vec<u32> = (0..p as u32).collect();
     let seqs = [SeqInfo {

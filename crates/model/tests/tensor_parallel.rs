@@ -94,7 +94,7 @@ fn two_thread_ranks_match_transformers() {
                 let (prompt, greedy) = (&prompt, &greedy);
                 s.spawn(move || {
                     let m = load("llama-gqa", Arc::new(c)).unwrap();
-                    let mut kv = m.new_kv_cache(2);
+                    let mut kv = m.new_kv_cache(2).unwrap();
                     let mut out = vec![step(&m, &mut kv, 0, prompt)];
                     for (i, &t) in greedy[..8].iter().enumerate() {
                         out.push(step(&m, &mut kv, prompt.len() + i, &[t]));

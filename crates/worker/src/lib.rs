@@ -14,4 +14,4 @@ mod stage;
 pub use runner::{ModelRunner, RunnerError, StageResult};
 pub use sampler::sample;
 pub use service::{run_worker, WorkerOptions};
-pub use stage::{Links, LoadedNode, LocalStage, NodeStages, RingMember, TpStage};
+pub use stage::{KvBudget, Links, LoadedNode, LocalStage, NodeStages, RingMember, TpStage};

@@ -50,13 +50,13 @@ pub struct ModelRunner {
 }
 
 impl ModelRunner {
-    pub fn new(model: Llama, num_blocks: usize) -> Self {
-        let kv = model.new_kv_cache(num_blocks);
-        Self {
+    pub fn new(model: Llama, num_blocks: usize) -> Result<Self, RunnerError> {
+        let kv = model.new_kv_cache(num_blocks)?;
+        Ok(Self {
             model,
             kv,
             requests: HashMap::new(),
-        }
+        })
     }
 
     pub fn model(&self) -> &Llama {

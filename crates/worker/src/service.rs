@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use strata_comm::TcpTransport;
-use strata_model::Weights;
+use strata_model::{dtype_from_name, DeviceRequest, Placement, Weights};
 use strata_proto::v1::leader_client::LeaderClient;
 use strata_proto::v1::worker_server::{Worker, WorkerServer};
 use strata_proto::v1::{self as pb, execute_request::Kind};
@@ -20,7 +20,7 @@ use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::stage::{Links, LoadedNode, RingMember};
+use crate::stage::{KvBudget, Links, LoadedNode, RingMember};
 use crate::RunnerError;
 
 /// A running worker exits when the leader's heartbeats (one a second) stop
@@ -45,6 +45,8 @@ pub struct WorkerOptions {
     pub token: String,
     /// How long to keep trying to join, and to wait for the other nodes.
     pub timeout: Duration,
+    /// `--device`: the worker computes there, in the dtype the leader names.
+    pub device: DeviceRequest,
 }
 
 fn setup(msg: impl Into<String>) -> RunnerError {
@@ -96,6 +98,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
         config,
         token: opts.token.clone(),
         timeout: opts.timeout,
+        device: opts.device,
         data: Mutex::new(Some(data)),
         comm: Mutex::new(Some(comm)),
         loaded: Arc::new(Mutex::new(None)),
@@ -268,6 +271,7 @@ struct WorkerService {
     config: ModelConfig,
     token: String,
     timeout: Duration,
+    device: DeviceRequest,
     data: Mutex<Option<TcpListener>>,
     comm: Mutex<Option<TcpListener>>,
     loaded: Arc<Mutex<Option<Prepared>>>,
@@ -300,12 +304,20 @@ impl Worker for WorkerService {
         if slots.is_empty() {
             return Err(Status::invalid_argument("no stage to load"));
         }
-        if req.dtype != "f32" {
-            return Err(Status::failed_precondition(format!(
-                "node {} computes activations in f32 on CPU; the leader asked for `{}`",
-                self.node_rank, req.dtype
-            )));
-        }
+        let dtype = dtype_from_name(&req.dtype).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown activation dtype `{}`", req.dtype))
+        })?;
+        let local_ranks = slots.iter().map(|s| s.tp_rank_count).sum();
+        let placement = Placement::resolve(self.device, Some(dtype), local_ranks)
+            .map_err(|e| Status::failed_precondition(format!("node {}: {e}", self.node_rank)))?;
+        let budget = if req.gpu_memory_utilization > 0.0 && !placement.is_cpu() {
+            KvBudget::DeviceFraction {
+                fraction: req.gpu_memory_utilization,
+                max_batch_tokens: req.max_num_batched_tokens as usize,
+            }
+        } else {
+            KvBudget::Bytes(req.kv_cache_bytes)
+        };
         let ring = if slots.iter().any(|s| s.spans_nodes()) {
             let addrs = req
                 .comm_ring
@@ -340,19 +352,31 @@ impl Worker for WorkerService {
             let mut progress = |layer: usize, _| {
                 tracing::debug!("node {node_rank}: loaded layer {layer}");
             };
-            LoadedNode::load(&weights, &config, &slots, ring, max_len, &mut progress)
+            let node = LoadedNode::load(
+                &weights,
+                &config,
+                &slots,
+                ring,
+                max_len,
+                &placement,
+                &mut progress,
+            )?;
+            let blocks = node.kv_blocks(budget)?;
+            Ok::<_, RunnerError>((node, blocks, placement))
         })
         .await
         .map_err(internal)?
         .map_err(|e| Status::failed_precondition(format!("loading node {node_rank}: {e}")))?;
-        let num_blocks = req.kv_cache_bytes / node.bytes_per_block() as u64;
+        let (node, num_blocks, placement) = node;
+        let num_blocks = num_blocks as u64;
         tracing::info!(
-            "node {}: loaded layers {:?} ({:.1} MiB read); the KV budget holds {num_blocks} blocks",
+            "node {}: loaded layers {:?} on {} ({:.1} MiB read); the KV budget holds {num_blocks} blocks",
             self.node_rank,
             req.slots
                 .iter()
                 .map(|s| (s.first_layer..s.end_layer, s.tp_rank_begin))
                 .collect::<Vec<_>>(),
+            placement.describe(),
             self.weights.bytes_read() as f64 / (1 << 20) as f64
         );
         *self.loaded.lock().expect("poisoned") = Some(Prepared {
@@ -417,10 +441,19 @@ impl Worker for WorkerService {
                     Ok::<_, candle_core::Error>(Links { input, output })
                 })();
                 let mut node = match links {
-                    Ok(links) => {
-                        let _ = reply_tx.send(Ok(pb::StepReply::default()));
-                        prepared.node.start(num_blocks, links)
-                    }
+                    Ok(links) => match prepared.node.start(num_blocks, links) {
+                        Ok(node) => {
+                            let _ = reply_tx.send(Ok(pb::StepReply::default()));
+                            node
+                        }
+                        Err(e) => {
+                            let _ = reply_tx.send(Ok(pb::StepReply {
+                                error: format!("node {rank}: allocating the KV cache: {e}"),
+                                ..Default::default()
+                            }));
+                            return;
+                        }
+                    },
                     Err(e) => {
                         let _ = reply_tx.send(Ok(pb::StepReply {
                             error: format!("node {rank}: connecting the data plane: {e}"),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 use strata_comm::{Communicator, SingleRank, TcpComm, TcpTransport, ThreadComm};
-use strata_model::{KvCache, Llama, Weights};
+use strata_model::{Llama, Placement, Weights};
 use strata_types::{ModelConfig, SchedulerOutput, StageSlot, StepResult};
 
 use crate::runner::{ModelRunner, RunnerError, StageResult};
@@ -17,7 +17,21 @@ use crate::runner::{ModelRunner, RunnerError, StageResult};
 /// how many blocks every node can hold, then starts them all with the least.
 pub struct LoadedNode {
     stages: Vec<Vec<Llama>>,
-    bytes_per_block: usize,
+    placement: Placement,
+}
+
+/// How much memory a node's KV cache may take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvBudget {
+    /// Bytes for this node's layers (`--kv-cache-memory`).
+    Bytes(u64),
+    /// vLLM's `--gpu-memory-utilization`: per device, this fraction of its
+    /// memory, less what is already used (the weights) and an activation
+    /// reserve for `max_batch_tokens` tokens a step.
+    DeviceFraction {
+        fraction: f64,
+        max_batch_tokens: usize,
+    },
 }
 
 /// This node's place in a tensor-parallel ring that spans nodes.
@@ -25,14 +39,14 @@ pub struct RingMember {
     pub rank: usize,
     /// Bound before the node announced its address.
     pub listener: TcpListener,
-    /// Every rank's listener, in rank order.
     pub addrs: Vec<SocketAddr>,
     pub token: String,
     pub timeout: Duration,
 }
 
 impl LoadedNode {
-    /// Loads `slots` (this node's stages, in pipeline order). A slot whose
+    /// Loads `slots` (this node's stages, in pipeline order) onto
+    /// `placement`'s devices, local rank `i` on device `i`. A slot whose
     /// ranks all live here gets one thread-backed communicator per rank; one
     /// that spans nodes is a single rank of `ring`.
     pub fn load(
@@ -41,10 +55,11 @@ impl LoadedNode {
         slots: &[StageSlot],
         mut ring: Option<RingMember>,
         max_model_len: usize,
+        placement: &Placement,
         progress: &mut dyn FnMut(usize, strata_types::LayerRange),
     ) -> Result<Self, RunnerError> {
         let mut stages = Vec::with_capacity(slots.len());
-        let mut bytes_per_block = 0;
+        let mut local = 0;
         for slot in slots {
             let comms: Vec<Arc<dyn Communicator>> = if slot.spans_nodes() {
                 let r = ring.take().ok_or_else(|| {
@@ -64,51 +79,99 @@ impl LoadedNode {
                     .map(|c| Arc::new(c) as Arc<dyn Communicator>)
                     .collect()
             };
-            let models = comms
-                .into_iter()
-                .map(|comm| {
-                    Llama::load(weights, config, slot.layers, comm, max_model_len, progress)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            bytes_per_block += slot.tp_rank_count
-                * KvCache::bytes_per_block(
-                    slot.layers.len(),
-                    config.num_kv_heads / slot.tp_size,
-                    config.head_dim,
-                );
+            let mut models = Vec::with_capacity(comms.len());
+            for comm in comms {
+                let w = weights.on(placement.device(local), placement.dtype());
+                models.push(Llama::load(
+                    &w,
+                    config,
+                    slot.layers,
+                    comm,
+                    max_model_len,
+                    progress,
+                )?);
+                local += 1;
+            }
             stages.push(models);
         }
         Ok(Self {
             stages,
-            bytes_per_block,
+            placement: placement.clone(),
         })
     }
 
     /// KV bytes one block costs on this node, over all its layers and ranks.
     pub fn bytes_per_block(&self) -> usize {
-        self.bytes_per_block
+        self.models().map(|(_, m)| m.kv_bytes_per_block()).sum()
+    }
+
+    fn models(&self) -> impl Iterator<Item = (usize, &Llama)> {
+        self.stages.iter().flatten().enumerate()
+    }
+
+    /// The KV blocks `budget` holds on this node: the fewest any of its
+    /// devices can hold for the ranks it carries.
+    pub fn kv_blocks(&self, budget: KvBudget) -> Result<usize, RunnerError> {
+        let (fraction, max_batch_tokens) = match budget {
+            KvBudget::Bytes(b) => return Ok((b / self.bytes_per_block() as u64) as usize),
+            KvBudget::DeviceFraction {
+                fraction,
+                max_batch_tokens,
+            } => (fraction, max_batch_tokens),
+        };
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(RunnerError::Setup(format!(
+                "--gpu-memory-utilization must be in (0, 1], got {fraction}"
+            )));
+        }
+        let devices = self.placement.devices().len();
+        let mut fewest = usize::MAX;
+        for d in 0..devices {
+            let on_device = || self.models().filter(move |(i, _)| i % devices == d);
+            let per_block: usize = on_device().map(|(_, m)| m.kv_bytes_per_block()).sum();
+            let reserve: u64 = on_device()
+                .map(|(_, m)| m.activation_bytes(max_batch_tokens) as u64)
+                .sum();
+            let Some((free, total)) = self.placement.memory(d)? else {
+                return Err(RunnerError::Setup(
+                    "--gpu-memory-utilization needs a GPU; on the CPU use --kv-cache-memory".into(),
+                ));
+            };
+            let used = total - free;
+            let budget = (fraction * total as f64) as i64 - used as i64 - reserve as i64;
+            if budget <= 0 {
+                return Err(RunnerError::Setup(format!(
+                    "--gpu-memory-utilization {fraction} leaves no KV cache on device {d}: \
+                     {:.2} GiB of {:.2} GiB are in use after loading, and activations need {:.2} GiB",
+                    used as f64 / GIB,
+                    total as f64 / GIB,
+                    reserve as f64 / GIB
+                )));
+            }
+            fewest = fewest.min(budget as usize / per_block.max(1));
+        }
+        Ok(fewest)
     }
 
     /// Allocates `num_blocks` of KV cache per rank and starts the rank threads.
-    pub fn start(self, num_blocks: usize, links: Links) -> NodeStages {
-        let stages = self
-            .stages
-            .into_iter()
-            .map(|models| {
-                let mut runners: Vec<ModelRunner> = models
-                    .into_iter()
-                    .map(|m| ModelRunner::new(m, num_blocks))
-                    .collect();
-                if runners.len() == 1 {
-                    LocalStage::Single(Box::new(runners.remove(0)))
-                } else {
-                    LocalStage::Parallel(TpStage::new(runners))
-                }
-            })
-            .collect();
-        NodeStages::new(stages, links)
+    pub fn start(self, num_blocks: usize, links: Links) -> Result<NodeStages, RunnerError> {
+        let mut stages = Vec::with_capacity(self.stages.len());
+        for models in self.stages {
+            let mut runners = models
+                .into_iter()
+                .map(|m| ModelRunner::new(m, num_blocks))
+                .collect::<Result<Vec<_>, _>>()?;
+            stages.push(if runners.len() == 1 {
+                LocalStage::Single(Box::new(runners.remove(0)))
+            } else {
+                LocalStage::Parallel(TpStage::new(runners))
+            });
+        }
+        Ok(NodeStages::new(stages, links))
     }
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// A node's data-plane links: activations in from the node before, out to
 /// the node after.
