@@ -12,6 +12,7 @@ use strata_model::{parse_dtype, DeviceRequest};
 use strata_server::AppState;
 use strata_worker::{run_worker, WorkerOptions};
 
+mod check;
 mod launch;
 
 #[derive(Parser)]
@@ -29,6 +30,9 @@ struct Cli {
 enum Command {
     /// Load a model and serve the OpenAI API.
     Serve(ServeArgs),
+    /// Checks the GPU path against the CPU (the GPU check runs these).
+    #[command(subcommand)]
+    Check(check::Check),
 }
 
 #[derive(Args, Debug)]
@@ -176,6 +180,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::Check(c) => check::run(c),
     }
 }
 

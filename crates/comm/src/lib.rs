@@ -6,6 +6,8 @@
 //! serves one device and many.
 
 mod hello;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod tcp;
 mod thread;
 mod transport;
@@ -14,6 +16,8 @@ use std::fmt::Debug;
 
 use candle_core::{Result, Tensor};
 
+#[cfg(feature = "nccl")]
+pub use nccl::{nccl_unique_id, NcclComm};
 pub use tcp::TcpComm;
 pub use thread::ThreadComm;
 pub use transport::TcpTransport;

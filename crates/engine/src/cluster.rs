@@ -12,7 +12,7 @@ use strata_proto::v1::worker_client::WorkerClient;
 use strata_proto::v1::{self as pb, execute_request::Kind};
 use strata_proto::{AddToken, CheckToken, BUILD_VERSION};
 use strata_types::{ClusterLayout, ModelConfig};
-use strata_worker::{KvBudget, Links, LoadedNode, NodeStages, RingMember};
+use strata_worker::{stage_nccl_id, KvBudget, Links, LoadedNode, NodeStages, RingMember};
 use tokio::sync::{mpsc as tmpsc, Notify};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::StreamExt;
@@ -341,6 +341,22 @@ pub(crate) fn form(
         );
     }
 
+    // Stages whose ranks span nodes get an NCCL id on GPUs (made here, so
+    // NCCL's bootstrap root lives in the leader).
+    let mut nccl_ids = BTreeMap::new();
+    for slot in layout.nodes.iter().flat_map(|n| &n.slots) {
+        if slot.spans_nodes() && !nccl_ids.contains_key(&slot.stage) {
+            let id = stage_nccl_id(setup.placement).map_err(|e| cluster_err(e.to_string()))?;
+            nccl_ids.insert(slot.stage, id);
+        }
+    }
+    let nccl_id_of = |plan: &strata_types::NodePlan| {
+        plan.slots
+            .iter()
+            .find(|s| s.spans_nodes())
+            .and_then(|s| nccl_ids[&s.stage].clone())
+    };
+
     // Every worker loads while the leader loads its own stages.
     let mut loads = Vec::new();
     for (&rank, client) in &clients {
@@ -362,6 +378,7 @@ pub(crate) fn form(
             dtype: dtype_name(setup.placement.dtype()).into(),
             gpu_memory_utilization,
             max_num_batched_tokens,
+            nccl_id: nccl_id_of(plan).unwrap_or_default(),
         };
         let mut client = client.clone();
         loads.push((rank, rt.spawn(async move { client.load_stage(req).await })));
@@ -373,6 +390,7 @@ pub(crate) fn form(
         addrs: plan.ring.iter().map(|&n| comm_addr(n)).collect(),
         token: opts.token.clone(),
         timeout: opts.timeout,
+        nccl_id: nccl_id_of(plan),
     });
     let local = LoadedNode::load(
         weights,

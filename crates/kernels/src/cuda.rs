@@ -46,7 +46,7 @@ pub(crate) fn load(
 }
 
 /// The CUDA storage behind a tensor the op holds (index tensors, tables).
-pub(crate) fn cuda(s: &Storage, what: &str) -> Result<&CudaStorage> {
+pub(crate) fn cuda<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
     match s {
         Storage::Cuda(c) => Ok(c),
         _ => Err(err(format!("{what} must be on the CUDA device"))),

@@ -14,4 +14,6 @@ mod stage;
 pub use runner::{ModelRunner, RunnerError, StageResult};
 pub use sampler::sample;
 pub use service::{run_worker, WorkerOptions};
-pub use stage::{KvBudget, Links, LoadedNode, LocalStage, NodeStages, RingMember, TpStage};
+pub use stage::{
+    stage_nccl_id, KvBudget, Links, LoadedNode, LocalStage, NodeStages, RingMember, TpStage,
+};

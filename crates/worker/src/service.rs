@@ -334,6 +334,7 @@ impl Worker for WorkerService {
                 addrs,
                 token: self.token.clone(),
                 timeout: self.timeout,
+                nccl_id: (!req.nccl_id.is_empty()).then(|| req.nccl_id.clone()),
             })
         } else {
             None

@@ -42,6 +42,9 @@ pub struct RingMember {
     pub addrs: Vec<SocketAddr>,
     pub token: String,
     pub timeout: Duration,
+    /// The NCCL unique id the leader made for this stage, when its ranks
+    /// run on GPUs; `None` runs the ring over TCP.
+    pub nccl_id: Option<Vec<u8>>,
 }
 
 impl LoadedNode {
@@ -61,24 +64,7 @@ impl LoadedNode {
         let mut stages = Vec::with_capacity(slots.len());
         let mut local = 0;
         for slot in slots {
-            let comms: Vec<Arc<dyn Communicator>> = if slot.spans_nodes() {
-                let r = ring.take().ok_or_else(|| {
-                    RunnerError::Setup(format!(
-                        "stage {} spans nodes but this node was given no tensor-parallel ring",
-                        slot.stage
-                    ))
-                })?;
-                vec![Arc::new(TcpComm::join(
-                    r.rank, r.listener, &r.addrs, &r.token, r.timeout,
-                )?)]
-            } else if slot.tp_size == 1 {
-                vec![Arc::new(SingleRank)]
-            } else {
-                ThreadComm::group(slot.tp_size)
-                    .into_iter()
-                    .map(|c| Arc::new(c) as Arc<dyn Communicator>)
-                    .collect()
-            };
+            let comms = communicators(slot, &mut ring, placement, local)?;
             let mut models = Vec::with_capacity(comms.len());
             for comm in comms {
                 let w = weights.on(placement.device(local), placement.dtype());
@@ -172,6 +158,89 @@ impl LoadedNode {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// The communicators of a stage's local ranks, the first on local device
+/// `first`: NCCL on GPUs (when built with it), shared memory or TCP on CPUs.
+fn communicators(
+    slot: &StageSlot,
+    ring: &mut Option<RingMember>,
+    placement: &Placement,
+    first: usize,
+) -> Result<Vec<Arc<dyn Communicator>>, RunnerError> {
+    if slot.spans_nodes() {
+        let r = ring.take().ok_or_else(|| {
+            RunnerError::Setup(format!(
+                "stage {} spans nodes but this node was given no tensor-parallel ring",
+                slot.stage
+            ))
+        })?;
+        if let Some(id) = &r.nccl_id {
+            return nccl_join(placement, first, r.rank, slot.tp_size, id);
+        }
+        return Ok(vec![Arc::new(TcpComm::join(
+            r.rank, r.listener, &r.addrs, &r.token, r.timeout,
+        )?)]);
+    }
+    if slot.tp_size == 1 {
+        return Ok(vec![Arc::new(SingleRank)]);
+    }
+    #[cfg(feature = "nccl")]
+    if !placement.is_cpu() && slot.tp_size <= placement.devices().len() {
+        let devices: Vec<_> = (0..slot.tp_size)
+            .map(|i| placement.device(first + i).clone())
+            .collect();
+        return Ok(strata_comm::NcclComm::group(&devices)?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+            .collect());
+    }
+    Ok(ThreadComm::group(slot.tp_size)
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+        .collect())
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_join(
+    placement: &Placement,
+    first: usize,
+    rank: usize,
+    world_size: usize,
+    id: &[u8],
+) -> Result<Vec<Arc<dyn Communicator>>, RunnerError> {
+    if placement.is_cpu() {
+        return Err(RunnerError::Setup(
+            "the leader runs this stage's ranks with NCCL, but this node computes on the CPU"
+                .into(),
+        ));
+    }
+    let c = strata_comm::NcclComm::join(placement.device(first), rank, world_size, id)?;
+    Ok(vec![Arc::new(c)])
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_join(
+    _: &Placement,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: &[u8],
+) -> Result<Vec<Arc<dyn Communicator>>, RunnerError> {
+    Err(RunnerError::Setup(
+        "the leader runs this stage's ranks with NCCL, but this binary was built without it (--features nccl)".into(),
+    ))
+}
+
+/// A fresh NCCL unique id for a stage whose ranks span nodes, when this
+/// (leader) process computes on GPUs with NCCL; `None` keeps the TCP ring.
+pub fn stage_nccl_id(placement: &Placement) -> Result<Option<Vec<u8>>, RunnerError> {
+    #[cfg(feature = "nccl")]
+    if !placement.is_cpu() {
+        return Ok(Some(strata_comm::nccl_unique_id()?));
+    }
+    let _ = placement;
+    Ok(None)
+}
 
 /// A node's data-plane links: activations in from the node before, out to
 /// the node after.
