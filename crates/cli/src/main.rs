@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load a model and serve the OpenAI API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Checks the GPU path against the CPU (the GPU check runs these).
     #[command(subcommand)]
     Check(check::Check),
@@ -179,7 +179,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Check(c) => check::run(c),
     }
 }

@@ -23,8 +23,6 @@ use tonic::{Request, Response, Status};
 use crate::error::{EngineError, Result};
 use crate::executor::RemoteNode;
 
-/// What activations are computed and sent in (CPU builds: f32).
-
 /// A heartbeat older than this makes the cluster unhealthy.
 const HEARTBEAT_STALE: Duration = Duration::from_secs(5);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);

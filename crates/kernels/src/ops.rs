@@ -122,7 +122,10 @@ impl CustomOp1 for SiluAndMul {
             let dev = s.device().clone();
             let input = view::<T>(s, l)?;
             // SAFETY: the kernel writes every element before anything reads it.
-            let out = unsafe { dev.alloc::<T>(tokens * inter) }?;
+            let out = unsafe { dev.alloc::<T>((tokens * inter).max(1)) }?;
+            if tokens == 0 {
+                return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+            }
             let f = load(
                 &dev,
                 "silu_and_mul",
@@ -227,7 +230,10 @@ impl RmsNorm {
             let residual = view::<T>(r, rl)?;
             let n = tokens * hidden;
             // SAFETY: every element is written by the kernel before it is read.
-            let out = unsafe { dev.alloc::<T>(if x.is_some() { 2 * n } else { n }) }?;
+            let out = unsafe { dev.alloc::<T>((if x.is_some() { 2 * n } else { n }).max(1)) }?;
+            if tokens == 0 {
+                return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+            }
             let stream = dev.cuda_stream();
             let (hidden_arg, eps) = (hidden as i32, op.eps);
             // Block sums need whole warps.
@@ -384,6 +390,9 @@ impl InplaceOp1 for Rotary<'_> {
         fn run<T: KernelType>(op: &Rotary, s: &mut CudaStorage, l: &Layout) -> Result<()> {
             let (t, h, d) = op.dims(l)?;
             contiguous(l, "rotary")?;
+            if t == 0 {
+                return Ok(());
+            }
             let dev = s.device().clone();
             let f = load(&dev, "rotary", s.dtype(), "rotary", crate::ptx::ROTARY)?;
             let (ps, pl) = op.positions.storage_and_layout();

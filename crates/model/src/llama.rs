@@ -494,6 +494,9 @@ impl Llama {
             residual = Some(r);
         }
         match (&self.norm, &self.lm_head) {
+            (Some(_), Some(_)) if input.logits_indices.is_empty() => Ok(StageOutput::Logits(
+                Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?,
+            )),
             (Some(norm), Some(head)) => {
                 let idx = Tensor::new(input.logits_indices, &self.device)?;
                 let x = x.index_select(&idx, 0)?;
