@@ -14,6 +14,7 @@ use strata_worker::{run_worker, WorkerOptions};
 
 mod check;
 mod launch;
+mod plan;
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Load a model and serve the OpenAI API.
     Serve(Box<ServeArgs>),
+    /// Whether a model fits on some machines, and the layout to serve it with.
+    Plan(plan::PlanArgs),
     /// Checks the GPU path against the CPU (the GPU check runs these).
     #[command(subcommand)]
     Check(check::Check),
@@ -181,6 +184,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(*args),
         Command::Check(c) => check::run(c),
+        Command::Plan(a) => plan::run(a),
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use serde_json::Value as Json;
 use strata_model::{DeviceRequest, Placement, WeightFormat, Weights};
+use strata_types::plan::{check_layout, Footprint, Machines};
 use strata_types::{ClusterLayout, LayerRange, ModelConfig, TokenId, BLOCK_SIZE};
 use strata_worker::{KvBudget, Links, LoadedNode};
 
@@ -136,6 +137,31 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     let local_ranks: usize = slots.iter().map(|s| s.tp_rank_count).sum();
     let placement = Placement::resolve(opts.device, opts.dtype, local_ranks)?;
     tracing::info!("computing on {}", placement.describe());
+    if let (Some(fraction), Some((_, total))) = (opts.gpu_memory_utilization, placement.memory(0)?)
+    {
+        // The arithmetic of `strata plan`, before anything is loaded.
+        let dtype_bytes = placement.dtype().size_in_bytes();
+        let footprint = Footprint::from_config(
+            &path.display().to_string(),
+            &config,
+            weights.dense_bytes(dtype_bytes),
+            strata_model::dtype_name(placement.dtype()),
+            dtype_bytes,
+        );
+        let machines = Machines {
+            nodes: nnodes,
+            gpus_per_node: placement.devices().len(),
+            gpu_memory: total,
+            utilization: fraction,
+            max_batch_tokens: opts.max_num_batched_tokens,
+        };
+        let need = opts.max_model_len.unwrap_or(
+            config
+                .max_position_embeddings
+                .min(opts.max_num_batched_tokens),
+        );
+        check_layout(&footprint, &machines, tp, pp, need).map_err(EngineError::Model)?;
+    }
     let total: usize = slots.iter().map(|s| s.layers.len() * s.tp_rank_count).sum();
     let unit = if slots.iter().all(|s| s.tp_rank_count == 1) {
         "layers"

@@ -202,6 +202,23 @@ impl Weights {
         &self.path
     }
 
+    /// Bytes every tensor takes dense at `dtype_bytes` per element: the
+    /// weights' size on a GPU, where GGUF is dequantized.
+    pub fn dense_bytes(&self, dtype_bytes: usize) -> u64 {
+        let elements: usize = match &*self.source {
+            Source::Safetensors { entries, .. } => entries
+                .values()
+                .map(|e| e.shape.iter().product::<usize>())
+                .sum(),
+            Source::Gguf { content, .. } => content
+                .tensor_infos
+                .values()
+                .map(|i| i.shape.elem_count())
+                .sum(),
+        };
+        (elements * dtype_bytes) as u64
+    }
+
     /// The same checkpoint (one mapping, one read counter) read onto
     /// `device` in `dtype`: each tensor-parallel rank reads onto its own GPU.
     pub fn on(&self, device: &Device, dtype: DType) -> Weights {

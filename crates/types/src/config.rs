@@ -99,7 +99,6 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Bytes of KV cache one token takes in `layers` layers, at `dtype_bytes` per element.
     /// The lm_head's matmul per token, in units of one decoder layer's: the
     /// work the last pipeline stage does beyond its layers.
     pub fn head_cost_in_layers(&self) -> f64 {
@@ -112,6 +111,7 @@ impl ModelConfig {
         (self.vocab_size * h) as f64 / layer.max(1) as f64
     }
 
+    /// Bytes of KV cache one token takes in `layers` layers, at `dtype_bytes` per element.
     pub fn kv_bytes_per_token(&self, layers: usize, dtype_bytes: usize) -> usize {
         2 * layers * self.num_kv_heads * self.head_dim * dtype_bytes
     }

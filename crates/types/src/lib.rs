@@ -6,6 +6,7 @@
 
 mod config;
 mod layout;
+pub mod plan;
 mod sampling;
 mod step;
 
