@@ -15,6 +15,7 @@ use strata_worker::{run_worker, WorkerOptions};
 mod check;
 mod launch;
 mod plan;
+mod vllm_compat;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +40,9 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
+// A flag given twice takes its last value: KAITO's config file is appended
+// after the command line and wins (vllm_compat.rs).
+#[command(args_override_self = true)]
 struct ServeArgs {
     /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json)
     /// or a .gguf file. Without it, the demo model (SmolLM2-135M-Instruct,
@@ -181,7 +185,22 @@ fn main() -> Result<()> {
         // Logs on stderr, as tools do; stdout stays free.
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let mut argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("serve") {
+        // vLLM's command line, as KAITO passes it, becomes strata's.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let known: Vec<String> = cmd
+            .find_subcommand("serve")
+            .map(|s| {
+                s.get_arguments()
+                    .filter_map(|a| a.get_long().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rest = vllm_compat::translate(argv.split_off(2), &known)?;
+        argv.extend(rest);
+    }
+    match Cli::parse_from(argv).command {
         Command::Serve(args) => serve(*args),
         Command::Check(c) => check::run(c),
         Command::Plan(a) => plan::run(a),

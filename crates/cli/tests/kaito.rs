@@ -1,0 +1,50 @@
+//! `strata serve` started the way KAITO starts vLLM: its flags, and its
+//! inference_config.yaml, whose `vllm:` section wins over the command line.
+
+mod common;
+
+use common::Server;
+use serde_json::json;
+
+#[tokio::test]
+async fn kaitos_command_line_and_config_file_start_a_server() {
+    let model = format!(
+        "{}/../../tests/fixtures/tiny/llama-chat",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let dir = std::env::temp_dir().join(format!("strata-kaito-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("inference_config.yaml");
+    std::fs::write(
+        &config,
+        "max_probe_steps: 6\nvllm:\n  cpu-offload-gb: 0\n  max-model-len: 256\n  max_num_seqs: 4\n  mystery-knob: 1\n",
+    )
+    .unwrap();
+    let config = format!("--kaito-config-file={}", config.display());
+    let s = Server::start_model(
+        &model,
+        &[
+            "--load_format=auto",
+            "--config_format=auto",
+            "--tokenizer_mode=auto",
+            "--trust-remote-code",
+            "--max-model-len=auto",
+            "--distributed-executor-backend=ray",
+            "--kv-cache-memory=16MiB",
+            "--max-model-len=512",
+            &config,
+        ],
+    )
+    .await;
+    let (status, models) = s.get("/v1/models").await;
+    assert_eq!(status, 200, "{models}");
+    // The file's 256 wins over the command line's 512.
+    assert_eq!(models["data"][0]["max_model_len"], 256, "{models}");
+    let (status, body) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": "demo", "prompt": "Hello", "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
