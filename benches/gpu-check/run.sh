@@ -3,7 +3,7 @@
 # PyTorch and transformers; no Rust, no network), from the repository root,
 # with the binary that deploy/build-cuda.sh packed:
 #
-#   benches/gpu-check/run.sh [dist/strata-cuda]
+#   benches/gpu-check/run.sh [dist/strata-cuda]     (or its .tar.xz beside it)
 #
 #   a. every kernel against its CPU reference (f32, bf16, f16);
 #   b. the tiny golden models on CUDA against the CPU and transformers'
@@ -16,7 +16,11 @@
 # Logs and results go to $OUT (default /tmp/gpu-check). Exits non-zero when a
 # check fails; speed targets are reported, not enforced.
 set -uo pipefail
-DIST=$(cd "${1:-dist/strata-cuda}" && pwd)
+DIST=${1:-dist/strata-cuda}
+# deploy/build-cuda.sh also packs the folder as DIST.tar.xz (small enough to
+# send with the repository).
+[ -x "$DIST/strata" ] || tar -C "$(dirname "$DIST")" -xJf "$DIST.tar.xz"
+DIST=$(cd "$DIST" && pwd)
 BIN=$DIST/strata
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/gpu-check}

@@ -290,7 +290,7 @@ fn config_args(path: &Path, known: &[String]) -> Result<Vec<String>> {
             }
             if let Some((_, why)) = ignored(&name) {
                 tracing::info!("{}: ignoring vllm.{name}: {why}", path.display());
-            } else if known.iter().any(|n| *n == name) {
+            } else if known.contains(&name) {
                 tracing::info!("{}: --{name} {v}", path.display());
                 args.push(format!("--{name}={v}"));
             } else {
