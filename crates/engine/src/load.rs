@@ -137,30 +137,9 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     let local_ranks: usize = slots.iter().map(|s| s.tp_rank_count).sum();
     let placement = Placement::resolve(opts.device, opts.dtype, local_ranks)?;
     tracing::info!("computing on {}", placement.describe());
-    if let (Some(fraction), Some((_, total))) = (opts.gpu_memory_utilization, placement.memory(0)?)
-    {
-        // The arithmetic of `strata plan`, before anything is loaded.
-        let dtype_bytes = placement.dtype().size_in_bytes();
-        let footprint = Footprint::from_config(
-            &path.display().to_string(),
-            &config,
-            weights.dense_bytes(dtype_bytes),
-            strata_model::dtype_name(placement.dtype()),
-            dtype_bytes,
-        );
-        let machines = Machines {
-            nodes: nnodes,
-            gpus_per_node: placement.devices().len(),
-            gpu_memory: total,
-            utilization: fraction,
-            max_batch_tokens: opts.max_num_batched_tokens,
-        };
-        let need = opts.max_model_len.unwrap_or(
-            config
-                .max_position_embeddings
-                .min(opts.max_num_batched_tokens),
-        );
-        check_layout(&footprint, &machines, tp, pp, need).map_err(EngineError::Model)?;
+    if local_ranks <= placement.devices().len() {
+        // (Ranks that share a GPU are sized after loading, by what is left.)
+        check_fits(opts, &placement, &weights, &config, nnodes)?;
     }
     let total: usize = slots.iter().map(|s| s.layers.len() * s.tp_rank_count).sum();
     let unit = if slots.iter().all(|s| s.tp_rank_count == 1) {
@@ -326,6 +305,53 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
             weight_bytes,
         },
     ))
+}
+
+/// On GPUs, the arithmetic of `strata plan` with this run's layout, before
+/// anything is loaded: refuses, saying what is short, when the weights, the
+/// activation reserve and one sequence's KV cannot fit.
+fn check_fits(
+    opts: &LoadOptions,
+    placement: &Placement,
+    weights: &Weights,
+    config: &ModelConfig,
+    nnodes: usize,
+) -> Result<()> {
+    let (Some(fraction), Some((_, total))) = (opts.gpu_memory_utilization, placement.memory(0)?)
+    else {
+        return Ok(());
+    };
+    let dtype_bytes = placement.dtype().size_in_bytes();
+    let footprint = Footprint::from_config(
+        &opts.model.display().to_string(),
+        config,
+        weights.dense_bytes(dtype_bytes),
+        strata_model::dtype_name(placement.dtype()),
+        dtype_bytes,
+    );
+    let machines = Machines {
+        nodes: nnodes,
+        gpus_per_node: placement.devices().len(),
+        gpu_memory: total,
+        utilization: fraction,
+        max_batch_tokens: opts.max_num_batched_tokens,
+    };
+    // Without --max-model-len the context is capped by the cache, so one
+    // step's worth of tokens must fit.
+    let need = opts.max_model_len.unwrap_or(
+        config
+            .max_position_embeddings
+            .min(opts.max_num_batched_tokens),
+    );
+    check_layout(
+        &footprint,
+        &machines,
+        opts.tensor_parallel_size,
+        opts.pipeline_parallel_size,
+        need,
+    )
+    .map(|_| ())
+    .map_err(EngineError::Model)
 }
 
 /// Refuses a `--max-model-len` the KV cache cannot hold, and a cache that

@@ -39,6 +39,7 @@ pub struct RingMember {
     pub rank: usize,
     /// Bound before the node announced its address.
     pub listener: TcpListener,
+    /// Every rank's listener, in rank order.
     pub addrs: Vec<SocketAddr>,
     pub token: String,
     pub timeout: Duration,
