@@ -9,10 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
-use strata_model::{
-    dtype_name, parse_dtype, BatchInput, DeviceRequest, Llama, Placement, SeqInfo, StageOutput,
-    Weights,
-};
+use strata_model::{dtype_name, parse_dtype, DeviceRequest, Llama, Placement, Weights};
 use strata_types::{LayerRange, BLOCK_SIZE};
 
 #[derive(Subcommand)]
@@ -106,39 +103,16 @@ fn greedy(m: &Llama, prompt: &[u32], steps: usize, follow: Option<&[u32]>) -> Re
     let mut kv = m.new_kv_cache(blocks + 2)?;
     // Scattered blocks, as a long-running server has them.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let forward = |kv: &mut strata_model::KvCache, start: usize, tokens: &[u32], all: bool| {
-        let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
-        let slots: Vec<u32> = positions
-            .iter()
-            .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
-            .collect();
-        let seqs = [SeqInfo {
-            query_len: tokens.len(),
-            block_table: &table,
-        }];
-        let idx: Vec<u32> = if all {
-            (0..tokens.len() as u32).collect()
-        } else {
-            vec![tokens.len() as u32 - 1]
-        };
-        let input = BatchInput {
-            token_ids: tokens,
-            positions: &positions,
-            slot_mapping: &slots,
-            seqs: &seqs,
-            logits_indices: &idx,
-        };
-        match m.forward(&input, None, kv)? {
-            StageOutput::Logits(l) => Ok::<_, anyhow::Error>(l.to_vec2::<f32>()?),
-            StageOutput::Hidden(_) => bail!("a whole model returns logits"),
-        }
+    let mut forward = |start: usize, tokens: &[u32], all: bool| -> Result<Vec<Vec<f32>>> {
+        Ok(m.forward_sequence(&mut kv, &table, start, tokens, all)?
+            .to_vec2::<f32>()?)
     };
-    let prompt_logits = forward(&mut kv, 0, prompt, true)?;
+    let prompt_logits = forward(0, prompt, true)?;
     let mut greedy = vec![argmax(prompt_logits.last().context("an empty prompt")?)];
     let mut decode = Vec::new();
     for i in 0..steps {
         let token = follow.map_or(greedy[i], |f| f[i]);
-        let l = forward(&mut kv, prompt.len() + i, &[token], false)?.remove(0);
+        let l = forward(prompt.len() + i, &[token], false)?.remove(0);
         greedy.push(argmax(&l));
         decode.push(l);
     }

@@ -2,25 +2,9 @@
 //! CPU runs the GPU check's comparisons on itself, and asking for CUDA from
 //! a CPU-only build fails with a message that says why.
 
-use std::process::Command;
+mod common;
 
-fn strata(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("the strata binary runs");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
-fn fixture(name: &str) -> String {
-    format!(
-        "{}/../../tests/fixtures/tiny/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
+use common::{run_strata as strata, tiny_fixture as fixture};
 
 #[test]
 fn the_check_subcommands_pass_on_the_cpu() {

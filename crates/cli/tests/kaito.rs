@@ -3,15 +3,12 @@
 
 mod common;
 
-use common::Server;
+use common::{tiny_fixture, Server};
 use serde_json::json;
 
 #[tokio::test]
 async fn kaitos_command_line_and_config_file_start_a_server() {
-    let model = format!(
-        "{}/../../tests/fixtures/tiny/llama-chat",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let model = tiny_fixture("llama-chat");
     let dir = std::env::temp_dir().join(format!("strata-kaito-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("inference_config.yaml");

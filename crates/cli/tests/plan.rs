@@ -1,18 +1,10 @@
 //! `strata plan` on KAITO's worked cases: the layout it prints, and the
 //! refusal that says what is short.
 
-use std::process::Command;
+mod common;
 
 fn plan(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("plan")
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("the strata binary runs");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    common::run_strata(&[&["plan"], args].concat())
 }
 
 #[test]

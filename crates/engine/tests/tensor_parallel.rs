@@ -17,8 +17,8 @@ use std::sync::Arc;
 use candle_core::Device;
 use strata_comm::{Communicator, SingleRank, ThreadComm};
 use strata_engine::ensure_demo_model;
-use strata_model::{config_from_gguf, BatchInput, Llama, SeqInfo, StageOutput, Weights};
-use strata_types::{LayerRange, BLOCK_SIZE};
+use strata_model::{config_from_gguf, Llama, Weights};
+use strata_types::LayerRange;
 
 /// Feeds `prompt` then `forced` one token at a time (teacher forcing);
 /// returns the logits after the prompt and after each forced token, and the
@@ -45,26 +45,9 @@ fn run(comm: Arc<dyn Communicator>, prompt: &[u32], forced: &[u32]) -> (Vec<Vec<
             tokens.push(t);
         }
         let new = &tokens[start..];
-        let positions: Vec<u32> = (start..tokens.len()).map(|p| p as u32).collect();
-        let slots: Vec<u32> = positions
-            .iter()
-            .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
-            .collect();
-        let seqs = [SeqInfo {
-            query_len: new.len(),
-            block_table: &table,
-        }];
-        let last = [new.len() as u32 - 1];
-        let input = BatchInput {
-            token_ids: new,
-            positions: &positions,
-            slot_mapping: &slots,
-            seqs: &seqs,
-            logits_indices: &last,
-        };
-        let StageOutput::Logits(l) = m.forward(&input, None, &mut kv).unwrap() else {
-            unreachable!()
-        };
+        let l = m
+            .forward_sequence(&mut kv, &table, start, new, false)
+            .unwrap();
         out.push(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         start = tokens.len();
     }

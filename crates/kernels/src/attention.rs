@@ -188,9 +188,9 @@ impl InplaceOp3 for WriteKv<'_> {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<()> {
-        use crate::cuda::{by_dtype, cuda, load, view, KernelType};
+        use crate::cuda::{by_dtype, cuda, load, per_token, view, KernelType};
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::{CudaStorage, WrapErr};
 
         #[allow(clippy::too_many_arguments)]
@@ -246,11 +246,7 @@ impl InplaceOp3 for WriteKv<'_> {
                 .arg(&kv_heads)
                 .arg(&head_dim)
                 .arg(&style);
-            let cfg = LaunchConfig {
-                grid_dim: (t as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = per_token(t, 256);
             // SAFETY: the arguments match write_kv in kv_cache.cu; slots were
             // given out by the block pool, inside the cache.
             unsafe { b.launch(cfg) }.w()?;

@@ -1,7 +1,7 @@
 //! What every CUDA launcher needs: the kernel for a dtype, and a tensor's
 //! device memory as a typed view starting at its layout's offset.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, DeviceRepr};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{DType, Layout, Result, Storage};
 
@@ -56,4 +56,13 @@ pub(crate) fn cuda<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
 /// The elements of `s` from `l`'s start offset on.
 pub(crate) fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// One thread block of `threads` per token, the grid most kernels here use.
+pub(crate) fn per_token(tokens: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (tokens as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }

@@ -111,9 +111,9 @@ impl CustomOp1 for SiluAndMul {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{by_dtype, load, view, KernelType};
+        use crate::cuda::{by_dtype, load, per_token, view, KernelType};
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::{CudaStorage, WrapErr};
 
         fn run<T: KernelType>(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
@@ -137,11 +137,7 @@ impl CustomOp1 for SiluAndMul {
             let inter_arg = inter as i32;
             let mut b = stream.launch_builder(&f);
             b.arg(&input).arg(&out).arg(&inter_arg);
-            let cfg = LaunchConfig {
-                grid_dim: (tokens as u32, 1, 1),
-                block_dim: (inter.min(1024) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = per_token(tokens, inter.min(1024) as u32);
             // SAFETY: the arguments match silu_and_mul in activation.cu.
             unsafe { b.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -175,30 +171,29 @@ impl RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (tokens, hidden) = self.dims(rl)?;
         contiguous(rl, "rms_norm")?;
-        let weight = self
-            .weight
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
-        let mut residual = cpu_f32(r, rl, "rms_norm")?[..tokens * hidden].to_vec();
-        let mut out = vec![0f32; tokens * hidden];
+        // The weight is read where it lies (this runs per layer per step).
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            return Err(err("rms_norm on CPU needs its weight on the CPU"));
+        };
+        let weight = &cpu_f32(ws, wl, "rms_norm's weight")?[..hidden];
+        let n = tokens * hidden;
+        let residual = &cpu_f32(r, rl, "rms_norm")?[..n];
         match x {
             None => {
-                reference::add_rms_norm(None, &mut residual, &weight, self.eps, &mut out);
+                let mut out = vec![0f32; n];
+                reference::add_rms_norm(None, &mut residual.to_vec(), weight, self.eps, &mut out);
                 Ok((CpuStorage::F32(out), Shape::from((tokens, hidden))))
             }
             Some((xs, xl)) => {
-                if xl.dims() != rl.dims() {
-                    return Err(err(format!(
-                        "add_rms_norm: x is {:?} but the residual {:?}",
-                        xl.dims(),
-                        rl.dims()
-                    )));
-                }
-                contiguous(xl, "add_rms_norm")?;
+                check_x(xl, rl)?;
                 let x = cpu_f32(xs, xl, "add_rms_norm")?;
-                reference::add_rms_norm(Some(x), &mut residual, &weight, self.eps, &mut out);
-                residual.extend_from_slice(&out);
-                Ok((CpuStorage::F32(residual), Shape::from((2, tokens, hidden))))
+                // [new residual | normed] in one buffer.
+                let mut both = residual.to_vec();
+                both.resize(2 * n, 0.0);
+                let (sum, out) = both.split_at_mut(n);
+                reference::add_rms_norm(Some(x), sum, weight, self.eps, out);
+                Ok((CpuStorage::F32(both), Shape::from((2, tokens, hidden))))
             }
         }
     }
@@ -210,9 +205,9 @@ impl RmsNorm {
         r: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{by_dtype, cuda, load, view, KernelType};
+        use crate::cuda::{by_dtype, cuda, load, per_token, view, KernelType};
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::{CudaStorage, WrapErr};
 
         fn run<T: KernelType>(
@@ -238,11 +233,7 @@ impl RmsNorm {
             let (hidden_arg, eps) = (hidden as i32, op.eps);
             // Block sums need whole warps.
             let threads = hidden.div_ceil(32).clamp(1, 32) as u32 * 32;
-            let cfg = LaunchConfig {
-                grid_dim: (tokens as u32, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = per_token(tokens, threads);
             match x {
                 None => {
                     let f = load(
@@ -262,14 +253,7 @@ impl RmsNorm {
                     unsafe { b.launch(cfg) }.w()?;
                 }
                 Some((xs, xl)) => {
-                    if xl.dims() != rl.dims() {
-                        return Err(err(format!(
-                            "add_rms_norm: x is {:?} but the residual {:?}",
-                            xl.dims(),
-                            rl.dims()
-                        )));
-                    }
-                    contiguous(xl, "add_rms_norm")?;
+                    check_x(xl, rl)?;
                     let xv = view::<T>(xs, xl)?;
                     let (res_out, normed) = (out.slice(..n), out.slice(n..));
                     let f = load(
@@ -300,6 +284,18 @@ impl RmsNorm {
         };
         Ok((by_dtype!(r.dtype(), run(self, x, r, rl))?, shape))
     }
+}
+
+/// `add_rms_norm`'s `x` must be a contiguous tensor shaped like the residual.
+fn check_x(xl: &Layout, rl: &Layout) -> Result<()> {
+    if xl.dims() != rl.dims() {
+        return Err(err(format!(
+            "add_rms_norm: x is {:?} but the residual {:?}",
+            xl.dims(),
+            rl.dims()
+        )));
+    }
+    contiguous(xl, "add_rms_norm")
 }
 
 impl CustomOp1 for RmsNorm {
@@ -382,9 +378,9 @@ impl InplaceOp1 for Rotary<'_> {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
-        use crate::cuda::{by_dtype, cuda, load, view, KernelType};
+        use crate::cuda::{by_dtype, cuda, load, per_token, view, KernelType};
         use candle_core::backend::BackendStorage;
-        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::{CudaStorage, WrapErr};
 
         fn run<T: KernelType>(op: &Rotary, s: &mut CudaStorage, l: &Layout) -> Result<()> {
@@ -412,11 +408,7 @@ impl InplaceOp1 for Rotary<'_> {
                 .arg(&heads)
                 .arg(&head_dim)
                 .arg(&style);
-            let cfg = LaunchConfig {
-                grid_dim: (t as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = per_token(t, 256);
             // SAFETY: the arguments match rotary in rotary.cu.
             unsafe { b.launch(cfg) }.w()?;
             Ok(())

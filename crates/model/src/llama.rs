@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Storage, Tensor};
 use strata_comm::Communicator;
 use strata_kernels::RopeTables;
-use strata_types::{LayerRange, ModelConfig};
+use strata_types::{LayerRange, ModelConfig, BLOCK_SIZE};
 
 use crate::attention::{paged_attention, write_kv, Heads};
 use crate::error::{Error, Result};
@@ -446,6 +446,47 @@ impl Llama {
             0
         };
         layer + logits + (512 << 20)
+    }
+
+    /// Runs one sequence's `tokens`, at positions `start..` of its blocks
+    /// `table`, through a whole model; returns the logits of every token
+    /// (`all_logits`) or of the last. The checks and tests drive a model
+    /// this way, without a scheduler.
+    pub fn forward_sequence(
+        &self,
+        kv: &mut KvCache,
+        table: &[u32],
+        start: usize,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Tensor> {
+        let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
+        let slots: Vec<u32> = positions
+            .iter()
+            .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
+            .collect();
+        let seqs = [SeqInfo {
+            query_len: tokens.len(),
+            block_table: table,
+        }];
+        let idx: Vec<u32> = if all_logits {
+            (0..tokens.len() as u32).collect()
+        } else {
+            vec![tokens.len().saturating_sub(1) as u32]
+        };
+        let input = BatchInput {
+            token_ids: tokens,
+            positions: &positions,
+            slot_mapping: &slots,
+            seqs: &seqs,
+            logits_indices: &idx,
+        };
+        match self.forward(&input, None, kv)? {
+            StageOutput::Logits(l) => Ok(l),
+            StageOutput::Hidden(_) => Err(Error::Config(
+                "forward_sequence needs the whole model (its last stage returns logits)".into(),
+            )),
+        }
     }
 
     /// Runs the stage. The first stage embeds `input.token_ids`; later stages

@@ -67,31 +67,10 @@ fn run(
     tokens: &[u32],
     all_logits: bool,
 ) -> Vec<Vec<f32>> {
-    let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
-    let slots: Vec<u32> = positions
-        .iter()
-        .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
-        .collect();
-    let seqs = [SeqInfo {
-        query_len: tokens.len(),
-        block_table: table,
-    }];
-    let idx: Vec<u32> = if all_logits {
-        (0..tokens.len() as u32).collect()
-    } else {
-        vec![tokens.len() as u32 - 1]
-    };
-    let input = BatchInput {
-        token_ids: tokens,
-        positions: &positions,
-        slot_mapping: &slots,
-        seqs: &seqs,
-        logits_indices: &idx,
-    };
-    match m.forward(&input, None, kv).unwrap() {
-        StageOutput::Logits(l) => l.to_vec2().unwrap(),
-        StageOutput::Hidden(_) => panic!("a full model returns logits"),
-    }
+    m.forward_sequence(kv, table, start, tokens, all_logits)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {

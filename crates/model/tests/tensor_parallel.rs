@@ -6,10 +6,8 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use strata_comm::{Communicator, ThreadComm};
-use strata_model::{
-    config_from_hf_json, BatchInput, KvCache, Llama, SeqInfo, StageOutput, Weights,
-};
-use strata_types::{LayerRange, BLOCK_SIZE};
+use strata_model::{config_from_hf_json, KvCache, Llama, Weights};
+use strata_types::LayerRange;
 
 fn fixture(variant: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -33,28 +31,12 @@ fn load(variant: &str, comm: Arc<dyn Communicator>) -> strata_model::Result<Llam
 }
 
 fn step(m: &Llama, kv: &mut KvCache, start: usize, tokens: &[u32]) -> Vec<f32> {
-    let table = [0u32, 1];
-    let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
-    let slots: Vec<u32> = positions
-        .iter()
-        .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
-        .collect();
-    let seqs = [SeqInfo {
-        query_len: tokens.len(),
-        block_table: &table,
-    }];
-    let last = [tokens.len() as u32 - 1];
-    let input = BatchInput {
-        token_ids: tokens,
-        positions: &positions,
-        slot_mapping: &slots,
-        seqs: &seqs,
-        logits_indices: &last,
-    };
-    match m.forward(&input, None, kv).unwrap() {
-        StageOutput::Logits(l) => l.flatten_all().unwrap().to_vec1().unwrap(),
-        StageOutput::Hidden(_) => unreachable!(),
-    }
+    m.forward_sequence(kv, &[0, 1], start, tokens, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn argmax(v: &[f32]) -> u32 {

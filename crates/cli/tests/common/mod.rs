@@ -7,6 +7,26 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+/// A tiny transformers-made model from `tests/fixtures/tiny`.
+pub fn tiny_fixture(name: &str) -> String {
+    format!(
+        "{}/../../tests/fixtures/tiny/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// Runs `strata args...` to its end: (succeeded, stdout and stderr).
+pub fn run_strata(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("the strata binary runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 pub struct Server {
     child: Child,
     pub base: String,
