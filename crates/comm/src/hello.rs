@@ -3,7 +3,8 @@
 //! A connection that fails the check is closed before any data flows.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 /// Tokens above this are refused rather than allocated.
 const MAX_TOKEN: usize = 4096;
@@ -20,6 +21,37 @@ pub(crate) fn send(
     hello.extend((token.len() as u32).to_le_bytes());
     hello.extend(token.as_bytes());
     s.write_all(&hello)
+}
+
+/// Connects to `addr` and says hello, retrying until `deadline` so the peer
+/// may start listening later.
+pub(crate) fn dial(
+    addr: SocketAddr,
+    deadline: Instant,
+    magic: &[u8; 8],
+    rank: u64,
+    token: &str,
+) -> std::io::Result<TcpStream> {
+    loop {
+        let last_try = Instant::now() >= deadline;
+        match TcpStream::connect(addr) {
+            // Dialing a port no one listens on yet can connect the socket to
+            // itself (TCP simultaneous open) when the kernel picks that same
+            // port as the local one; that is no peer, so try again.
+            Ok(s) if s.local_addr().ok() == Some(addr) => {
+                if last_try {
+                    return Err(std::io::Error::other("connected only to itself"));
+                }
+            }
+            Ok(mut s) => {
+                send(&mut s, magic, rank, token)?;
+                return Ok(s);
+            }
+            Err(e) if last_try => return Err(e),
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Reads a hello and returns the caller's rank, or why it is refused.

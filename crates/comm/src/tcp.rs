@@ -36,20 +36,6 @@ fn err(msg: impl std::fmt::Display) -> candle_core::Error {
 }
 
 impl TcpComm {
-    /// Joins the ring: listens on `addrs[rank]`, connects to the next rank
-    /// (retrying until `timeout`, so ranks may start in any order) and
-    /// accepts the previous one.
-    pub fn connect(rank: usize, addrs: &[SocketAddr], timeout: Duration) -> Result<Self> {
-        let Some(&own) = addrs.get(rank) else {
-            return Err(err(format!(
-                "rank {rank} outside a ring of {}",
-                addrs.len()
-            )));
-        };
-        let listener = TcpListener::bind(own).map_err(|e| err(format!("binding {own}: {e}")))?;
-        Self::join(rank, listener, addrs, "", timeout)
-    }
-
     /// Joins the ring on a listener bound beforehand (its address announced
     /// as `addrs[rank]`); every link presents and checks the cluster `token`.
     pub fn join(
@@ -77,17 +63,8 @@ impl TcpComm {
         // both, so doing them in turn could deadlock.
         let next_addr = addrs[next_rank];
         let own_token = token.to_string();
-        let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
-            loop {
-                match TcpStream::connect(next_addr) {
-                    Ok(mut s) => {
-                        hello::send(&mut s, MAGIC, rank as u64, &own_token)?;
-                        return Ok(s);
-                    }
-                    Err(e) if Instant::now() >= deadline => return Err(e),
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
+        let connector = std::thread::spawn(move || {
+            hello::dial(next_addr, deadline, MAGIC, rank as u64, &own_token)
         });
         listener.set_nonblocking(true).map_err(err)?;
         let prev = loop {

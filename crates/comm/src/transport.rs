@@ -52,21 +52,9 @@ impl TcpTransport {
     /// Connects to the next stage as node `rank`, retrying until `timeout`
     /// (it may start later), and presents the cluster token.
     pub fn connect(addr: SocketAddr, rank: u64, token: &str, timeout: Duration) -> Result<Self> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match TcpStream::connect(addr) {
-                Ok(mut s) => {
-                    hello::send(&mut s, HELLO, rank, token).map_err(err)?;
-                    return Self::from_stream(s);
-                }
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(err(format!(
-                        "could not reach {addr} within {timeout:?}: {e}"
-                    )))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        let stream = hello::dial(addr, Instant::now() + timeout, HELLO, rank, token)
+            .map_err(|e| err(format!("could not reach {addr} within {timeout:?}: {e}")))?;
+        Self::from_stream(stream)
     }
 
     /// Accepts the previous stage's connection, waiting up to `timeout`, and

@@ -22,20 +22,21 @@ fn threads(world: usize) -> Group {
 }
 
 fn tcp(world: usize) -> Group {
-    let addrs: Vec<SocketAddr> = (0..world)
-        .map(|_| {
-            TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-        })
+    // Every listener stays bound from here until its rank joins: a port
+    // freed and re-bound later could be handed out twice (or to another
+    // test's connection) in between.
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     // Ranks join from their own threads, as separate processes would.
-    let handles: Vec<_> = (0..world)
-        .map(|r| {
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(r, listener)| {
             let addrs = addrs.clone();
             std::thread::spawn(move || {
-                TcpComm::connect(r, &addrs, Duration::from_secs(10)).unwrap()
+                TcpComm::join(r, listener, &addrs, "", Duration::from_secs(10)).unwrap()
             })
         })
         .collect();
