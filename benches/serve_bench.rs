@@ -347,7 +347,15 @@ fn strata_layout(
     };
     let mut leader = node(0);
     leader.args(["--port", &port.to_string()]);
-    Ok((leader, (1..procs).map(node).collect()))
+    // Workers answer their probes on --port: any free one.
+    let workers = (1..procs)
+        .map(|r| {
+            let mut w = node(r);
+            w.args(["--port", "0"]);
+            w
+        })
+        .collect();
+    Ok((leader, workers))
 }
 
 #[tokio::main]

@@ -10,9 +10,11 @@ use strata_engine::{
 };
 use strata_model::{parse_dtype, DeviceRequest};
 use strata_server::AppState;
-use strata_worker::{run_worker, WorkerOptions};
+use strata_worker::{run_worker, Phase, WorkerOptions, WorkerStatus};
 
 mod check;
+#[cfg(test)]
+mod deploy_tests;
 mod launch;
 mod plan;
 mod vllm_compat;
@@ -135,6 +137,15 @@ struct ServeArgs {
     /// CPU threads for the model (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// On SIGTERM or Ctrl-C, seconds the requests in flight get to finish
+    /// (new ones are refused at once); what still runs after is cut. Keep
+    /// it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_period: u64,
+    /// Log lines as text or as JSON objects (one per line, for log
+    /// collectors).
+    #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -177,33 +188,55 @@ fn tune_allocator() {
 
 fn main() -> Result<()> {
     tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_target(false)
-        // Logs on stderr, as tools do; stdout stays free.
-        .with_writer(std::io::stderr)
-        .init();
     let mut argv: Vec<String> = std::env::args().collect();
+    init_logging(&argv);
     if argv.get(1).map(String::as_str) == Some("serve") {
         // vLLM's command line, as KAITO passes it, becomes strata's.
-        let cmd = <Cli as clap::CommandFactory>::command();
-        let known: Vec<String> = cmd
-            .find_subcommand("serve")
-            .map(|s| {
-                s.get_arguments()
-                    .filter_map(|a| a.get_long().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let rest = vllm_compat::translate(argv.split_off(2), &known)?;
+        let rest = vllm_compat::translate(argv.split_off(2), &serve_flags())?;
         argv.extend(rest);
     }
     match Cli::parse_from(argv).command {
         Command::Serve(args) => serve(*args),
         Command::Check(c) => check::run(c),
         Command::Plan(a) => plan::run(a),
+    }
+}
+
+/// The long flags `strata serve` takes.
+fn serve_flags() -> Vec<String> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    cmd.find_subcommand("serve")
+        .map(|s| {
+            s.get_arguments()
+                .filter_map(|a| a.get_long().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Logs go to stderr (stdout stays free), as text or, with `--log-format
+/// json` (or STRATA_LOG_FORMAT=json), one JSON object per line. The flag is
+/// read here, before clap, because the command line's own translation
+/// (vllm_compat) already logs; clap validates it after.
+fn init_logging(argv: &[String]) {
+    let mut format = std::env::var("STRATA_LOG_FORMAT").unwrap_or_default();
+    for (i, a) in argv.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--log-format=") {
+            format = v.to_string();
+        } else if a == "--log-format" {
+            format = argv.get(i + 1).cloned().unwrap_or_default();
+        }
+    }
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.init();
     }
 }
 
@@ -264,6 +297,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         );
     }
     if role.node_rank > 0 {
+        let status = std::sync::Arc::new(WorkerStatus::default());
         let opts = WorkerOptions {
             node_rank: role.node_rank,
             nnodes: role.nnodes,
@@ -275,8 +309,18 @@ fn serve(args: ServeArgs) -> Result<()> {
             token,
             timeout,
             device: args.device,
+            status: status.clone(),
         };
-        return rt.block_on(run_worker(opts)).map_err(Into::into);
+        // The same probes as the leader's, on the same --port, so one pod
+        // template serves every rank of a StatefulSet.
+        let probes = strata_server::probe_router(move || worker_readiness(&status.phase()));
+        let probe_addr = SocketAddr::new(args.host, args.port);
+        return rt.block_on(async move {
+            tokio::select! {
+                r = run_worker(opts) => r.map_err(Into::into),
+                r = strata_server::serve_probes(probe_addr, probes) => r.map_err(anyhow::Error::msg),
+            }
+        });
     }
 
     let cluster_state = ClusterState::new(role.nnodes);
@@ -333,6 +377,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            draining: Default::default(),
         })
     };
     let served = rt.block_on(strata_server::serve(
@@ -340,10 +385,28 @@ fn serve(args: ServeArgs) -> Result<()> {
         cluster_state,
         ready,
         shutdown_signal(),
+        std::time::Duration::from_secs(args.shutdown_grace_period),
     ));
     // A load still running (shut down early) must not hold the exit.
     rt.shutdown_background();
     served.map_err(anyhow::Error::msg)
+}
+
+/// A worker is ready once it has opened the model and bound its ports, and
+/// stays ready while it waits for a leader, even one that refuses it. It
+/// does not wait for the cluster: the leader's readiness says whether the
+/// cluster serves. That order keeps a rolling update moving: the new
+/// workers come up ready and wait, then the new leader takes them.
+fn worker_readiness(phase: &Phase) -> Result<serde_json::Value, serde_json::Value> {
+    use serde_json::json;
+    match phase {
+        Phase::Starting => Err(json!({"status": "unavailable", "phase": "starting"})),
+        Phase::Joining { refused: None } => Ok(json!({"status": "ok", "phase": "joining"})),
+        Phase::Joining { refused: Some(why) } => {
+            Ok(json!({"status": "ok", "phase": "joining", "refused": why}))
+        }
+        Phase::Joined => Ok(json!({"status": "ok", "phase": "joined"})),
+    }
 }
 
 async fn shutdown_signal() {

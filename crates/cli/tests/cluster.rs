@@ -179,7 +179,33 @@ async fn a_worker_with_another_model_is_refused() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let leader = Server::spawn(&tiny(), &args);
     let other = tiny().replace("llama-chat", "llama-gqa");
-    let mut worker = Node::spawn(&other, &cluster_args(2, 1, port, &[]));
+    // A refused worker stays ready and retries (a new leader may take it:
+    // a rolling update replaces workers first) until its --cluster-timeout,
+    // then exits with the reason.
+    let probe = cluster_port().to_string();
+    let mut worker = Node::spawn(
+        &other,
+        &cluster_args(2, 1, port, &["--cluster-timeout", "10", "--port", &probe]),
+    );
+    let health = format!("http://127.0.0.1:{probe}/health");
+    let body = loop {
+        if let Ok(r) = reqwest::get(&health).await {
+            let status = r.status();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            if body["refused"].is_string() {
+                assert_eq!(status, 200, "{body}");
+                break body;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(
+        body["refused"]
+            .as_str()
+            .unwrap()
+            .contains("opened a different model"),
+        "{body}"
+    );
     let (ok, log) = worker.wait_exit().await;
     assert!(!ok, "the worker should fail:\n{log}");
     assert!(log.contains("opened a different model"), "{log}");
@@ -197,12 +223,20 @@ async fn a_wrong_cluster_token_is_refused() {
     let leader = Server::spawn(&model, &args);
     let mut intruder = Node::spawn(
         &model,
-        &cluster_args(2, 1, port, &["--cluster-token", "guess"]),
+        &cluster_args(
+            2,
+            1,
+            port,
+            &["--cluster-token", "guess", "--cluster-timeout", "3"],
+        ),
     );
     let (ok, log) = intruder.wait_exit().await;
     assert!(!ok, "{log}");
     assert!(log.contains("cluster token"), "{log}");
-    let mut no_token = Node::spawn(&model, &cluster_args(2, 1, port, &[]));
+    let mut no_token = Node::spawn(
+        &model,
+        &cluster_args(2, 1, port, &["--cluster-timeout", "3"]),
+    );
     let (ok, log) = no_token.wait_exit().await;
     assert!(!ok && log.contains("cluster token"), "{log}");
     // The right token gets in.

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
 
 use strata_sched::{Request, Scheduler, SchedulerConfig, SchedulerStats};
 use strata_types::{
@@ -16,6 +17,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
+use crate::metrics::RequestMetrics;
 use crate::tokenizer::Tokenizer;
 
 /// Limits the engine is started with.
@@ -70,6 +72,8 @@ pub struct EngineStats {
     pub num_pending: usize,
     /// Bytes of activations this node sent down the pipeline.
     pub activation_bytes_sent: u64,
+    /// Latencies and endings of the requests so far.
+    pub requests: RequestMetrics,
 }
 
 enum Command {
@@ -212,6 +216,7 @@ pub fn start_engine(
         live: HashMap::new(),
         pending: handle.pending.clone(),
         stats: handle.stats.clone(),
+        metrics: RequestMetrics::default(),
     };
     core.publish_stats();
     let alive = handle.alive.clone();
@@ -239,6 +244,9 @@ struct Live {
     want_logprobs: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
+    arrived: Instant,
+    /// When its latest token was sampled.
+    last_token: Option<Instant>,
 }
 
 struct EngineCore {
@@ -248,6 +256,7 @@ struct EngineCore {
     live: HashMap<RequestId, Live>,
     pending: Arc<AtomicUsize>,
     stats: Arc<Mutex<EngineStats>>,
+    metrics: RequestMetrics,
 }
 
 impl EngineCore {
@@ -315,6 +324,8 @@ impl EngineCore {
                         want_logprobs: r.sampling.logprobs.is_some(),
                         prompt_tokens: r.prompt_token_ids.len(),
                         completion_tokens: 0,
+                        arrived: Instant::now(),
+                        last_token: None,
                     },
                 );
                 self.sched.add_request(Request::new(
@@ -326,9 +337,11 @@ impl EngineCore {
                 ));
             }
             Command::Abort(id) => {
-                if self.live.remove(&id).is_some() {
+                if let Some(l) = self.live.remove(&id) {
                     self.sched.finish_requests(&[id]);
                     self.pending.fetch_sub(1, Ordering::SeqCst);
+                    let secs = l.arrived.elapsed().as_secs_f64();
+                    self.metrics.record_end(Some(FinishReason::Abort), secs);
                 }
             }
         }
@@ -357,8 +370,22 @@ impl EngineCore {
     /// Streams a step's sampled tokens to their requests.
     fn apply(&mut self, result: &StepResult) {
         let updates = self.sched.update_from_output(result);
-        // Counters first: a client that sees its last token may read them.
-        self.publish_stats();
+        let now = Instant::now();
+        for u in &updates {
+            let Some(live) = self.live.get_mut(&u.req_id) else {
+                continue;
+            };
+            let since = live.last_token.unwrap_or(live.arrived);
+            let secs = now.duration_since(since).as_secs_f64();
+            match live.last_token {
+                None => self.metrics.time_to_first_token.observe(secs),
+                Some(_) => self.metrics.inter_token_latency.observe(secs),
+            }
+            live.last_token = Some(now);
+        }
+        // Sent after the counters are published: a client that sees its
+        // last token may read them.
+        let mut outputs = Vec::with_capacity(updates.len());
         for u in updates {
             let Some(live) = self.live.get_mut(&u.req_id) else {
                 continue;
@@ -389,11 +416,17 @@ impl EngineCore {
             output.prompt_tokens = live.prompt_tokens;
             output.completion_tokens = live.completion_tokens;
             output.cached_tokens = u.num_cached_tokens;
-            let _ = live.tx.send(Ok(output));
+            outputs.push((live.tx.clone(), output));
             if finish.is_some() {
+                let secs = now.duration_since(live.arrived).as_secs_f64();
+                self.metrics.record_end(finish, secs);
                 self.live.remove(&u.req_id);
                 self.pending.fetch_sub(1, Ordering::SeqCst);
             }
+        }
+        self.publish_stats();
+        for (tx, output) in outputs {
+            let _ = tx.send(Ok(output));
         }
     }
 
@@ -403,6 +436,8 @@ impl EngineCore {
             if let Some(l) = self.live.remove(id) {
                 let _ = l.tx.send(Err(msg.to_string()));
                 self.pending.fetch_sub(1, Ordering::SeqCst);
+                self.metrics
+                    .record_end(None, l.arrived.elapsed().as_secs_f64());
             }
         }
     }
@@ -417,6 +452,7 @@ impl EngineCore {
             num_free_blocks: self.sched.num_free_blocks(),
             num_pending: self.pending.load(Ordering::SeqCst),
             activation_bytes_sent: self.executor.activation_bytes_sent(),
+            requests: self.metrics.clone(),
         };
     }
 }

@@ -10,6 +10,7 @@ mod engine;
 mod error;
 mod executor;
 mod load;
+mod metrics;
 mod tokenizer;
 
 pub use chat::ChatTemplate;
@@ -23,4 +24,5 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use executor::{Executor, PipelineExecutor};
 pub use load::{load_engine, GenerationDefaults, LoadOptions, ModelInfo};
+pub use metrics::{Histogram, RequestMetrics, FINISHED_REASONS};
 pub use tokenizer::Tokenizer;

@@ -59,6 +59,18 @@ impl ApiError {
         }
     }
 
+    /// 503 once a shutdown has begun: requests in flight finish, new ones
+    /// go to another replica.
+    pub fn shutting_down() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "The server is shutting down and takes no new requests.".into(),
+            kind: "service_unavailable",
+            param: None,
+            code: Some("shutting_down"),
+        }
+    }
+
     pub fn unauthorized() -> Self {
         Self {
             status: StatusCode::UNAUTHORIZED,

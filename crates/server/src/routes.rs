@@ -440,11 +440,37 @@ pub async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
 }
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        // Out of the Service's endpoints while requests in flight finish.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "draining"})),
+        )
+            .into_response();
+    }
     let mut missing = state.cluster.problems();
     if !state.engine.is_alive() {
         missing.push("engine: the engine thread has stopped".into());
     }
     health_response(missing)
+}
+
+/// Liveness: the leader cannot recover from a stopped engine thread (a
+/// restart can); a missing or lost worker it can wait for.
+pub async fn liveness(State(state): State<Arc<AppState>>) -> Response {
+    live_response((!state.engine.is_alive()).then_some("the engine thread has stopped"))
+}
+
+/// 200 `{"status":"alive"}`, or 503 with why the process should be restarted.
+pub fn live_response(dead: Option<&str>) -> Response {
+    match dead {
+        None => (StatusCode::OK, axum::Json(json!({"status": "alive"}))).into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "dead", "reason": why})),
+        )
+            .into_response(),
+    }
 }
 
 /// 200 when nothing is missing; otherwise 503 naming what is.
@@ -526,104 +552,4 @@ pub async fn detokenize(
     Ok(axum::Json(
         json!({"prompt": state.engine.tokenizer().decode(&req.tokens, false)?}),
     ))
-}
-
-/// Prometheus text format.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let s = state.engine.stats();
-    let rows: [(&str, &str, &str, u64); 12] = [
-        (
-            "strata_prompt_tokens_total",
-            "counter",
-            "Prompt tokens submitted.",
-            s.sched.prompt_tokens,
-        ),
-        (
-            "strata_computed_tokens_total",
-            "counter",
-            "Tokens whose KV was computed (prefill and decode).",
-            s.sched.computed_tokens,
-        ),
-        (
-            "strata_activation_bytes_sent_total",
-            "counter",
-            "Activation bytes (frames with headers) the leader sent to the next pipeline node.",
-            s.activation_bytes_sent,
-        ),
-        (
-            "strata_prefix_cache_hit_tokens_total",
-            "counter",
-            "Prompt tokens served from the prefix cache.",
-            s.sched.prefix_cache_hit_tokens,
-        ),
-        (
-            "strata_generation_tokens_total",
-            "counter",
-            "Tokens generated.",
-            s.sched.generated_tokens,
-        ),
-        (
-            "strata_preemptions_total",
-            "counter",
-            "Requests preempted for lack of KV blocks.",
-            s.sched.preemptions,
-        ),
-        (
-            "strata_steps_total",
-            "counter",
-            "Engine steps that ran the model.",
-            s.sched.steps,
-        ),
-        (
-            "strata_num_requests_running",
-            "gauge",
-            "Requests running.",
-            s.num_running as u64,
-        ),
-        (
-            "strata_num_requests_waiting",
-            "gauge",
-            "Requests waiting.",
-            s.num_waiting as u64,
-        ),
-        (
-            "strata_num_requests_pending",
-            "gauge",
-            "Requests admitted and not finished.",
-            s.num_pending as u64,
-        ),
-        (
-            "strata_kv_cache_blocks",
-            "gauge",
-            "KV cache blocks.",
-            s.num_blocks as u64,
-        ),
-        (
-            "strata_kv_cache_free_blocks",
-            "gauge",
-            "KV cache blocks free (cached prefixes included).",
-            s.num_free_blocks as u64,
-        ),
-    ];
-    let mut out = String::new();
-    for (name, kind, help, v) in rows {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-        ));
-    }
-    let name = "strata_node_weight_bytes";
-    out.push_str(&format!(
-        "# HELP {name} Checkpoint bytes each node read for its share of the model.\n# TYPE {name} gauge\n"
-    ));
-    for (node, bytes) in state.cluster.weight_bytes().iter().enumerate() {
-        out.push_str(&format!("{name}{{node=\"{node}\"}} {bytes}\n"));
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
-        .into_response()
 }

@@ -13,7 +13,7 @@ mod stage;
 
 pub use runner::{ModelRunner, RunnerError, StageResult};
 pub use sampler::sample;
-pub use service::{run_worker, WorkerOptions};
+pub use service::{run_worker, Phase, WorkerOptions, WorkerStatus};
 pub use stage::{
     stage_nccl_id, KvBudget, Links, LoadedNode, LocalStage, NodeStages, RingMember, TpStage,
 };

@@ -27,6 +27,34 @@ use crate::RunnerError;
 /// for this long.
 const LEADER_SILENCE: Duration = Duration::from_secs(15);
 
+/// What a worker is doing, for its probes (`/health` on `--port`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Opening the checkpoint and binding its ports.
+    #[default]
+    Starting,
+    /// Waiting for a leader that takes it: none answers yet, or the one that
+    /// answers refused it (`refused` says why). During a rolling update the
+    /// new workers wait here for the new leader.
+    Joining { refused: Option<String> },
+    /// Joined: loading its stage when told, then running steps.
+    Joined,
+}
+
+/// A worker's phase, shared with whoever serves its probes.
+#[derive(Debug, Default)]
+pub struct WorkerStatus(Mutex<Phase>);
+
+impl WorkerStatus {
+    pub fn phase(&self) -> Phase {
+        self.0.lock().expect("poisoned").clone()
+    }
+
+    fn set(&self, phase: Phase) {
+        *self.0.lock().expect("poisoned") = phase;
+    }
+}
+
 /// How a worker finds and joins its cluster.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -47,6 +75,8 @@ pub struct WorkerOptions {
     pub timeout: Duration,
     /// `--device`: the worker computes there, in the dtype the leader names.
     pub device: DeviceRequest,
+    /// Updated as the worker starts, joins and runs.
+    pub status: Arc<WorkerStatus>,
 }
 
 fn setup(msg: impl Into<String>) -> RunnerError {
@@ -72,15 +102,10 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
     let grpc = bind(opts.port)?;
     let (data, comm) = (bind(0)?, bind(0)?);
     let port_of = |l: &TcpListener| l.local_addr().map(|a| a.port()).unwrap_or(0);
-    let host = match &opts.advertise_host {
-        Some(h) => h.clone(),
-        None => route_to(&opts.leader_addr)?.to_string(),
-    };
-    let worker_addr = format!("{host}:{}", port_of(&grpc));
     let join = pb::JoinRequest {
         node_rank: opts.node_rank as u32,
         nnodes: opts.nnodes as u32,
-        worker_addr: worker_addr.clone(),
+        worker_addr: String::new(), // set once the route to the leader is known
         data_port: port_of(&data) as u32,
         comm_port: port_of(&comm) as u32,
         devices: 1,
@@ -88,6 +113,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
         build_version: BUILD_VERSION.into(),
         model_fingerprint: fingerprint,
     };
+    let grpc_port = port_of(&grpc);
 
     let done = Arc::new(Notify::new());
     let running = Arc::new(Mutex::new(None));
@@ -120,16 +146,19 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
         });
     let server = tokio::spawn(server);
     tracing::info!(
-        "node {} of {}: serving the worker protocol on {worker_addr}; joining the leader at {}",
+        "node {} of {}: serving the worker protocol on port {grpc_port}; joining the leader at {}",
         opts.node_rank,
         opts.nnodes,
         opts.leader_addr
     );
-    join_leader(&opts, join).await?;
+    let mut join = join;
+    let add_token = AddToken::new(&opts.token).map_err(setup)?;
+    join_leader(&opts, &mut join, grpc_port, &add_token).await?;
     // A leader that dies before it starts this node, or goes silent after
     // (a host lost without a TCP reset), must not strand it.
     let watchdog = async {
-        let deadline = Instant::now() + opts.timeout;
+        let mut deadline = Instant::now() + opts.timeout;
+        let mut announced = Instant::now();
         while running.lock().expect("poisoned").is_none() {
             if Instant::now() >= deadline {
                 return format!(
@@ -138,6 +167,25 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+            // Until started, re-announce this node now and then (joining
+            // twice from one address is harmless): a leader replaced in
+            // the meantime (a rolling update replaces it last) learns of
+            // this node so, and a gone one sends it back to joining.
+            if announced.elapsed() >= REANNOUNCE && running.lock().expect("poisoned").is_none() {
+                announced = Instant::now();
+                if let Err(s) = join_once(&opts, &join, &add_token).await {
+                    tracing::info!(
+                        "the leader at {} no longer takes node {} ({}); joining again",
+                        opts.leader_addr,
+                        opts.node_rank,
+                        s.message()
+                    );
+                    if let Err(e) = join_leader(&opts, &mut join, grpc_port, &add_token).await {
+                        return e.to_string();
+                    }
+                    deadline = Instant::now() + opts.timeout;
+                }
+            }
         }
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -165,61 +213,113 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
     Ok(())
 }
 
-/// Joins with capped exponential backoff: the leader may start later.
-async fn join_leader(opts: &WorkerOptions, join: pb::JoinRequest) -> Result<(), RunnerError> {
+/// How often a joined node that has not been started re-announces itself.
+const REANNOUNCE: Duration = Duration::from_secs(2);
+
+/// One Join call.
+async fn join_once(
+    opts: &WorkerOptions,
+    join: &pb::JoinRequest,
+    add_token: &AddToken,
+) -> Result<pb::JoinReply, Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", opts.leader_addr))
+        .map_err(|e| Status::invalid_argument(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    LeaderClient::with_interceptor(channel, add_token.clone())
+        .join(join.clone())
+        .await
+        .map(Response::into_inner)
+}
+
+/// Joins with capped exponential backoff until `--cluster-timeout`: the
+/// leader may start later, its name may not resolve yet (a StatefulSet pod's
+/// DNS record appears with the pod), and a leader that refuses this node may
+/// be replaced by one that takes it (a rolling update replaces workers
+/// first), so a refusal is logged and retried rather than fatal. Fills in
+/// `join.worker_addr` from the route to the leader.
+async fn join_leader(
+    opts: &WorkerOptions,
+    join: &mut pb::JoinRequest,
+    grpc_port: u16,
+    add_token: &AddToken,
+) -> Result<(), RunnerError> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
-    let mut last_log = Instant::now();
-    let add_token = AddToken::new(&opts.token).map_err(setup)?;
-    let url = format!("http://{}", opts.leader_addr);
+    let mut last_log: Option<(Instant, String)> = None;
+    opts.status.set(Phase::Joining { refused: None });
     loop {
-        let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(url.clone())
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
-                .connect_timeout(Duration::from_secs(2))
-                .connect()
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            LeaderClient::with_interceptor(channel, add_token.clone())
-                .join(join.clone())
-                .await
+        let attempt = match fill_worker_addr(opts, join, grpc_port) {
+            Err(e) => Err(Status::unavailable(e.to_string())),
+            Ok(()) => join_once(opts, join, add_token).await,
         };
-        match attempt.await {
+        let why = match attempt {
             Ok(reply) => {
                 tracing::info!(
-                    "node {} joined the leader at {} (build {})",
+                    "node {} joined the leader at {} as {} (build {})",
                     opts.node_rank,
                     opts.leader_addr,
-                    reply.into_inner().leader_build_version
+                    join.worker_addr,
+                    reply.leader_build_version
                 );
+                opts.status.set(Phase::Joined);
                 return Ok(());
             }
             Err(s) if s.code() == tonic::Code::Unavailable => {
-                if started.elapsed() >= opts.timeout {
-                    return Err(setup(format!(
-                        "the leader at {} did not answer within {:?}: {}",
-                        opts.leader_addr,
-                        opts.timeout,
-                        s.message()
-                    )));
-                }
-                if last_log.elapsed() >= Duration::from_secs(10) {
-                    tracing::info!("still waiting for the leader at {}", opts.leader_addr);
-                    last_log = Instant::now();
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                opts.status.set(Phase::Joining { refused: None });
+                format!(
+                    "the leader at {} did not answer: {}",
+                    opts.leader_addr,
+                    s.message()
+                )
             }
             Err(s) => {
-                return Err(setup(format!(
+                let why = format!(
                     "the leader at {} refused node {}: {}",
                     opts.leader_addr,
                     opts.node_rank,
                     s.message()
-                )))
+                );
+                opts.status.set(Phase::Joining {
+                    refused: Some(why.clone()),
+                });
+                why
             }
+        };
+        if started.elapsed() >= opts.timeout {
+            return Err(setup(format!("{why} (gave up after {:?})", opts.timeout)));
         }
+        // A new reason at once, the same one every 10 s.
+        let due = last_log
+            .as_ref()
+            .is_none_or(|(at, last)| *last != why || at.elapsed() >= Duration::from_secs(10));
+        if due {
+            tracing::info!("{why}; retrying until --cluster-timeout");
+            last_log = Some((Instant::now(), why));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
+}
+
+/// Sets the address the leader reaches this node's gRPC service at, once
+/// it can be known: `--advertise-host`, else this host's address on the
+/// route to the leader (whose name may not resolve yet).
+fn fill_worker_addr(
+    opts: &WorkerOptions,
+    join: &mut pb::JoinRequest,
+    grpc_port: u16,
+) -> Result<(), RunnerError> {
+    if join.worker_addr.is_empty() {
+        let host = match &opts.advertise_host {
+            Some(h) => h.clone(),
+            None => route_to(&opts.leader_addr)?.to_string(),
+        };
+        join.worker_addr = format!("{host}:{grpc_port}");
+    }
+    Ok(())
 }
 
 /// The local address this host uses to reach `addr`: what the other nodes

@@ -47,12 +47,32 @@ pub fn demo_model() -> String {
         .to_string()
 }
 
+/// A port free now, never handed out before in this test process, and
+/// outside the kernel's ephemeral range: the servers bind it later, and in
+/// between neither another `free_port` caller nor any process binding port
+/// 0 (workers do, for their data plane and probes) can be given it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u16, ephemeral_start.max(10_001));
+    let mut given = GIVEN.lock().unwrap();
+    // A different start per process, so concurrent test binaries rarely probe
+    // the same ports.
+    let mut x =
+        (std::process::id() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) + given.len() as u64;
+    loop {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let port = lo + ((x >> 33) % u64::from(hi - lo)) as u16;
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 impl Server {
@@ -182,8 +202,34 @@ impl Server {
         out
     }
 
-    /// Reads one Prometheus metric.
+    /// Sends SIGTERM, as `docker stop` and Kubernetes do.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the process to exit (60 s at most); true when it succeeded.
+    pub async fn wait_exit(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "the server did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads one Prometheus metric as a whole number.
     pub async fn metric(&self, name: &str) -> u64 {
+        let v = self.metric_value(name).await;
+        assert!(v.fract() == 0.0 && v >= 0.0, "{name} = {v}");
+        v as u64
+    }
+
+    /// Reads one Prometheus metric; `name` may carry labels.
+    pub async fn metric_value(&self, name: &str) -> f64 {
         let text = self
             .client
             .get(self.url("/metrics"))
@@ -276,7 +322,14 @@ impl Drop for Node {
 
 impl Node {
     pub fn spawn(model: &str, args: &[String]) -> Node {
-        let mut all = vec!["--host".to_string(), "127.0.0.1".into()];
+        // --port 0: a worker's probes on any free port, so nodes on one host
+        // do not compete for 8000.
+        let mut all = vec![
+            "--host".to_string(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            "0".into(),
+        ];
         all.extend_from_slice(args);
         Self::spawn_in(&[], model, &all)
     }

@@ -1,0 +1,248 @@
+//! `/metrics` in Prometheus' text format: strata's own series, and the same
+//! quantities under vLLM's names (`vllm:*`, labelled `model_name`), so
+//! dashboards and alerts made for vLLM work unchanged.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use strata_engine::{Histogram, FINISHED_REASONS};
+
+use crate::AppState;
+
+/// Appends one metric family.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = write!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, labels: &str, v: impl std::fmt::Display) {
+        self.head(name, kind, help);
+        let _ = writeln!(self.out, "{name}{} {v}", braces(labels));
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, labels: &str, h: &Histogram) {
+        self.head(name, "histogram", help);
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (le, n) in h.cumulative() {
+            let _ = writeln!(self.out, "{name}_bucket{{{labels}{sep}le=\"{le:?}\"}} {n}");
+        }
+        let _ = writeln!(
+            self.out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(self.out, "{name}_sum{} {}", braces(labels), h.sum);
+        let _ = writeln!(self.out, "{name}_count{} {}", braces(labels), h.count);
+    }
+}
+
+fn braces(labels: &str) -> String {
+    if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    }
+}
+
+/// A label value with Prometheus' escapes.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let s = state.engine.stats();
+    let mut out = String::new();
+    let mut f = Family { out: &mut out };
+    let counters: [(&str, &str, u64); 7] = [
+        (
+            "strata_prompt_tokens_total",
+            "Prompt tokens submitted.",
+            s.sched.prompt_tokens,
+        ),
+        (
+            "strata_computed_tokens_total",
+            "Tokens whose KV was computed (prefill and decode).",
+            s.sched.computed_tokens,
+        ),
+        (
+            "strata_activation_bytes_sent_total",
+            "Activation bytes (frames with headers) the leader sent to the next pipeline node.",
+            s.activation_bytes_sent,
+        ),
+        (
+            "strata_prefix_cache_hit_tokens_total",
+            "Prompt tokens served from the prefix cache.",
+            s.sched.prefix_cache_hit_tokens,
+        ),
+        (
+            "strata_generation_tokens_total",
+            "Tokens generated.",
+            s.sched.generated_tokens,
+        ),
+        (
+            "strata_preemptions_total",
+            "Requests preempted for lack of KV blocks.",
+            s.sched.preemptions,
+        ),
+        (
+            "strata_steps_total",
+            "Engine steps that ran the model.",
+            s.sched.steps,
+        ),
+    ];
+    for (name, help, v) in counters {
+        f.one(name, "counter", help, "", v);
+    }
+    let gauges: [(&str, &str, usize); 5] = [
+        (
+            "strata_num_requests_running",
+            "Requests running.",
+            s.num_running,
+        ),
+        (
+            "strata_num_requests_waiting",
+            "Requests waiting.",
+            s.num_waiting,
+        ),
+        (
+            "strata_num_requests_pending",
+            "Requests admitted and not finished.",
+            s.num_pending,
+        ),
+        ("strata_kv_cache_blocks", "KV cache blocks.", s.num_blocks),
+        (
+            "strata_kv_cache_free_blocks",
+            "KV cache blocks free (cached prefixes included).",
+            s.num_free_blocks,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        f.one(name, "gauge", help, "", v);
+    }
+    let name = "strata_node_weight_bytes";
+    f.head(
+        name,
+        "gauge",
+        "Checkpoint bytes each node read for its share of the model.",
+    );
+    for (node, bytes) in state.cluster.weight_bytes().iter().enumerate() {
+        let _ = writeln!(f.out, "{name}{{node=\"{node}\"}} {bytes}");
+    }
+
+    // vLLM's names (v1's PrometheusStatLogger), labelled by the served model.
+    let model = format!("model_name=\"{}\"", escape(&state.served_model_name));
+    let usage = if s.num_blocks == 0 {
+        0.0
+    } else {
+        1.0 - s.num_free_blocks as f64 / s.num_blocks as f64
+    };
+    f.one(
+        "vllm:num_requests_running",
+        "gauge",
+        "Number of requests in model execution batches.",
+        &model,
+        s.num_running,
+    );
+    f.one(
+        "vllm:num_requests_waiting",
+        "gauge",
+        "Number of requests waiting to be processed.",
+        &model,
+        s.num_waiting,
+    );
+    f.one(
+        "vllm:kv_cache_usage_perc",
+        "gauge",
+        "KV-cache usage. 1 means 100 percent usage.",
+        &model,
+        usage,
+    );
+    f.one(
+        "vllm:gpu_cache_usage_perc",
+        "gauge",
+        "KV-cache usage (vLLM's name before 0.10). 1 means 100 percent usage.",
+        &model,
+        usage,
+    );
+    f.one(
+        "vllm:prefix_cache_queries_total",
+        "counter",
+        "Prefix cache queries, in terms of number of queried tokens.",
+        &model,
+        s.sched.prompt_tokens,
+    );
+    f.one(
+        "vllm:prefix_cache_hits_total",
+        "counter",
+        "Prefix cache hits, in terms of number of cached tokens.",
+        &model,
+        s.sched.prefix_cache_hit_tokens,
+    );
+    f.one(
+        "vllm:prompt_tokens_total",
+        "counter",
+        "Number of prefill tokens processed.",
+        &model,
+        s.sched.prompt_tokens,
+    );
+    f.one(
+        "vllm:generation_tokens_total",
+        "counter",
+        "Number of generation tokens processed.",
+        &model,
+        s.sched.generated_tokens,
+    );
+    f.one(
+        "vllm:num_preemptions_total",
+        "counter",
+        "Cumulative number of preemption from the engine.",
+        &model,
+        s.sched.preemptions,
+    );
+    let name = "vllm:request_success_total";
+    f.head(name, "counter", "Count of successfully processed requests.");
+    for (reason, n) in FINISHED_REASONS.iter().zip(s.requests.finished) {
+        let _ = writeln!(f.out, "{name}{{{model},finished_reason=\"{reason}\"}} {n}");
+    }
+    let r = &s.requests;
+    f.histogram(
+        "vllm:time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+        &model,
+        &r.time_to_first_token,
+    );
+    f.histogram(
+        "vllm:inter_token_latency_seconds",
+        "Histogram of inter-token latency in seconds.",
+        &model,
+        &r.inter_token_latency,
+    );
+    f.histogram(
+        "vllm:time_per_output_token_seconds",
+        "Histogram of time per output token in seconds (vLLM's name before 0.11).",
+        &model,
+        &r.inter_token_latency,
+    );
+    f.histogram(
+        "vllm:e2e_request_latency_seconds",
+        "Histogram of e2e request latency in seconds.",
+        &model,
+        &r.e2e_latency,
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}
