@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Node;
+use common::{is_root, Node};
 use serde_json::{json, Value};
 
 fn ip(args: &[&str]) {
@@ -107,13 +107,6 @@ impl Drop for Namespaces {
             .args(["link", "del", &self.host_link])
             .status();
     }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,14 @@ pub fn run_strata(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Whether the tests run as root (network namespaces and Docker need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
 pub struct Server {
     child: Child,
     pub base: String,
