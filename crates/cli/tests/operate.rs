@@ -38,6 +38,12 @@ async fn vllm_metric_names_count_what_the_requests_did() {
     assert_eq!(s.metric(&m("inter_token_latency_seconds_count")).await, 8);
     assert_eq!(s.metric(&m("time_per_output_token_seconds_count")).await, 8);
     assert_eq!(s.metric(&m("e2e_request_latency_seconds_count")).await, 2);
+    for phase in ["queue", "prefill", "decode", "inference"] {
+        let count = m(&format!("request_{phase}_time_seconds_count"));
+        assert_eq!(s.metric(&count).await, 2, "{count}");
+    }
+    assert_eq!(s.metric(&m("request_prompt_tokens_sum")).await, prompt_tokens);
+    assert_eq!(s.metric(&m("request_generation_tokens_sum")).await, 10);
     let all = "vllm:e2e_request_latency_seconds_bucket{model_name=\"demo\",le=\"+Inf\"}";
     assert_eq!(s.metric(all).await, 2);
     let e2e = s.metric_value(&m("e2e_request_latency_seconds_sum")).await;

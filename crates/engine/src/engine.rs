@@ -17,7 +17,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
-use crate::metrics::RequestMetrics;
+use crate::metrics::{RequestMetrics, RequestTimes};
 use crate::tokenizer::Tokenizer;
 
 /// Limits the engine is started with.
@@ -72,8 +72,6 @@ pub struct EngineStats {
     pub num_pending: usize,
     /// Bytes of activations this node sent down the pipeline.
     pub activation_bytes_sent: u64,
-    /// Latencies and endings of the requests so far.
-    pub requests: RequestMetrics,
 }
 
 enum Command {
@@ -92,6 +90,8 @@ pub struct EngineHandle {
     config: Arc<EngineConfig>,
     vocab_size: usize,
     alive: Arc<AtomicBool>,
+    /// Updated in place by the engine thread as requests progress.
+    request_metrics: Arc<Mutex<RequestMetrics>>,
 }
 
 impl EngineHandle {
@@ -108,6 +108,11 @@ impl EngineHandle {
         let mut s = self.stats.lock().expect("poisoned").clone();
         s.num_pending = self.pending.load(Ordering::SeqCst);
         s
+    }
+
+    /// Latency and length histograms and endings of the requests so far.
+    pub fn request_metrics(&self) -> RequestMetrics {
+        self.request_metrics.lock().expect("poisoned").clone()
     }
 
     /// True while the engine thread runs.
@@ -200,6 +205,7 @@ pub fn start_engine(
         config: Arc::new(config.clone()),
         vocab_size,
         alive: Arc::new(AtomicBool::new(true)),
+        request_metrics: Arc::new(Mutex::new(RequestMetrics::new(config.max_model_len))),
     };
     let sched = Scheduler::new(SchedulerConfig {
         max_num_seqs: config.max_num_seqs,
@@ -216,7 +222,7 @@ pub fn start_engine(
         live: HashMap::new(),
         pending: handle.pending.clone(),
         stats: handle.stats.clone(),
-        metrics: RequestMetrics::default(),
+        metrics: handle.request_metrics.clone(),
     };
     core.publish_stats();
     let alive = handle.alive.clone();
@@ -244,9 +250,16 @@ struct Live {
     want_logprobs: bool,
     prompt_tokens: usize,
     completion_tokens: usize,
-    arrived: Instant,
-    /// When its latest token was sampled.
-    last_token: Option<Instant>,
+    times: RequestTimes,
+}
+
+impl Live {
+    /// Records an ending that no sampled token brought (abort, error).
+    fn end(&self, reason: Option<FinishReason>, metrics: &mut RequestMetrics) {
+        let (prompt, generated) = (self.prompt_tokens, self.completion_tokens);
+        self.times
+            .end(Instant::now(), reason, prompt, generated, metrics);
+    }
 }
 
 struct EngineCore {
@@ -256,7 +269,7 @@ struct EngineCore {
     live: HashMap<RequestId, Live>,
     pending: Arc<AtomicUsize>,
     stats: Arc<Mutex<EngineStats>>,
-    metrics: RequestMetrics,
+    metrics: Arc<Mutex<RequestMetrics>>,
 }
 
 impl EngineCore {
@@ -291,7 +304,10 @@ impl EngineCore {
                     break;
                 }
                 match self.executor.submit(&out) {
-                    Ok(()) => in_flight.push_back(out),
+                    Ok(()) => {
+                        self.mark_scheduled(&out);
+                        in_flight.push_back(out);
+                    }
                     Err(e) => self.step_failed(&out, e),
                 }
             }
@@ -324,8 +340,7 @@ impl EngineCore {
                         want_logprobs: r.sampling.logprobs.is_some(),
                         prompt_tokens: r.prompt_token_ids.len(),
                         completion_tokens: 0,
-                        arrived: Instant::now(),
-                        last_token: None,
+                        times: RequestTimes::new(Instant::now()),
                     },
                 );
                 self.sched.add_request(Request::new(
@@ -340,9 +355,22 @@ impl EngineCore {
                 if let Some(l) = self.live.remove(&id) {
                     self.sched.finish_requests(&[id]);
                     self.pending.fetch_sub(1, Ordering::SeqCst);
-                    let secs = l.arrived.elapsed().as_secs_f64();
-                    self.metrics.record_end(Some(FinishReason::Abort), secs);
+                    l.end(
+                        Some(FinishReason::Abort),
+                        &mut self.metrics.lock().expect("poisoned"),
+                    );
                 }
+            }
+        }
+    }
+
+    /// The requests of a step that just started (for their queue time).
+    fn mark_scheduled(&mut self, out: &SchedulerOutput) {
+        let now = Instant::now();
+        let mut metrics = self.metrics.lock().expect("poisoned");
+        for (id, _) in &out.num_scheduled_tokens {
+            if let Some(live) = self.live.get_mut(id) {
+                live.times.scheduled(now, &mut metrics);
             }
         }
     }
@@ -371,18 +399,8 @@ impl EngineCore {
     fn apply(&mut self, result: &StepResult) {
         let updates = self.sched.update_from_output(result);
         let now = Instant::now();
-        for u in &updates {
-            let Some(live) = self.live.get_mut(&u.req_id) else {
-                continue;
-            };
-            let since = live.last_token.unwrap_or(live.arrived);
-            let secs = now.duration_since(since).as_secs_f64();
-            match live.last_token {
-                None => self.metrics.time_to_first_token.observe(secs),
-                Some(_) => self.metrics.inter_token_latency.observe(secs),
-            }
-            live.last_token = Some(now);
-        }
+        let metrics = self.metrics.clone();
+        let mut metrics = metrics.lock().expect("poisoned");
         // Sent after the counters are published: a client that sees its
         // last token may read them.
         let mut outputs = Vec::with_capacity(updates.len());
@@ -391,6 +409,7 @@ impl EngineCore {
                 continue;
             };
             live.completion_tokens += 1;
+            live.times.token(now, &mut metrics);
             let mut finish = u.finished;
             let is_stop_token = finish == Some(FinishReason::Stop);
             let mut output = RequestOutput::default();
@@ -418,12 +437,18 @@ impl EngineCore {
             output.cached_tokens = u.num_cached_tokens;
             outputs.push((live.tx.clone(), output));
             if finish.is_some() {
-                let secs = now.duration_since(live.arrived).as_secs_f64();
-                self.metrics.record_end(finish, secs);
+                live.times.end(
+                    now,
+                    finish,
+                    live.prompt_tokens,
+                    live.completion_tokens,
+                    &mut metrics,
+                );
                 self.live.remove(&u.req_id);
                 self.pending.fetch_sub(1, Ordering::SeqCst);
             }
         }
+        drop(metrics);
         self.publish_stats();
         for (tx, output) in outputs {
             let _ = tx.send(Ok(output));
@@ -436,8 +461,7 @@ impl EngineCore {
             if let Some(l) = self.live.remove(id) {
                 let _ = l.tx.send(Err(msg.to_string()));
                 self.pending.fetch_sub(1, Ordering::SeqCst);
-                self.metrics
-                    .record_end(None, l.arrived.elapsed().as_secs_f64());
+                l.end(None, &mut self.metrics.lock().expect("poisoned"));
             }
         }
     }
@@ -452,7 +476,6 @@ impl EngineCore {
             num_free_blocks: self.sched.num_free_blocks(),
             num_pending: self.pending.load(Ordering::SeqCst),
             activation_bytes_sent: self.executor.activation_bytes_sent(),
-            requests: self.metrics.clone(),
         };
     }
 }

@@ -144,99 +144,126 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     } else {
         1.0 - s.num_free_blocks as f64 / s.num_blocks as f64
     };
-    f.one(
-        "vllm:num_requests_running",
-        "gauge",
-        "Number of requests in model execution batches.",
-        &model,
-        s.num_running,
-    );
-    f.one(
-        "vllm:num_requests_waiting",
-        "gauge",
-        "Number of requests waiting to be processed.",
-        &model,
-        s.num_waiting,
-    );
-    f.one(
-        "vllm:kv_cache_usage_perc",
-        "gauge",
-        "KV-cache usage. 1 means 100 percent usage.",
-        &model,
-        usage,
-    );
-    f.one(
-        "vllm:gpu_cache_usage_perc",
-        "gauge",
-        "KV-cache usage (vLLM's name before 0.10). 1 means 100 percent usage.",
-        &model,
-        usage,
-    );
-    f.one(
-        "vllm:prefix_cache_queries_total",
-        "counter",
-        "Prefix cache queries, in terms of number of queried tokens.",
-        &model,
-        s.sched.prompt_tokens,
-    );
-    f.one(
-        "vllm:prefix_cache_hits_total",
-        "counter",
-        "Prefix cache hits, in terms of number of cached tokens.",
-        &model,
-        s.sched.prefix_cache_hit_tokens,
-    );
-    f.one(
-        "vllm:prompt_tokens_total",
-        "counter",
-        "Number of prefill tokens processed.",
-        &model,
-        s.sched.prompt_tokens,
-    );
-    f.one(
-        "vllm:generation_tokens_total",
-        "counter",
-        "Number of generation tokens processed.",
-        &model,
-        s.sched.generated_tokens,
-    );
-    f.one(
-        "vllm:num_preemptions_total",
-        "counter",
-        "Cumulative number of preemption from the engine.",
-        &model,
-        s.sched.preemptions,
-    );
+    let series: [(&str, &str, &str, f64); 9] = [
+        (
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            s.num_running as f64,
+        ),
+        (
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            s.num_waiting as f64,
+        ),
+        (
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            usage,
+        ),
+        (
+            "vllm:gpu_cache_usage_perc",
+            "gauge",
+            "KV-cache usage (vLLM's name before 0.10). 1 means 100 percent usage.",
+            usage,
+        ),
+        (
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            s.sched.prompt_tokens as f64,
+        ),
+        (
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            s.sched.prefix_cache_hit_tokens as f64,
+        ),
+        (
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Number of prefill tokens processed.",
+            s.sched.prompt_tokens as f64,
+        ),
+        (
+            "vllm:generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            s.sched.generated_tokens as f64,
+        ),
+        (
+            "vllm:num_preemptions_total",
+            "counter",
+            "Cumulative number of preemption from the engine.",
+            s.sched.preemptions as f64,
+        ),
+    ];
+    for (name, kind, help, v) in series {
+        f.one(name, kind, help, &model, v);
+    }
+    let r = state.engine.request_metrics();
     let name = "vllm:request_success_total";
     f.head(name, "counter", "Count of successfully processed requests.");
-    for (reason, n) in FINISHED_REASONS.iter().zip(s.requests.finished) {
+    for (reason, n) in FINISHED_REASONS.iter().zip(r.finished) {
         let _ = writeln!(f.out, "{name}{{{model},finished_reason=\"{reason}\"}} {n}");
     }
-    let r = &s.requests;
-    f.histogram(
-        "vllm:time_to_first_token_seconds",
-        "Histogram of time to first token in seconds.",
-        &model,
-        &r.time_to_first_token,
-    );
-    f.histogram(
-        "vllm:inter_token_latency_seconds",
-        "Histogram of inter-token latency in seconds.",
-        &model,
-        &r.inter_token_latency,
-    );
-    f.histogram(
-        "vllm:time_per_output_token_seconds",
-        "Histogram of time per output token in seconds (vLLM's name before 0.11).",
-        &model,
-        &r.inter_token_latency,
-    );
-    f.histogram(
-        "vllm:e2e_request_latency_seconds",
-        "Histogram of e2e request latency in seconds.",
-        &model,
-        &r.e2e_latency,
-    );
+    let histograms = [
+        (
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            &r.time_to_first_token,
+        ),
+        (
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            &r.inter_token_latency,
+        ),
+        (
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds (vLLM's name before 0.11).",
+            &r.inter_token_latency,
+        ),
+        (
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            &r.e2e_latency,
+        ),
+        (
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent waiting before the first step, in seconds.",
+            &r.queue_time,
+        ),
+        (
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time from the first step to the first token, in seconds.",
+            &r.prefill_time,
+        ),
+        (
+            "vllm:request_decode_time_seconds",
+            "Histogram of time from the first token to the last, in seconds.",
+            &r.decode_time,
+        ),
+        (
+            "vllm:request_inference_time_seconds",
+            "Histogram of time from the first step to the last token, in seconds.",
+            &r.inference_time,
+        ),
+        (
+            "vllm:request_prompt_tokens",
+            "Number of prefill tokens processed, per request.",
+            &r.prompt_tokens,
+        ),
+        (
+            "vllm:request_generation_tokens",
+            "Number of generation tokens processed, per request.",
+            &r.generation_tokens,
+        ),
+    ];
+    for (name, help, h) in histograms {
+        f.histogram(name, help, &model, h);
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
