@@ -42,7 +42,10 @@ async fn vllm_metric_names_count_what_the_requests_did() {
         let count = m(&format!("request_{phase}_time_seconds_count"));
         assert_eq!(s.metric(&count).await, 2, "{count}");
     }
-    assert_eq!(s.metric(&m("request_prompt_tokens_sum")).await, prompt_tokens);
+    assert_eq!(
+        s.metric(&m("request_prompt_tokens_sum")).await,
+        prompt_tokens
+    );
     assert_eq!(s.metric(&m("request_generation_tokens_sum")).await, 10);
     let all = "vllm:e2e_request_latency_seconds_bucket{model_name=\"demo\",le=\"+Inf\"}";
     assert_eq!(s.metric(all).await, 2);
