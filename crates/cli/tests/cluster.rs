@@ -209,9 +209,15 @@ async fn a_worker_with_another_model_is_refused() {
     let (ok, log) = worker.wait_exit().await;
     assert!(!ok, "the worker should fail:\n{log}");
     assert!(log.contains("opened a different model"), "{log}");
-    // The leader keeps waiting for a proper node 1.
+    // The leader keeps waiting for a proper node 1, and says why it refused
+    // the last one.
     let body = leader.wait_health(|s, _| s == 503).await;
-    assert!(body.to_string().contains("node 1: not joined"), "{body}");
+    let missing = body["missing"].to_string();
+    assert!(missing.contains("node 1: not joined"), "{body}");
+    assert!(
+        missing.contains("refused: node 1 opened a different model"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,8 @@ struct NodeStatus {
     last_heartbeat: Option<Instant>,
     /// Checkpoint bytes the node read for its stages.
     weight_bytes: u64,
+    /// Why the leader last refused a worker claiming this rank, until one joins.
+    refused: Option<String>,
 }
 
 /// What every node is doing, for `/health`: ready only when every node has
@@ -83,7 +85,10 @@ impl ClusterState {
                 format!("node {i}")
             };
             if !n.joined {
-                out.push(format!("{who}: not joined"));
+                match &n.refused {
+                    Some(why) => out.push(format!("{who}: not joined (refused: {why})")),
+                    None => out.push(format!("{who}: not joined")),
+                }
             } else if !n.loaded {
                 out.push(format!("{who}: joined, stage not loaded yet"));
             } else if i > 0 {
@@ -147,7 +152,18 @@ impl Leader for LeaderService {
         let j = req.into_inner();
         let rank = j.node_rank as usize;
         let refuse = |why: String| {
-            tracing::warn!("refused node {rank} ({}): {why}", j.worker_addr);
+            // A refused worker retries every few seconds (a new leader may
+            // take it): say each reason once, and show it on /health.
+            let mut repeated = false;
+            self.state.update(rank, |n| {
+                repeated = n.refused.as_deref() == Some(why.as_str());
+                n.refused = Some(why.clone());
+            });
+            if repeated {
+                tracing::debug!("refused node {rank} ({}) again: {why}", j.worker_addr);
+            } else {
+                tracing::warn!("refused node {rank} ({}): {why}", j.worker_addr);
+            }
             Err(Status::failed_precondition(why))
         };
         if j.nnodes as usize != self.nnodes {
@@ -205,7 +221,10 @@ impl Leader for LeaderService {
             j.devices,
             j.memory_bytes as f64 / (1u64 << 30) as f64
         );
-        self.state.update(rank, |n| n.joined = true);
+        self.state.update(rank, |n| {
+            n.joined = true;
+            n.refused = None;
+        });
         self.changed.notify_waiters();
         Ok(Response::new(pb::JoinReply {
             leader_build_version: BUILD_VERSION.into(),
