@@ -431,6 +431,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_worker_is_ready_once_started_even_while_refused() {
+        // Not ready before it has opened the model: a worker that cannot
+        // never counts toward a rollout.
+        assert!(worker_readiness(&Phase::Starting).is_err());
+        // Ready while waiting for a leader, refused or not, so a rolling
+        // update (workers first) moves on; the body says why it waits.
+        assert!(worker_readiness(&Phase::Joining { refused: None }).is_ok());
+        let refused = worker_readiness(&Phase::Joining {
+            refused: Some("another build".into()),
+        })
+        .unwrap();
+        assert_eq!(refused["refused"], "another build");
+        assert_eq!(worker_readiness(&Phase::Joined).unwrap()["phase"], "joined");
+    }
+
+    #[test]
     fn sizes_parse_in_binary_and_decimal_units() {
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);

@@ -399,8 +399,7 @@ impl EngineCore {
     fn apply(&mut self, result: &StepResult) {
         let updates = self.sched.update_from_output(result);
         let now = Instant::now();
-        let metrics = self.metrics.clone();
-        let mut metrics = metrics.lock().expect("poisoned");
+        let mut metrics = self.metrics.lock().expect("poisoned");
         // Sent after the counters are published: a client that sees its
         // last token may read them.
         let mut outputs = Vec::with_capacity(updates.len());
