@@ -123,6 +123,11 @@ struct ServeArgs {
     /// giving up with a message naming the missing ones.
     #[arg(long, default_value_t = 600)]
     cluster_timeout: u64,
+    /// Seconds requests wait for a lost node to come back (they are kept and
+    /// resume where they stopped); past it they end with an error, and new
+    /// requests get 503 until the node is back.
+    #[arg(long, default_value_t = 120)]
+    recovery_timeout: u64,
     /// Port of a worker's gRPC service (0: any free port; the leader learns it
     /// when the worker joins).
     #[arg(long, default_value_t = 0)]
@@ -354,6 +359,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         dtype: parse_dtype(&args.dtype).map_err(anyhow::Error::msg)?,
         enable_prefix_caching: args.enable_prefix_caching,
         max_pending_requests: args.max_pending_requests,
+        recovery_timeout: std::time::Duration::from_secs(args.recovery_timeout),
         pipeline_parallel_size: args.pipeline_parallel_size.unwrap_or(role.nnodes),
         tensor_parallel_size: args.tensor_parallel_size.unwrap_or(1),
         cluster,

@@ -94,6 +94,12 @@ impl TcpTransport {
         })
     }
 
+    /// A second handle on the connection, for another thread to shut it
+    /// down: a step blocked on a peer that is gone then fails at once.
+    pub fn shutdown_handle(&self) -> std::io::Result<TcpStream> {
+        self.stream.try_clone()
+    }
+
     /// Bytes written so far, headers included (for bytes-per-token figures).
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use strata_sched::{Request, Scheduler, SchedulerConfig, SchedulerStats};
 use strata_types::{
@@ -30,6 +30,9 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// Requests admitted (waiting or running) before new ones are refused.
     pub max_pending_requests: usize,
+    /// How long requests wait for a lost node to come back before they end
+    /// with an error (`--recovery-timeout`).
+    pub recovery_timeout: Duration,
 }
 
 /// One sequence to generate.
@@ -58,8 +61,8 @@ pub struct RequestOutput {
     pub cached_tokens: usize,
 }
 
-pub type OutputStream = UnboundedReceiver<std::result::Result<RequestOutput, String>>;
-type OutputSender = UnboundedSender<std::result::Result<RequestOutput, String>>;
+pub type OutputStream = UnboundedReceiver<std::result::Result<RequestOutput, EngineError>>;
+type OutputSender = UnboundedSender<std::result::Result<RequestOutput, EngineError>>;
 
 /// A snapshot of the engine's counters, for `/metrics` and tests.
 #[derive(Debug, Clone, Default)]
@@ -72,6 +75,21 @@ pub struct EngineStats {
     pub num_pending: usize,
     /// Bytes of activations this node sent down the pipeline.
     pub activation_bytes_sent: u64,
+    /// Recoveries from a lost node, and what they cost.
+    pub recovery: RecoveryStats,
+}
+
+/// What recovering from lost nodes has cost so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecoveryStats {
+    /// Times the cluster came back after a node was lost.
+    pub recoveries: u64,
+    /// Seconds the engine spent paused, waiting for lost nodes.
+    pub seconds: f64,
+    /// Running requests recomputed after a recovery.
+    pub requests_replayed: u64,
+    /// Tokens (prompt and generated) those requests recomputed.
+    pub tokens_recomputed: u64,
 }
 
 enum Command {
@@ -92,6 +110,9 @@ pub struct EngineHandle {
     alive: Arc<AtomicBool>,
     /// Updated in place by the engine thread as requests progress.
     request_metrics: Arc<Mutex<RequestMetrics>>,
+    /// Why new requests are refused: a lost node outlasted the recovery
+    /// timeout and has not come back.
+    unavailable: Arc<Mutex<Option<String>>>,
 }
 
 impl EngineHandle {
@@ -160,6 +181,9 @@ impl EngineHandle {
                 needed: prompt + max_tokens,
             });
         }
+        if let Some(why) = &*self.unavailable.lock().expect("poisoned") {
+            return Err(EngineError::Unavailable(why.clone()));
+        }
         let cap = self.config.max_pending_requests;
         if self
             .pending
@@ -206,6 +230,7 @@ pub fn start_engine(
         vocab_size,
         alive: Arc::new(AtomicBool::new(true)),
         request_metrics: Arc::new(Mutex::new(RequestMetrics::new(config.max_model_len))),
+        unavailable: Arc::new(Mutex::new(None)),
     };
     let sched = Scheduler::new(SchedulerConfig {
         max_num_seqs: config.max_num_seqs,
@@ -223,6 +248,10 @@ pub fn start_engine(
         pending: handle.pending.clone(),
         stats: handle.stats.clone(),
         metrics: handle.request_metrics.clone(),
+        recovery_timeout: config.recovery_timeout,
+        recovery: None,
+        recovered: RecoveryStats::default(),
+        unavailable: handle.unavailable.clone(),
     };
     core.publish_stats();
     let alive = handle.alive.clone();
@@ -262,6 +291,16 @@ impl Live {
     }
 }
 
+/// The engine paused for a lost node.
+struct Recovery {
+    since: Instant,
+    cause: String,
+    /// The recovery timeout passed: requests were ended, new ones refused.
+    expired: bool,
+    requests: usize,
+    tokens: usize,
+}
+
 struct EngineCore {
     sched: Scheduler,
     executor: Box<dyn Executor>,
@@ -270,7 +309,15 @@ struct EngineCore {
     pending: Arc<AtomicUsize>,
     stats: Arc<Mutex<EngineStats>>,
     metrics: Arc<Mutex<RequestMetrics>>,
+    recovery_timeout: Duration,
+    /// Set while the engine waits for a lost node.
+    recovery: Option<Recovery>,
+    recovered: RecoveryStats,
+    unavailable: Arc<Mutex<Option<String>>>,
 }
+
+/// How often a paused engine looks for its lost node.
+const RECOVERY_POLL: Duration = Duration::from_millis(100);
 
 impl EngineCore {
     /// Keeps up to the executor's depth of steps in flight: with pipeline
@@ -280,6 +327,12 @@ impl EngineCore {
         let depth = self.executor.max_in_flight().max(1);
         let mut in_flight: VecDeque<SchedulerOutput> = VecDeque::new();
         loop {
+            if self.recovery.is_some() {
+                if !self.wait_for_recovery(&rx) {
+                    return;
+                }
+                continue;
+            }
             if in_flight.is_empty() && !self.sched.has_work() {
                 match rx.recv() {
                     Ok(cmd) => self.handle(cmd),
@@ -299,7 +352,9 @@ impl EngineCore {
                     {
                         // Admission checks make this unreachable; never spin on it.
                         let ids: Vec<RequestId> = self.live.keys().copied().collect();
-                        self.fail(&ids, "the request does not fit the KV cache");
+                        self.fail(&ids, || {
+                            EngineError::Execution("the request does not fit the KV cache".into())
+                        });
                     }
                     break;
                 }
@@ -308,12 +363,18 @@ impl EngineCore {
                         self.mark_scheduled(&out);
                         in_flight.push_back(out);
                     }
+                    Err(e @ EngineError::NodeLost { .. }) => {
+                        self.sched.step_failed(&out);
+                        self.pause(e, &mut in_flight);
+                        break;
+                    }
                     Err(e) => self.step_failed(&out, e),
                 }
             }
             if let Some(out) = in_flight.pop_front() {
                 match self.executor.collect() {
                     Ok(result) => self.apply(&result),
+                    Err(e @ EngineError::NodeLost { .. }) => self.pause(e, &mut in_flight),
                     Err(e) => self.step_failed(&out, e),
                 }
             }
@@ -392,7 +453,83 @@ impl EngineCore {
         tracing::error!("step {} failed: {e}", out.step_id);
         self.sched.step_failed(out);
         let ids: Vec<RequestId> = out.num_scheduled_tokens.iter().map(|(id, _)| *id).collect();
-        self.fail(&ids, &e.to_string());
+        let msg = e.to_string();
+        self.fail(&ids, || EngineError::Execution(msg.clone()));
+    }
+
+    /// Stops stepping until the lost node is back: the steps in flight are
+    /// dropped, and every running request goes back to the queue, to be
+    /// recomputed from its prompt and the tokens its client already has.
+    fn pause(&mut self, cause: EngineError, in_flight: &mut VecDeque<SchedulerOutput>) {
+        in_flight.clear();
+        self.executor.abandon();
+        let (requests, tokens) = self.sched.recompute_all();
+        tracing::warn!(
+            "{cause}; the engine pauses: {requests} running request(s) will be recomputed \
+             ({tokens} tokens) and {} wait, for up to --recovery-timeout {} s",
+            self.sched.num_waiting() - requests,
+            self.recovery_timeout.as_secs()
+        );
+        self.recovery = Some(Recovery {
+            since: Instant::now(),
+            cause: cause.to_string(),
+            expired: false,
+            requests,
+            tokens,
+        });
+        self.publish_stats();
+    }
+
+    /// One round of a paused engine: take commands, end what waited past
+    /// the recovery timeout, and try to resume. False once the engine is
+    /// told to stop.
+    fn wait_for_recovery(&mut self, rx: &mpsc::Receiver<Command>) -> bool {
+        match rx.recv_timeout(RECOVERY_POLL) {
+            Ok(cmd) => self.handle(cmd),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            self.handle(cmd);
+        }
+        self.drop_disconnected();
+        let rec = self.recovery.as_mut().expect("paused");
+        if !rec.expired && rec.since.elapsed() >= self.recovery_timeout {
+            rec.expired = true;
+            let why = format!(
+                "{}, and the cluster did not recover within --recovery-timeout {} s",
+                rec.cause,
+                self.recovery_timeout.as_secs()
+            );
+            tracing::error!(
+                "{why}: ending {} request(s); new ones get 503 until it is back",
+                self.live.len()
+            );
+            *self.unavailable.lock().expect("poisoned") = Some(why);
+        }
+        if rec.expired && !self.live.is_empty() {
+            let why = self.unavailable.lock().expect("poisoned").clone();
+            let why = why.unwrap_or_default();
+            let ids: Vec<RequestId> = self.live.keys().copied().collect();
+            self.fail(&ids, || EngineError::Unavailable(why.clone()));
+        }
+        if self.executor.try_resume() {
+            let rec = self.recovery.take().expect("paused");
+            *self.unavailable.lock().expect("poisoned") = None;
+            let paused = rec.since.elapsed().as_secs_f64();
+            self.recovered.recoveries += 1;
+            self.recovered.seconds += paused;
+            if !rec.expired {
+                self.recovered.requests_replayed += rec.requests as u64;
+                self.recovered.tokens_recomputed += rec.tokens as u64;
+            }
+            tracing::info!(
+                "the cluster is back after {paused:.1} s; {} request(s) resume",
+                self.live.len()
+            );
+        }
+        self.publish_stats();
+        true
     }
 
     /// Streams a step's sampled tokens to their requests.
@@ -454,11 +591,11 @@ impl EngineCore {
         }
     }
 
-    fn fail(&mut self, ids: &[RequestId], msg: &str) {
+    fn fail(&mut self, ids: &[RequestId], error: impl Fn() -> EngineError) {
         self.sched.finish_requests(ids);
         for id in ids {
             if let Some(l) = self.live.remove(id) {
-                let _ = l.tx.send(Err(msg.to_string()));
+                let _ = l.tx.send(Err(error()));
                 self.pending.fetch_sub(1, Ordering::SeqCst);
                 l.end(None, &mut self.metrics.lock().expect("poisoned"));
             }
@@ -475,6 +612,7 @@ impl EngineCore {
             num_free_blocks: self.sched.num_free_blocks(),
             num_pending: self.pending.load(Ordering::SeqCst),
             activation_bytes_sent: self.executor.activation_bytes_sent(),
+            recovery: self.recovered.clone(),
         };
     }
 }

@@ -39,6 +39,16 @@ pub enum EngineError {
     Execution(String),
     #[error("cluster: {0}")]
     Cluster(String),
+    /// A node was lost: the engine pauses and recovers, keeping requests.
+    #[error("{}", match node {
+        Some(n) => format!("node {n} was lost ({reason})"),
+        None => format!("a node was lost ({reason})"),
+    })]
+    NodeLost { node: Option<usize>, reason: String },
+    /// The cluster cannot serve now (a lost node outlasted the recovery
+    /// timeout); a client may retry later.
+    #[error("the cluster is unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

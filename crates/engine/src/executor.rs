@@ -1,23 +1,30 @@
 //! Runs a step on the stages. The engine loop only sees [`Executor`]; the
-//! one implementation runs this node's stages in-process and, in a cluster,
-//! streams the same step to every worker node.
+//! one implementation runs this node's stages on its node runtime and, in a
+//! cluster, streams the same step to every worker node.
 
 use std::collections::VecDeque;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strata_proto::v1::{self as pb, execute_request::Kind};
 use strata_types::{SchedulerOutput, StepResult};
-use strata_worker::NodeStages;
+use strata_worker::{NodeRuntime, RunnerError, StepOutcome};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::cluster::Cluster;
 use crate::error::{EngineError, Result};
 
-/// How long a step may take on a worker before the leader gives up on it.
+/// How long a step may take before the leader gives up on it. A lost node
+/// is noticed much sooner, by its broken stream or missed heartbeats.
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a wait for a step checks whether a node was lost.
+const LOST_POLL: Duration = Duration::from_millis(20);
 
 /// Runs steps, possibly several at once: `submit` starts one, `collect`
 /// returns the oldest one's result. Steps finish in the order submitted.
+/// A step that fails with [`EngineError::NodeLost`] leaves the executor
+/// paused: `abandon` drops what was in flight, and `try_resume` brings the
+/// nodes back, with no request state on any of them.
 pub trait Executor: Send {
     /// How many steps may be in flight at once (the pipeline depth).
     fn max_in_flight(&self) -> usize {
@@ -29,34 +36,53 @@ pub trait Executor: Send {
     fn activation_bytes_sent(&self) -> u64 {
         0
     }
+    /// Drops every step in flight (after a node was lost).
+    fn abandon(&mut self) {}
+    /// One try at resuming after a node was lost; true once every node runs
+    /// again, empty of requests.
+    fn try_resume(&mut self) -> bool {
+        true
+    }
 }
+
+pub(crate) type RemoteReply = std::result::Result<pb::StepReply, String>;
 
 /// A worker node's end of the step stream, as the leader sees it.
 pub(crate) struct RemoteNode {
     pub rank: usize,
     pub tx: UnboundedSender<pb::ExecuteRequest>,
-    pub rx: mpsc::Receiver<std::result::Result<pb::StepReply, String>>,
+    pub rx: mpsc::Receiver<RemoteReply>,
 }
 
-/// The leader's stages plus every worker node's. Each step goes to all of
-/// them; activations flow node to node on the data plane, and the node that
-/// runs the last stage's first rank answers with the sampled tokens.
+/// A step submitted and not yet collected.
+struct Pending {
+    step_id: u64,
+    local: mpsc::Receiver<StepOutcome>,
+}
+
+/// The leader's node plus every worker node. Each step goes to all of them;
+/// activations flow node to node on the data plane, and the node that runs
+/// the last stage's first rank answers with the sampled tokens.
 pub struct PipelineExecutor {
-    local: NodeStages,
+    local: NodeRuntime,
+    /// The local node's current run: its steps carry it.
+    run: u64,
+    cluster: Option<Cluster>,
     remotes: Vec<RemoteNode>,
     /// The node whose reply carries the sampled tokens (0: this one).
     result_node: usize,
     /// Pipeline stages on different nodes, which can work at once.
     depth: usize,
-    /// Submitted steps, oldest first, with what this node's stages made of each.
-    pending: VecDeque<(u64, Result<Option<StepResult>>)>,
+    pending: VecDeque<Pending>,
 }
 
 impl PipelineExecutor {
-    /// Every stage in this process.
-    pub fn local(local: NodeStages) -> Self {
+    /// Every stage on this node's runtime, started as run `run`.
+    pub fn local(local: NodeRuntime, run: u64) -> Self {
         Self {
             local,
+            run,
+            cluster: None,
             remotes: Vec::new(),
             result_node: 0,
             depth: 1,
@@ -65,17 +91,42 @@ impl PipelineExecutor {
     }
 
     pub(crate) fn cluster(
-        local: NodeStages,
+        cluster: Cluster,
+        local: NodeRuntime,
         remotes: Vec<RemoteNode>,
+        run: u64,
         result_node: usize,
         depth: usize,
     ) -> Self {
         Self {
             local,
+            run,
+            cluster: Some(cluster),
             remotes,
             result_node,
             depth,
             pending: VecDeque::new(),
+        }
+    }
+
+    /// The node that was lost, if membership knows of one.
+    fn lost(&self) -> Option<EngineError> {
+        let (node, reason) = self.cluster.as_ref()?.state().first_lost()?;
+        Some(EngineError::NodeLost {
+            node: Some(node),
+            reason,
+        })
+    }
+
+    /// A node's step failure, typed: a broken data plane means a node was
+    /// lost (membership may already know which).
+    fn step_error(&self, node: usize, kind: Option<pb::step_error::Kind>, msg: String) -> EngineError {
+        match kind {
+            Some(pb::step_error::Kind::Link) => self.lost().unwrap_or(EngineError::NodeLost {
+                node: None,
+                reason: format!("node {node}: {msg}"),
+            }),
+            _ => EngineError::Execution(format!("node {node}: {msg}")),
         }
     }
 }
@@ -93,63 +144,143 @@ impl Executor for PipelineExecutor {
         self.local.bytes_sent()
     }
 
-    /// Hands the step to every worker, then runs this node's stages on it
-    /// (the first stage: its activations go on to the next node).
+    /// Hands the step to every worker, then to this node's runtime (the
+    /// first stage: its activations go on to the next node).
     fn submit(&mut self, out: &SchedulerOutput) -> Result<()> {
+        if let Some(lost) = self.lost() {
+            return Err(lost);
+        }
         if !self.remotes.is_empty() {
             let msg = pb::SchedulerOutput::from(out);
             for r in &self.remotes {
                 r.tx.send(pb::ExecuteRequest {
                     kind: Some(Kind::Step(msg.clone())),
                 })
-                .map_err(|_| exec_err(format!("node {}: the step stream is closed", r.rank)))?;
+                .map_err(|_| EngineError::NodeLost {
+                    node: Some(r.rank),
+                    reason: "its step stream is closed".into(),
+                })?;
             }
         }
-        let local = self.local.execute(out).map_err(|e| exec_err(e.to_string()));
-        self.pending.push_back((out.step_id, local));
+        let (tx, rx) = mpsc::channel();
+        self.local.step(self.run, out.clone(), move |r| {
+            let _ = tx.send(r);
+        });
+        self.pending.push_back(Pending {
+            step_id: out.step_id,
+            local: rx,
+        });
         Ok(())
     }
 
     fn collect(&mut self) -> Result<StepResult> {
-        let (step, local) = self
+        let Pending { step_id: step, local } = self
             .pending
             .pop_front()
             .ok_or_else(|| exec_err("collect without a step in flight"))?;
-        let mut first_error = None;
-        let mut result = match local {
-            Ok(r) => r,
-            Err(e) => {
-                first_error = Some(e);
-                None
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        // Every node's answer, even after a failure, so the streams stay in
+        // step; a lost node ends the wait at once.
+        let mut answers: Vec<Option<Result<Option<StepResult>>>> =
+            (0..=self.remotes.len()).map(|_| None).collect();
+        while answers.iter().any(Option::is_none) {
+            if answers[0].is_none() {
+                match local.recv_timeout(LOST_POLL) {
+                    Ok(r) => {
+                        answers[0] = Some(r.map_err(|e| match e {
+                            RunnerError::Link(m) => self.step_error(0, Some(pb::step_error::Kind::Link), m),
+                            e => exec_err(format!("node 0: {e}")),
+                        }))
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        answers[0] = Some(Err(exec_err("the leader's node runtime has stopped")))
+                    }
+                }
             }
-        };
-        // Collect every node's answer, even after a failure, so the streams
-        // stay in step.
-        for r in &self.remotes {
-            let reply = match r.rx.recv_timeout(STEP_TIMEOUT) {
-                Ok(Ok(reply)) if !reply.error.is_empty() => Err(exec_err(reply.error)),
-                Ok(Ok(reply)) if reply.step_id != step => Err(exec_err(format!(
-                    "node {} answered step {} while step {step} ran",
-                    r.rank, reply.step_id
-                ))),
-                Ok(Ok(reply)) => Ok(reply),
-                Ok(Err(e)) => Err(exec_err(e)),
-                Err(_) => Err(exec_err(format!(
-                    "node {} did not answer step {step} within {STEP_TIMEOUT:?}",
-                    r.rank
-                ))),
-            };
-            match reply {
-                Ok(reply) if r.rank == self.result_node => result = reply.result.map(Into::into),
+            for (i, r) in self.remotes.iter().enumerate() {
+                if answers[i + 1].is_some() {
+                    continue;
+                }
+                let wait = if answers[0].is_some() { LOST_POLL } else { Duration::ZERO };
+                let reply = match r.rx.recv_timeout(wait) {
+                    Ok(Ok(reply)) => reply,
+                    Ok(Err(why)) => {
+                        answers[i + 1] = Some(Err(EngineError::NodeLost {
+                            node: Some(r.rank),
+                            reason: why,
+                        }));
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        answers[i + 1] = Some(Err(EngineError::NodeLost {
+                            node: Some(r.rank),
+                            reason: "its step stream is closed".into(),
+                        }));
+                        continue;
+                    }
+                };
+                answers[i + 1] = Some(if let Some(e) = reply.error {
+                    Err(self.step_error(r.rank, pb::step_error::Kind::try_from(e.kind).ok(), e.message))
+                } else if reply.step_id != step {
+                    Err(exec_err(format!(
+                        "node {} answered step {} while step {step} ran",
+                        r.rank, reply.step_id
+                    )))
+                } else {
+                    Ok(reply.result.map(Into::into))
+                });
+            }
+            if answers.iter().any(Option::is_none) {
+                if let Some(lost) = self.lost() {
+                    return Err(lost);
+                }
+                if Instant::now() >= deadline {
+                    return Err(exec_err(format!(
+                        "step {step} did not finish within {STEP_TIMEOUT:?}"
+                    )));
+                }
+            }
+        }
+        let mut result = None;
+        let mut first_error: Option<EngineError> = None;
+        for (i, a) in answers.into_iter().enumerate() {
+            let node = if i == 0 { 0 } else { self.remotes[i - 1].rank };
+            match a.expect("every node answered") {
+                Ok(r) if node == self.result_node => result = r,
                 Ok(_) => {}
+                // A lost node outranks the failures it caused elsewhere.
+                Err(e @ EngineError::NodeLost { node: Some(_), .. }) => first_error = Some(e),
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
             }
         }
         if let Some(e) = first_error {
-            return Err(e);
+            return Err(self.lost().unwrap_or(e));
         }
         result.ok_or_else(|| exec_err(format!("no node sampled step {step}")))
+    }
+
+    fn abandon(&mut self) {
+        self.pending.clear();
+        // Closing the streams lets the workers' old runs go.
+        self.remotes.clear();
+        self.local.interrupt();
+    }
+
+    fn try_resume(&mut self) -> bool {
+        let Some(cluster) = &mut self.cluster else {
+            return true;
+        };
+        match cluster.try_recover() {
+            Ok(Some((remotes, run))) => {
+                self.remotes = remotes;
+                self.run = run;
+                true
+            }
+            _ => false,
+        }
     }
 }

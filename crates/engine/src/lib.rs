@@ -10,16 +10,18 @@ mod engine;
 mod error;
 mod executor;
 mod load;
+mod membership;
 mod metrics;
 mod tokenizer;
 
 pub use chat::ChatTemplate;
-pub use cluster::{ClusterOptions, ClusterState};
+pub use cluster::ClusterOptions;
+pub use membership::{ClusterState, NodePhase, HEARTBEAT_LOST};
 pub use demo::{cache_dir, ensure_demo_model, DEMO_MODEL_NAME};
 pub use detokenizer::IncrementalDetokenizer;
 pub use engine::{
     start_engine, EngineConfig, EngineHandle, EngineStats, GenerateRequest, OutputStream,
-    RequestOutput,
+    RecoveryStats, RequestOutput,
 };
 pub use error::{EngineError, Result};
 pub use executor::{Executor, PipelineExecutor};

@@ -3,16 +3,16 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use serde_json::Value as Json;
 use strata_model::{DeviceRequest, Placement, WeightFormat, Weights};
 use strata_types::plan::{check_layout, Footprint, Machines};
-use strata_types::{ClusterLayout, LayerRange, ModelConfig, TokenId, BLOCK_SIZE};
-use strata_worker::{KvBudget, Links, LoadedNode};
+use strata_types::{ClusterLayout, ModelConfig, TokenId, BLOCK_SIZE};
+use strata_worker::{KvBudget, LoadSpec, NodeConfig, NodeRuntime, StartSpec};
 
-use crate::cluster::ClusterOptions;
+use crate::cluster::{Cluster, ClusterOptions, NodeSetup};
 use crate::engine::{start_engine, EngineConfig, EngineHandle};
 use crate::error::{EngineError, Result};
 use crate::executor::PipelineExecutor;
@@ -41,6 +41,8 @@ pub struct LoadOptions {
     pub pipeline_parallel_size: usize,
     /// Tensor-parallel ranks per stage.
     pub tensor_parallel_size: usize,
+    /// How long requests wait for a lost node before they end with an error.
+    pub recovery_timeout: Duration,
     /// `None`: every stage runs in this process. Otherwise this process is
     /// the leader (node 0) of a cluster and the stages are spread over it.
     pub cluster: Option<ClusterOptions>,
@@ -141,22 +143,6 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         // (Ranks that share a GPU are sized after loading, by what is left.)
         check_fits(opts, &placement, &weights, &config, nnodes)?;
     }
-    let total: usize = slots.iter().map(|s| s.layers.len() * s.tp_rank_count).sum();
-    let unit = if slots.iter().all(|s| s.tp_rank_count == 1) {
-        "layers"
-    } else {
-        "layer shards"
-    };
-    let (mut done, mut last_pct) = (0, 0);
-    let mut progress = |_layer: usize, _: LayerRange| {
-        done += 1;
-        let pct = done * 100 / total;
-        if pct >= last_pct + 10 || done == total {
-            last_pct = pct;
-            tracing::info!("loaded {done}/{total} {unit} of this node ({pct}%)");
-        }
-    };
-
     let budget = match opts.gpu_memory_utilization {
         Some(fraction) if !placement.is_cpu() => KvBudget::DeviceFraction {
             fraction,
@@ -202,59 +188,77 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
             opts.max_model_len.unwrap_or(config.max_position_embeddings)
         }
     };
+    let weights = Arc::new(weights);
     let (executor, num_blocks) = match &opts.cluster {
         None => {
-            let node = LoadedNode::load(
-                &weights,
-                &config,
-                &layout.nodes[0].slots,
-                None,
-                rope_len,
-                &placement,
-                &mut progress,
-            )
-            .map_err(|e| EngineError::Model(e.to_string()))?;
-            let num_blocks = node
-                .kv_blocks(budget)
-                .map_err(|e| EngineError::Model(e.to_string()))?;
+            let local = NodeRuntime::spawn(NodeConfig {
+                rank: 0,
+                weights: weights.clone(),
+                config: config.clone(),
+                device: opts.device,
+                token: String::new(),
+                timeout: Duration::from_secs(60),
+                data: None,
+                comm: None,
+            });
+            let spec = LoadSpec {
+                slots: layout.nodes[0].slots.clone(),
+                budget,
+                max_model_len: rope_len,
+                dtype: placement.dtype(),
+                ring: Vec::new(),
+                nccl_id: None,
+            };
+            let num_blocks = local
+                .load(spec)
+                .wait_blocking()
+                .map_err(|e| EngineError::Model(e.to_string()))?
+                .num_blocks;
             check_max_model_len(
                 opts.max_model_len,
                 num_blocks * BLOCK_SIZE,
                 bytes_per_block,
                 (num_blocks * bytes_per_block) as u64,
             )?;
-            let stages = node
-                .start(num_blocks, Links::default())
+            let run = local
+                .start(StartSpec {
+                    num_blocks,
+                    next: None,
+                    has_previous: false,
+                })
+                .wait_blocking()
                 .map_err(|e| EngineError::Model(e.to_string()))?;
-            (PipelineExecutor::local(stages), num_blocks)
+            (PipelineExecutor::local(local, run), num_blocks)
         }
         Some(cluster) => {
-            let formed = crate::cluster::form(
+            let (cluster, local, remotes, run) = Cluster::form(
                 cluster,
                 &layout,
-                &weights,
-                &config,
-                crate::cluster::NodeSetup {
+                weights.clone(),
+                NodeSetup {
                     budget,
                     placement: &placement,
+                    device: opts.device,
                     max_model_len: rope_len,
                 },
-                &mut progress,
             )?;
+            let num_blocks = cluster.num_blocks();
             check_max_model_len(
                 opts.max_model_len,
-                formed.num_blocks * BLOCK_SIZE,
+                num_blocks * BLOCK_SIZE,
                 bytes_per_block,
-                (formed.num_blocks * bytes_per_block) as u64,
+                (num_blocks * bytes_per_block) as u64,
             )?;
             (
                 PipelineExecutor::cluster(
-                    formed.local,
-                    formed.remotes,
+                    cluster,
+                    local,
+                    remotes,
+                    run,
                     layout.result_node(),
                     layout.pipeline_depth(),
                 ),
-                formed.num_blocks,
+                num_blocks,
             )
         }
     };
@@ -286,6 +290,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         num_blocks,
         enable_prefix_caching: opts.enable_prefix_caching,
         max_pending_requests: opts.max_pending_requests,
+        recovery_timeout: opts.recovery_timeout,
     };
     let handle = start_engine(
         engine_cfg,

@@ -35,6 +35,7 @@ fn engine() -> &'static EngineHandle {
             dtype: None,
             enable_prefix_caching: true,
             max_pending_requests: 64,
+            recovery_timeout: std::time::Duration::from_secs(120),
             pipeline_parallel_size: 1,
             tensor_parallel_size: 1,
             cluster: None,

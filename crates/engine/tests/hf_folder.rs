@@ -20,6 +20,7 @@ fn generation_config_supplies_defaults_and_eos() {
         dtype: None,
         enable_prefix_caching: true,
         max_pending_requests: 8,
+        recovery_timeout: std::time::Duration::from_secs(120),
         pipeline_parallel_size: 1,
         tensor_parallel_size: 1,
         cluster: None,

@@ -280,6 +280,42 @@ impl Scheduler {
         self.finished_req_ids.extend(&out.finished_req_ids);
     }
 
+    /// After a node was lost and the stages were reset: forgets every step
+    /// in flight and sends every running request back to the front of the
+    /// queue, to be recomputed from its prompt plus the tokens it has
+    /// generated (preemption by recompute, for all at once). No prefix may
+    /// be served from the cache: the replaced node holds none of it. Returns
+    /// (requests to recompute, their tokens).
+    pub fn recompute_all(&mut self) -> (usize, usize) {
+        self.steps_in_flight.clear();
+        self.in_flight.clear();
+        // The stages were reset: they hold no request to drop.
+        self.finished_req_ids.clear();
+        self.kv.reset_prefix_cache();
+        let running = std::mem::take(&mut self.running);
+        let mut tokens = 0;
+        // In reverse, so the queue keeps their order ahead of the waiting.
+        for &id in running.iter().rev() {
+            self.kv.free(id);
+            let req = self.requests.get_mut(&id).expect("running request exists");
+            req.status = RequestStatus::Preempted;
+            req.num_computed_tokens = 0;
+            req.num_blocks_sent = 0;
+            req.num_tokens_sent = None;
+            tokens += req.num_tokens();
+            self.waiting.push_front(id);
+        }
+        for id in &self.waiting {
+            // A waiting request the stages were told of (none today) would
+            // need telling again.
+            if let Some(r) = self.requests.get_mut(id) {
+                r.num_tokens_sent = None;
+                r.num_blocks_sent = 0;
+            }
+        }
+        (running.len(), tokens)
+    }
+
     /// Applies a step's sampled tokens: appends them, ends requests that hit a
     /// stop token or a length limit, and frees their blocks.
     pub fn update_from_output(&mut self, result: &StepResult) -> Vec<RequestUpdate> {
@@ -567,6 +603,32 @@ mod tests {
             vec![1],
             "only request 1 reached the stages"
         );
+    }
+
+    #[test]
+    fn recompute_all_replays_every_running_request_from_its_tokens() {
+        let mut s = Scheduler::new(cfg(64));
+        s.add_request(req(1, 20, 8));
+        s.add_request(req(2, 10, 8));
+        step(&mut s, 7);
+        step(&mut s, 8);
+        // A step in flight when the node was lost is forgotten.
+        assert!(!s.schedule().is_empty());
+        let (replayed, tokens) = s.recompute_all();
+        assert_eq!((replayed, tokens), (2, 22 + 12));
+        assert_eq!(s.num_running(), 0);
+        assert_eq!(s.num_steps_in_flight(), 0);
+        let out = s.schedule();
+        assert!(out.finished_req_ids.is_empty(), "the stages were reset");
+        // Both come back as new requests holding prompt + generated tokens,
+        // in their old order, computed from scratch (no prefix from cache).
+        let ids: Vec<_> = out.scheduled_new_reqs.iter().map(|r| r.req_id).collect();
+        assert_eq!(ids, [1, 2]);
+        for r in &out.scheduled_new_reqs {
+            assert_eq!(r.num_computed_tokens, 0);
+            assert_eq!(&r.token_ids[r.num_prompt_tokens..], &[7, 8]);
+        }
+        assert_eq!(out.total_num_scheduled_tokens, 22 + 12);
     }
 
     #[test]

@@ -88,7 +88,13 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        let (status, kind, code, param) = match &e {
+        Self::from(&e)
+    }
+}
+
+impl From<&EngineError> for ApiError {
+    fn from(e: &EngineError) -> Self {
+        let (status, kind, code, param) = match e {
             EngineError::EmptyPrompt | EngineError::BadTokenId(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -116,7 +122,10 @@ impl From<EngineError> for ApiError {
                 Some("overloaded"),
                 None,
             ),
-            EngineError::Stopped(_) | EngineError::Cluster(_) => (
+            EngineError::Stopped(_)
+            | EngineError::Cluster(_)
+            | EngineError::NodeLost { .. }
+            | EngineError::Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 None,

@@ -2,7 +2,7 @@
 //! and gathers or streams their outputs.
 
 use futures::stream::{self, Stream, StreamExt};
-use strata_engine::{EngineHandle, GenerateRequest, OutputStream, RequestOutput};
+use strata_engine::{EngineError, EngineHandle, GenerateRequest, OutputStream, RequestOutput};
 use strata_types::{FinishReason, Logprobs, TokenId};
 
 use crate::error::ApiError;
@@ -112,7 +112,7 @@ pub async fn collect(choices: Vec<Choice>) -> Result<Vec<Finished>, ApiError> {
             ..Default::default()
         };
         while let Some(o) = c.rx.recv().await {
-            let o = o.map_err(|e| ApiError::from(strata_engine::EngineError::Execution(e)))?;
+            let o = o.map_err(ApiError::from)?;
             f.text.push_str(&o.text);
             f.token_ids.extend(&o.token_ids);
             f.logprobs.extend(o.logprobs.iter().cloned());
@@ -136,7 +136,7 @@ pub async fn collect(choices: Vec<Choice>) -> Result<Vec<Finished>, ApiError> {
 pub struct Delta {
     pub index: usize,
     pub prompt_index: usize,
-    pub output: Result<RequestOutput, String>,
+    pub output: Result<RequestOutput, EngineError>,
     pub usage: Usage,
 }
 
@@ -150,7 +150,9 @@ pub fn merge(choices: Vec<Choice>) -> impl Stream<Item = Delta> + Send {
             let mut rx = rx?;
             let output = match rx.recv().await {
                 Some(o) => o,
-                None => Err("the engine stopped before this choice finished".to_string()),
+                None => Err(EngineError::Stopped(
+                    "the engine stopped before this choice finished".into(),
+                )),
             };
             let last = !matches!(&output, Ok(o) if o.finish.is_none());
             let delta = Delta {

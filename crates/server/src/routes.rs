@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use strata_engine::Tokenizer;
+use strata_engine::{EngineError, Tokenizer};
 use strata_types::{Logprobs, TokenId};
 
 use crate::error::ApiError;
@@ -197,10 +197,10 @@ fn whole_response(
     .into_response()
 }
 
-fn error_event(message: &str) -> Result<Event, Infallible> {
-    sse_data(
-        &json!({"error": {"message": message, "type": "internal_error", "param": null, "code": null}}),
-    )
+/// An error in the middle of a stream, shaped as OpenAI's error body; the
+/// stream then ends with `[DONE]`.
+fn error_event(e: &EngineError) -> Result<Event, Infallible> {
+    sse_data(&ApiError::from(e).to_json())
 }
 
 pub async fn chat_completions(

@@ -21,6 +21,10 @@ pub enum RunnerError {
     Protocol { step: u64, msg: String },
     #[error("{0}")]
     Setup(String),
+    /// The data plane to a neighbouring node broke: that node is gone or
+    /// being replaced, and the leader recovers the cluster.
+    #[error("data plane {0}")]
+    Link(String),
 }
 
 /// What a stage hands on after a step.

@@ -1,32 +1,32 @@
-//! A worker node (node rank > 0): it joins the leader, loads its share of
-//! the model when told, and runs every step the leader streams to it. It
-//! holds no request logic; the leader's step messages say everything.
+//! A worker node (node rank > 0): it joins the leader and serves the worker
+//! protocol, a thin adapter over its node runtime. It holds no request
+//! logic; the leader's step messages say everything. A worker outlives its
+//! leader: when the leader goes silent it drops its requests, keeps its
+//! weights, and joins again (a restarted leader takes it back).
 
 use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use strata_comm::TcpTransport;
-use strata_model::{dtype_from_name, DeviceRequest, Placement, Weights};
+use strata_model::{DeviceRequest, Weights};
 use strata_proto::v1::leader_client::LeaderClient;
 use strata_proto::v1::worker_server::{Worker, WorkerServer};
 use strata_proto::v1::{self as pb, execute_request::Kind};
 use strata_proto::{AddToken, CheckToken, BUILD_VERSION};
-use strata_types::{ModelConfig, SchedulerOutput, StageSlot};
-use tokio::sync::{mpsc as tmpsc, Notify};
+use tokio::sync::mpsc as tmpsc;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::stage::{KvBudget, Links, LoadedNode, RingMember};
+use crate::node::{LoadSpec, NodeConfig, NodeRuntime, StartSpec, StepOutcome};
 use crate::RunnerError;
 
-/// A running worker exits when the leader's heartbeats (one a second) stop
-/// for this long.
-const LEADER_SILENCE: Duration = Duration::from_secs(15);
-
+/// The leader beats every half second; after this long without a beat the
+/// worker takes it for gone, drops its requests and joins again.
+pub const LEADER_SILENCE: Duration = Duration::from_secs(3);
 /// What a worker is doing, for its probes (`/health` on `--port`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Phase {
@@ -83,7 +83,9 @@ fn setup(msg: impl Into<String>) -> RunnerError {
     RunnerError::Setup(msg.into())
 }
 
-/// Runs the worker until the leader closes its step stream.
+/// Runs the worker: joins the leader and serves it, joining again whenever
+/// the leader goes silent. Ends with an error when no leader takes this node
+/// within `--cluster-timeout`.
 pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
     let model = opts.model.clone();
     let (weights, config, fingerprint) = tokio::task::spawn_blocking(move || {
@@ -102,7 +104,8 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
     let grpc = bind(opts.port)?;
     let (data, comm) = (bind(0)?, bind(0)?);
     let port_of = |l: &TcpListener| l.local_addr().map(|a| a.port()).unwrap_or(0);
-    let join = pb::JoinRequest {
+    let instance = rand::random::<u64>();
+    let mut join = pb::JoinRequest {
         node_rank: opts.node_rank as u32,
         nnodes: opts.nnodes as u32,
         worker_addr: String::new(), // set once the route to the leader is known
@@ -112,25 +115,25 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
         memory_bytes: total_memory(),
         build_version: BUILD_VERSION.into(),
         model_fingerprint: fingerprint,
+        instance,
     };
     let grpc_port = port_of(&grpc);
-
-    let done = Arc::new(Notify::new());
-    let running = Arc::new(Mutex::new(None));
-    let last_beat = Arc::new(Mutex::new(Instant::now()));
-    let service = WorkerService {
-        node_rank: opts.node_rank,
+    let runtime = NodeRuntime::spawn(NodeConfig {
+        rank: opts.node_rank,
         weights: Arc::new(weights),
         config,
+        device: opts.device,
         token: opts.token.clone(),
         timeout: opts.timeout,
-        device: opts.device,
-        data: Mutex::new(Some(data)),
-        comm: Mutex::new(Some(comm)),
-        loaded: Arc::new(Mutex::new(None)),
-        running: running.clone(),
-        last_beat: last_beat.clone(),
-        done: done.clone(),
+        data: Some(data),
+        comm: Some(comm),
+    });
+    let leader = Arc::new(LeaderWatch::default());
+    let service = WorkerService {
+        node_rank: opts.node_rank,
+        runtime: runtime.clone(),
+        instance,
+        leader: leader.clone(),
     };
     grpc.set_nonblocking(true)
         .map_err(|e| setup(e.to_string()))?;
@@ -140,81 +143,77 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
             service,
             CheckToken::new(&opts.token),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
-            let done = done.clone();
-            async move { done.notified().await }
-        });
-    let server = tokio::spawn(server);
+        .serve_with_incoming(TcpListenerStream::new(listener));
     tracing::info!(
         "node {} of {}: serving the worker protocol on port {grpc_port}; joining the leader at {}",
         opts.node_rank,
         opts.nnodes,
         opts.leader_addr
     );
-    let mut join = join;
     let add_token = AddToken::new(&opts.token).map_err(setup)?;
-    join_leader(&opts, &mut join, grpc_port, &add_token).await?;
-    // A leader that dies before it starts this node, or goes silent after
-    // (a host lost without a TCP reset), must not strand it.
-    let watchdog = async {
-        let mut deadline = Instant::now() + opts.timeout;
-        let mut announced = Instant::now();
-        while running.lock().expect("poisoned").is_none() {
-            if Instant::now() >= deadline {
-                return format!(
-                    "the leader at {} did not start node {} within {:?} of its joining",
-                    opts.leader_addr, opts.node_rank, opts.timeout
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            // Until started, re-announce this node now and then (joining
-            // twice from one address is harmless): a leader replaced in
-            // the meantime (a rolling update replaces it last) learns of
-            // this node so, and a gone one sends it back to joining.
-            if announced.elapsed() >= REANNOUNCE && running.lock().expect("poisoned").is_none() {
-                announced = Instant::now();
-                if let Err(s) = join_once(&opts, &join, &add_token).await {
-                    tracing::info!(
-                        "the leader at {} no longer takes node {} ({}); joining again",
+    let serve_leaders = async {
+        loop {
+            let reply = join_leader(&opts, &mut join, grpc_port, &add_token).await?;
+            leader.joined(reply.epoch);
+            // Serve this leader until it goes silent (it died, or a
+            // partition cut it off), then join whoever leads next.
+            loop {
+                tokio::time::sleep(LEADER_SILENCE / 12).await;
+                let silent = leader.silence();
+                if silent > LEADER_SILENCE {
+                    tracing::warn!(
+                        "no heartbeat from the leader at {} for {:.1} s: node {} drops its requests, \
+                         keeps its weights and joins again",
                         opts.leader_addr,
-                        opts.node_rank,
-                        s.message()
+                        silent.as_secs_f32(),
+                        opts.node_rank
                     );
-                    if let Err(e) = join_leader(&opts, &mut join, grpc_port, &add_token).await {
-                        return e.to_string();
-                    }
-                    deadline = Instant::now() + opts.timeout;
+                    break;
                 }
             }
-        }
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let silent = last_beat.lock().expect("poisoned").elapsed();
-            if silent > LEADER_SILENCE {
-                return format!(
-                    "no heartbeat from the leader at {} for {:.0} s",
-                    opts.leader_addr,
-                    silent.as_secs_f32()
-                );
-            }
+            runtime.interrupt();
+            runtime.reset();
         }
     };
     tokio::select! {
-        r = server => {
-            r.map_err(|e| setup(e.to_string()))?
-                .map_err(|e| setup(format!("worker service: {e}")))?;
-        }
-        why = watchdog => return Err(setup(why)),
+        r = server => r.map_err(|e| setup(format!("worker service: {e}"))),
+        r = serve_leaders => r,
     }
-    tracing::info!(
-        "the leader closed the step stream; node {} exits",
-        opts.node_rank
-    );
-    Ok(())
 }
 
-/// How often a joined node that has not been started re-announces itself.
-const REANNOUNCE: Duration = Duration::from_secs(2);
+/// Which leader this worker serves and when it last heard from it.
+#[derive(Debug)]
+struct LeaderWatch {
+    epoch: AtomicU64,
+    last_beat: Mutex<Instant>,
+}
+
+impl Default for LeaderWatch {
+    fn default() -> Self {
+        Self {
+            epoch: AtomicU64::new(0),
+            last_beat: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl LeaderWatch {
+    fn joined(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+        *self.last_beat.lock().expect("poisoned") = Instant::now();
+    }
+
+    /// A heartbeat; one from another leader than the one joined is ignored.
+    fn beat(&self, epoch: u64) {
+        if epoch == self.epoch.load(Ordering::SeqCst) {
+            *self.last_beat.lock().expect("poisoned") = Instant::now();
+        }
+    }
+
+    fn silence(&self) -> Duration {
+        self.last_beat.lock().expect("poisoned").elapsed()
+    }
+}
 
 /// One Join call.
 async fn join_once(
@@ -245,7 +244,7 @@ async fn join_leader(
     join: &mut pb::JoinRequest,
     grpc_port: u16,
     add_token: &AddToken,
-) -> Result<(), RunnerError> {
+) -> Result<pb::JoinReply, RunnerError> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
     let mut last_log: Option<(Instant, String)> = None;
@@ -265,7 +264,7 @@ async fn join_leader(
                     reply.leader_build_version
                 );
                 opts.status.set(Phase::Joined);
-                return Ok(());
+                return Ok(reply);
             }
             Err(s) if s.code() == tonic::Code::Unavailable => {
                 opts.status.set(Phase::Joining { refused: None });
@@ -353,40 +352,29 @@ fn total_memory() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// What LoadStage prepared for Execute to start.
-struct Prepared {
-    node: LoadedNode,
-    next_data_addr: Option<SocketAddr>,
-    has_previous: bool,
-}
-
-enum Job {
-    Step(SchedulerOutput),
-    Reset,
-}
-
 struct WorkerService {
     node_rank: usize,
-    weights: Arc<Weights>,
-    config: ModelConfig,
-    token: String,
-    timeout: Duration,
-    device: DeviceRequest,
-    data: Mutex<Option<TcpListener>>,
-    comm: Mutex<Option<TcpListener>>,
-    loaded: Arc<Mutex<Option<Prepared>>>,
-    /// The running node's job queue, once Execute has started it.
-    running: Arc<Mutex<Option<mpsc::Sender<Job>>>>,
-    /// When the leader's heartbeat last arrived.
-    last_beat: Arc<Mutex<Instant>>,
-    done: Arc<Notify>,
-}
-
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
+    runtime: NodeRuntime,
+    instance: u64,
+    leader: Arc<LeaderWatch>,
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::StepReply, Status>> + Send>>;
+
+fn step_reply(step_id: u64, outcome: StepOutcome) -> pb::StepReply {
+    match outcome {
+        Ok(r) => pb::StepReply {
+            step_id,
+            result: r.as_ref().map(Into::into),
+            error: None,
+        },
+        Err(e) => pb::StepReply {
+            step_id,
+            result: None,
+            error: Some((&e).into()),
+        },
+    }
+}
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
@@ -394,100 +382,18 @@ impl Worker for WorkerService {
         &self,
         req: Request<pb::LoadStageRequest>,
     ) -> Result<Response<pb::LoadStageReply>, Status> {
-        let req = req.into_inner();
-        let slots = req
-            .slots
-            .iter()
-            .map(StageSlot::try_from)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Status::invalid_argument)?;
-        if slots.is_empty() {
-            return Err(Status::invalid_argument("no stage to load"));
-        }
-        let dtype = dtype_from_name(&req.dtype).ok_or_else(|| {
-            Status::invalid_argument(format!("unknown activation dtype `{}`", req.dtype))
-        })?;
-        let local_ranks = slots.iter().map(|s| s.tp_rank_count).sum();
-        let placement = Placement::resolve(self.device, Some(dtype), local_ranks)
-            .map_err(|e| Status::failed_precondition(format!("node {}: {e}", self.node_rank)))?;
-        let budget = if req.gpu_memory_utilization > 0.0 && !placement.is_cpu() {
-            KvBudget::DeviceFraction {
-                fraction: req.gpu_memory_utilization,
-                max_batch_tokens: req.max_num_batched_tokens as usize,
-            }
-        } else {
-            KvBudget::Bytes(req.kv_cache_bytes)
-        };
-        let ring = if slots.iter().any(|s| s.spans_nodes()) {
-            let addrs = req
-                .comm_ring
-                .iter()
-                .map(|a| a.parse::<SocketAddr>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Status::invalid_argument(format!("tensor-parallel ring: {e}")))?;
-            let listener = self.comm.lock().expect("poisoned").take().ok_or_else(|| {
-                Status::failed_precondition("this node's tensor-parallel listener is in use")
+        let spec = LoadSpec::try_from(req.into_inner()).map_err(Status::invalid_argument)?;
+        let report = self
+            .runtime
+            .load(spec)
+            .wait()
+            .await
+            .map_err(|e| {
+                Status::failed_precondition(format!("loading node {}: {e}", self.node_rank))
             })?;
-            Some(RingMember {
-                rank: slots[0].tp_rank_begin,
-                listener,
-                addrs,
-                token: self.token.clone(),
-                timeout: self.timeout,
-                nccl_id: (!req.nccl_id.is_empty()).then(|| req.nccl_id.clone()),
-            })
-        } else {
-            None
-        };
-        let next_data_addr = match req.next_data_addr.as_str() {
-            "" => None,
-            a => Some(
-                a.parse()
-                    .map_err(|e| Status::invalid_argument(format!("next data address {a}: {e}")))?,
-            ),
-        };
-        let (weights, config) = (self.weights.clone(), self.config.clone());
-        let max_len = req.max_model_len as usize;
-        let node_rank = self.node_rank;
-        let node = tokio::task::spawn_blocking(move || {
-            let mut progress = |layer: usize, _| {
-                tracing::debug!("node {node_rank}: loaded layer {layer}");
-            };
-            let node = LoadedNode::load(
-                &weights,
-                &config,
-                &slots,
-                ring,
-                max_len,
-                &placement,
-                &mut progress,
-            )?;
-            let blocks = node.kv_blocks(budget)?;
-            Ok::<_, RunnerError>((node, blocks, placement))
-        })
-        .await
-        .map_err(internal)?
-        .map_err(|e| Status::failed_precondition(format!("loading node {node_rank}: {e}")))?;
-        let (node, num_blocks, placement) = node;
-        let num_blocks = num_blocks as u64;
-        tracing::info!(
-            "node {}: loaded layers {:?} on {} ({:.1} MiB read); the KV budget holds {num_blocks} blocks",
-            self.node_rank,
-            req.slots
-                .iter()
-                .map(|s| (s.first_layer..s.end_layer, s.tp_rank_begin))
-                .collect::<Vec<_>>(),
-            placement.describe(),
-            self.weights.bytes_read() as f64 / (1 << 20) as f64
-        );
-        *self.loaded.lock().expect("poisoned") = Some(Prepared {
-            node,
-            next_data_addr,
-            has_previous: req.has_previous,
-        });
         Ok(Response::new(pb::LoadStageReply {
-            num_blocks,
-            weight_bytes_read: self.weights.bytes_read(),
+            num_blocks: report.num_blocks as u64,
+            weight_bytes_read: report.weight_bytes,
         }))
     }
 
@@ -505,114 +411,39 @@ impl Worker for WorkerService {
             Some(Err(e)) => return Err(e),
             _ => return Err(Status::invalid_argument("Execute must open with Start")),
         };
-        let prepared = self
-            .loaded
-            .lock()
-            .expect("poisoned")
-            .take()
-            .ok_or_else(|| Status::failed_precondition("Execute before LoadStage"))?;
-        let input_listener = if prepared.has_previous {
-            let l = self.data.lock().expect("poisoned").take();
-            Some(l.ok_or_else(|| Status::failed_precondition("the data listener is in use"))?)
-        } else {
-            None
-        };
+        let spec = StartSpec::try_from(&start).map_err(Status::invalid_argument)?;
         let (reply_tx, reply_rx) = tmpsc::unbounded_channel();
-        let (job_tx, job_rx) = mpsc::channel::<Job>();
-        *self.running.lock().expect("poisoned") = Some(job_tx.clone());
-        // Heartbeats start now; the watchdog counts from here.
-        *self.last_beat.lock().expect("poisoned") = Instant::now();
-        let (token, timeout, rank) = (self.token.clone(), self.timeout, self.node_rank);
-        let num_blocks = start.num_blocks as usize;
-        let done = self.done.clone();
-        let running = self.running.clone();
-        // The node's stages run on a thread of their own: steps block on
-        // compute and on the data plane.
-        std::thread::Builder::new()
-            .name(format!("strata-node{rank}"))
-            .spawn(move || {
-                let links = (|| {
-                    let output = prepared
-                        .next_data_addr
-                        .map(|a| TcpTransport::connect(a, rank as u64, &token, timeout))
-                        .transpose()?;
-                    let input = input_listener
-                        .map(|l| TcpTransport::accept(&l, &token, timeout).map(|(t, _)| t))
-                        .transpose()?;
-                    Ok::<_, candle_core::Error>(Links { input, output })
-                })();
-                let mut node = match links {
-                    Ok(links) => match prepared.node.start(num_blocks, links) {
-                        Ok(node) => {
-                            let _ = reply_tx.send(Ok(pb::StepReply::default()));
-                            node
-                        }
-                        Err(e) => {
-                            let _ = reply_tx.send(Ok(pb::StepReply {
-                                error: format!("node {rank}: allocating the KV cache: {e}"),
-                                ..Default::default()
-                            }));
-                            return;
-                        }
-                    },
-                    Err(e) => {
-                        let _ = reply_tx.send(Ok(pb::StepReply {
-                            error: format!("node {rank}: connecting the data plane: {e}"),
-                            ..Default::default()
-                        }));
-                        return;
-                    }
-                };
-                tracing::info!("node {rank}: running with {num_blocks} KV blocks");
-                for job in job_rx {
-                    match job {
-                        Job::Reset => node.reset(),
-                        Job::Step(out) => {
-                            let reply = match node.execute(&out) {
-                                Ok(r) => pb::StepReply {
-                                    step_id: out.step_id,
-                                    result: r.as_ref().map(Into::into),
-                                    error: String::new(),
-                                },
-                                Err(e) => pb::StepReply {
-                                    step_id: out.step_id,
-                                    result: None,
-                                    error: format!("node {rank}: {e}"),
-                                },
-                            };
-                            if reply_tx.send(Ok(reply)).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                tracing::info!(
-                    "node {rank}: step stream closed ({} activation bytes sent)",
-                    node.bytes_sent()
-                );
-            })
-            .map_err(internal)?;
-        // Forward the leader's steps until it closes the stream (or dies).
+        let (runtime, rank) = (self.runtime.clone(), self.node_rank);
         tokio::spawn(async move {
+            // The first reply says the node started (or why not).
+            let run = match runtime.start(spec).wait().await {
+                Ok(run) => run,
+                Err(e) => {
+                    let _ = reply_tx.send(Ok(step_reply(0, Err(e))));
+                    return;
+                }
+            };
+            let _ = reply_tx.send(Ok(pb::StepReply::default()));
+            // Forward the leader's steps until it closes the stream (a
+            // recovery opens a new one) or the connection breaks.
             while let Some(msg) = inbound.next().await {
                 match msg {
                     Ok(pb::ExecuteRequest {
                         kind: Some(Kind::Step(s)),
                     }) => {
-                        if job_tx.send(Job::Step(s.into())).is_err() {
-                            break;
-                        }
+                        let (tx, step_id) = (reply_tx.clone(), s.step_id);
+                        runtime.step(run, s.into(), move |r| {
+                            let _ = tx.send(Ok(step_reply(step_id, r)));
+                        });
                     }
                     Ok(_) => tracing::warn!("node {rank}: ignoring a second Start"),
                     Err(e) => {
-                        tracing::warn!("node {rank}: the step stream failed: {e}");
-                        break;
+                        tracing::info!("node {rank}: the step stream of run {run} broke: {e}");
+                        return;
                     }
                 }
             }
-            running.lock().expect("poisoned").take();
-            drop(job_tx);
-            done.notify_one();
+            tracing::debug!("node {rank}: the leader closed the step stream of run {run}");
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             reply_rx,
@@ -621,21 +452,20 @@ impl Worker for WorkerService {
 
     async fn health(
         &self,
-        _req: Request<pb::HealthRequest>,
+        req: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthReply>, Status> {
-        *self.last_beat.lock().expect("poisoned") = Instant::now();
-        let running = self.running.lock().expect("poisoned").is_some();
-        let loaded = running || self.loaded.lock().expect("poisoned").is_some();
-        Ok(Response::new(pb::HealthReply { loaded }))
+        self.leader.beat(req.into_inner().epoch);
+        Ok(Response::new(pb::HealthReply {
+            loaded: self.runtime.is_loaded(),
+            instance: self.instance,
+        }))
     }
 
     async fn reset(
         &self,
         _req: Request<pb::ResetRequest>,
     ) -> Result<Response<pb::ResetReply>, Status> {
-        if let Some(tx) = &*self.running.lock().expect("poisoned") {
-            let _ = tx.send(Job::Reset);
-        }
+        self.runtime.reset();
         Ok(Response::new(pb::ResetReply {}))
     }
 }

@@ -300,7 +300,9 @@ impl NodeStages {
         if let Some(input) = &mut self.links.input {
             // Nothing scheduled means nothing was sent: both ends know it.
             if out.total_num_scheduled_tokens > 0 {
-                let (got, t) = input.recv()?;
+                let (got, t) = input
+                    .recv()
+                    .map_err(|e| RunnerError::Link(format!("from the previous node: {e}")))?;
                 if got != step {
                     return Err(RunnerError::Protocol {
                         step,
@@ -316,7 +318,9 @@ impl NodeStages {
                 StageResult::Hidden(h) if i < last => hidden = h,
                 StageResult::Hidden(h) => {
                     if let (Some(output), Some(h)) = (&mut self.links.output, &h) {
-                        output.send(step, h)?;
+                        output
+                            .send(step, h)
+                            .map_err(|e| RunnerError::Link(format!("to the next node: {e}")))?;
                     }
                     return Ok(None);
                 }
@@ -330,6 +334,24 @@ impl NodeStages {
             }
         }
         unreachable!("the last stage returns")
+    }
+
+    /// Replaces the data-plane links (a neighbouring node was replaced) and
+    /// drops every request: the leader recomputes them. Weights and KV cache
+    /// stay.
+    pub fn relink(&mut self, links: Links) {
+        self.links = links;
+        self.reset();
+    }
+
+    /// Second handles on the data-plane connections, to shut them down from
+    /// another thread.
+    pub fn link_handles(&self) -> Vec<std::net::TcpStream> {
+        [&self.links.input, &self.links.output]
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.shutdown_handle().ok())
+            .collect()
     }
 
     /// Drops every request's state (the leader restarted or asked for it).
