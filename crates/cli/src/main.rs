@@ -372,7 +372,12 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        state.set_loaded(0, info.weight_bytes);
+        if state.nnodes() == 1 {
+            // A cluster marks its nodes ready as it forms; one node is ready
+            // once loaded.
+            state.set_loaded(0, info.weight_bytes);
+            state.set_all_ready();
+        }
         tracing::info!("serving model `{served_model_name}`");
         Ok(AppState {
             engine,

@@ -306,12 +306,21 @@ async fn each_process_reads_only_its_share_of_the_checkpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_stop_when_the_leader_goes_away() {
+async fn a_worker_outlives_its_leader_and_gives_up_after_the_cluster_timeout() {
     let Cluster {
         leader,
         mut workers,
-    } = Cluster::start(&tiny(), 2, &["--kv-cache-memory", "4MiB"]).await;
+    } = Cluster::start(
+        &tiny(),
+        2,
+        &["--kv-cache-memory", "4MiB", "--cluster-timeout", "3"],
+    )
+    .await;
     drop(leader);
-    let (_, log) = workers[0].wait_exit().await;
-    assert!(log.contains("step stream"), "{log}");
+    // It waits for a leader to take it again (a restarted one would), then
+    // gives up, saying why.
+    let (ok, log) = workers[0].wait_exit().await;
+    assert!(!ok);
+    assert!(log.contains("joins again"), "{log}");
+    assert!(log.contains("gave up after"), "{log}");
 }

@@ -281,12 +281,7 @@ impl Cluster {
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         for rank in 1..opts.nnodes {
-            rt.spawn(heartbeat(
-                rank,
-                epoch,
-                members.clone(),
-                opts.state.clone(),
-            ));
+            rt.spawn(heartbeat(rank, epoch, members.clone(), opts.state.clone()));
         }
         let config = weights.config()?;
         let local = NodeRuntime::spawn(NodeConfig {

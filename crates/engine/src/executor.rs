@@ -120,7 +120,12 @@ impl PipelineExecutor {
 
     /// A node's step failure, typed: a broken data plane means a node was
     /// lost (membership may already know which).
-    fn step_error(&self, node: usize, kind: Option<pb::step_error::Kind>, msg: String) -> EngineError {
+    fn step_error(
+        &self,
+        node: usize,
+        kind: Option<pb::step_error::Kind>,
+        msg: String,
+    ) -> EngineError {
         match kind {
             Some(pb::step_error::Kind::Link) => self.lost().unwrap_or(EngineError::NodeLost {
                 node: None,
@@ -174,7 +179,10 @@ impl Executor for PipelineExecutor {
     }
 
     fn collect(&mut self) -> Result<StepResult> {
-        let Pending { step_id: step, local } = self
+        let Pending {
+            step_id: step,
+            local,
+        } = self
             .pending
             .pop_front()
             .ok_or_else(|| exec_err("collect without a step in flight"))?;
@@ -188,7 +196,9 @@ impl Executor for PipelineExecutor {
                 match local.recv_timeout(LOST_POLL) {
                     Ok(r) => {
                         answers[0] = Some(r.map_err(|e| match e {
-                            RunnerError::Link(m) => self.step_error(0, Some(pb::step_error::Kind::Link), m),
+                            RunnerError::Link(m) => {
+                                self.step_error(0, Some(pb::step_error::Kind::Link), m)
+                            }
                             e => exec_err(format!("node 0: {e}")),
                         }))
                     }
@@ -202,7 +212,11 @@ impl Executor for PipelineExecutor {
                 if answers[i + 1].is_some() {
                     continue;
                 }
-                let wait = if answers[0].is_some() { LOST_POLL } else { Duration::ZERO };
+                let wait = if answers[0].is_some() {
+                    LOST_POLL
+                } else {
+                    Duration::ZERO
+                };
                 let reply = match r.rx.recv_timeout(wait) {
                     Ok(Ok(reply)) => reply,
                     Ok(Err(why)) => {
@@ -222,7 +236,11 @@ impl Executor for PipelineExecutor {
                     }
                 };
                 answers[i + 1] = Some(if let Some(e) = reply.error {
-                    Err(self.step_error(r.rank, pb::step_error::Kind::try_from(e.kind).ok(), e.message))
+                    Err(self.step_error(
+                        r.rank,
+                        pb::step_error::Kind::try_from(e.kind).ok(),
+                        e.message,
+                    ))
                 } else if reply.step_id != step {
                     Err(exec_err(format!(
                         "node {} answered step {} while step {step} ran",

@@ -16,7 +16,6 @@ mod tokenizer;
 
 pub use chat::ChatTemplate;
 pub use cluster::ClusterOptions;
-pub use membership::{ClusterState, NodePhase, HEARTBEAT_LOST};
 pub use demo::{cache_dir, ensure_demo_model, DEMO_MODEL_NAME};
 pub use detokenizer::IncrementalDetokenizer;
 pub use engine::{
@@ -26,5 +25,6 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use executor::{Executor, PipelineExecutor};
 pub use load::{load_engine, GenerationDefaults, LoadOptions, ModelInfo};
+pub use membership::{ClusterState, NodePhase, HEARTBEAT_LOST};
 pub use metrics::{Histogram, RequestMetrics, FINISHED_REASONS};
 pub use tokenizer::Tokenizer;

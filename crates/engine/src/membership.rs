@@ -274,7 +274,10 @@ mod tests {
         assert!(!s.lose(1, "again"), "a lost node is lost once");
         let p = s.problems();
         assert_eq!(p.len(), 1);
-        assert!(p[0].starts_with("node 1: lost") && p[0].contains("step stream"), "{p:?}");
+        assert!(
+            p[0].starts_with("node 1: lost") && p[0].contains("step stream"),
+            "{p:?}"
+        );
         assert_eq!(s.first_lost().map(|(n, _)| n), Some(1));
         assert_eq!(s.node_up(), [true, false]);
         assert_eq!(s.recovering(), [1]);
@@ -297,12 +300,22 @@ mod tests {
     fn missed_heartbeats_lose_only_a_ready_node_and_only_after_the_bound() {
         let s = ClusterState::new(2);
         s.missed(1);
-        assert_eq!(s.phase(1), Some(NodePhase::Joining), "not joined: nothing to lose");
+        assert_eq!(
+            s.phase(1),
+            Some(NodePhase::Joining),
+            "not joined: nothing to lose"
+        );
         s.joined(1);
         s.set_all_ready();
         s.missed(1);
-        assert_eq!(s.phase(1), Some(NodePhase::Ready), "one miss within the bound");
-        s.with(1, |n| n.last_heartbeat = Some(Instant::now() - HEARTBEAT_LOST));
+        assert_eq!(
+            s.phase(1),
+            Some(NodePhase::Ready),
+            "one miss within the bound"
+        );
+        s.with(1, |n| {
+            n.last_heartbeat = Some(Instant::now() - HEARTBEAT_LOST)
+        });
         s.missed(1);
         assert!(matches!(s.phase(1), Some(NodePhase::Lost { .. })));
     }

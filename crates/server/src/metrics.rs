@@ -61,7 +61,23 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let s = state.engine.stats();
     let mut out = String::new();
     let mut f = Family { out: &mut out };
-    let counters: [(&str, &str, u64); 7] = [
+    let r = &s.recovery;
+    let counters: [(&str, &str, u64); 10] = [
+        (
+            "strata_recoveries_total",
+            "Times the cluster came back after a node was lost.",
+            r.recoveries,
+        ),
+        (
+            "strata_requests_replayed_total",
+            "Running requests recomputed from their tokens after a recovery.",
+            r.requests_replayed,
+        ),
+        (
+            "strata_tokens_recomputed_total",
+            "Prompt and generated tokens those requests recomputed.",
+            r.tokens_recomputed,
+        ),
         (
             "strata_prompt_tokens_total",
             "Prompt tokens submitted.",
@@ -126,6 +142,22 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ];
     for (name, help, v) in gauges {
         f.one(name, "gauge", help, "", v);
+    }
+    f.one(
+        "strata_recovery_seconds_total",
+        "counter",
+        "Seconds the engine waited for lost nodes to come back.",
+        "",
+        r.seconds,
+    );
+    let name = "strata_node_up";
+    f.head(
+        name,
+        "gauge",
+        "1 while the node is joined, loaded, started and answering heartbeats.",
+    );
+    for (node, up) in state.cluster.node_up().iter().enumerate() {
+        let _ = writeln!(f.out, "{name}{{node=\"{node}\"}} {}", u8::from(*up));
     }
     let name = "strata_node_weight_bytes";
     f.head(

@@ -14,9 +14,7 @@ mod service;
 mod stage;
 mod wire;
 
-pub use node::{
-    LoadReport, LoadSpec, NodeConfig, NodeRuntime, Reply, StartSpec, StepOutcome,
-};
+pub use node::{LoadReport, LoadSpec, NodeConfig, NodeRuntime, Reply, StartSpec, StepOutcome};
 pub use runner::{ModelRunner, RunnerError, StageResult};
 pub use sampler::sample;
 pub use service::{run_worker, Phase, WorkerOptions, WorkerStatus, LEADER_SILENCE};

@@ -383,14 +383,9 @@ impl Worker for WorkerService {
         req: Request<pb::LoadStageRequest>,
     ) -> Result<Response<pb::LoadStageReply>, Status> {
         let spec = LoadSpec::try_from(req.into_inner()).map_err(Status::invalid_argument)?;
-        let report = self
-            .runtime
-            .load(spec)
-            .wait()
-            .await
-            .map_err(|e| {
-                Status::failed_precondition(format!("loading node {}: {e}", self.node_rank))
-            })?;
+        let report = self.runtime.load(spec).wait().await.map_err(|e| {
+            Status::failed_precondition(format!("loading node {}: {e}", self.node_rank))
+        })?;
         Ok(Response::new(pb::LoadStageReply {
             num_blocks: report.num_blocks as u64,
             weight_bytes_read: report.weight_bytes,

@@ -159,7 +159,10 @@ mod tests {
                 budget,
                 max_model_len: 4096,
                 dtype: DType::BF16,
-                ring: vec!["10.0.0.1:7000".parse().unwrap(), "10.0.0.2:7001".parse().unwrap()],
+                ring: vec![
+                    "10.0.0.1:7000".parse().unwrap(),
+                    "10.0.0.2:7001".parse().unwrap(),
+                ],
                 nccl_id: Some(vec![1, 2, 3]),
             };
             let back = LoadSpec::try_from(pb::LoadStageRequest::from(&spec)).unwrap();

@@ -39,13 +39,25 @@ pub struct Server {
     child: Child,
     pub base: String,
     pub client: reqwest::Client,
+    /// Where its stderr goes, when a test reads it.
+    log: Option<std::path::PathBuf>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(log) = &self.log {
+            let _ = std::fs::remove_file(log);
+        }
     }
+}
+
+/// A fresh file for a process's stderr.
+fn log_file() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("strata-node-{}-{n}.log", std::process::id()))
 }
 
 pub fn demo_model() -> String {
@@ -98,7 +110,16 @@ impl Server {
 
     /// Starts the binary without waiting for it.
     pub fn spawn(model: &str, args: &[&str]) -> Server {
-        let port = free_port();
+        Self::spawn_on(free_port(), model, args, None)
+    }
+
+    /// Starts the binary on `port` without waiting for it; its stderr goes to
+    /// a file `log()` reads.
+    pub fn spawn_logged(port: u16, model: &str, args: &[&str]) -> Server {
+        Self::spawn_on(port, model, args, Some(log_file()))
+    }
+
+    fn spawn_on(port: u16, model: &str, args: &[&str], log: Option<std::path::PathBuf>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
         cmd.args([
             "serve",
@@ -111,14 +132,33 @@ impl Server {
         ])
         .args(["--threads", "2", "--served-model-name", "demo"])
         .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null());
+        match &log {
+            Some(path) => cmd.stderr(std::fs::File::create(path).unwrap()),
+            None => cmd.stderr(Stdio::inherit()),
+        };
         let child = cmd.spawn().expect("spawning strata");
         Server {
             child,
             base: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
+            log,
         }
+    }
+
+    /// What it has logged so far (`spawn_logged` only).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL, as a lost pod or host; waits for the exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Waits until `/health` says 200 (120 s at most).
@@ -344,9 +384,7 @@ impl Node {
 
     /// Runs `strata serve` under `prefix` (e.g. `ip netns exec <ns>`).
     pub fn spawn_in(prefix: &[&str], model: &str, args: &[String]) -> Node {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = std::env::temp_dir().join(format!("strata-node-{}-{n}.log", std::process::id()));
+        let log = log_file();
         let file = std::fs::File::create(&log).unwrap();
         let bin = env!("CARGO_BIN_EXE_strata");
         let mut cmd = match prefix {
@@ -370,6 +408,28 @@ impl Node {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGKILL, as a lost pod or host; waits for the exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
     }
 
     /// Waits until the log holds `needle` (60 s at most).
