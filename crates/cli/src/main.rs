@@ -324,6 +324,12 @@ fn serve(args: ServeArgs) -> Result<()> {
             tokio::select! {
                 r = run_worker(opts) => r.map_err(Into::into),
                 r = strata_server::serve_probes(probe_addr, probes) => r.map_err(anyhow::Error::msg),
+                // A worker outlives its leader (it waits for the next one);
+                // it stops when told to.
+                _ = shutdown_signal() => {
+                    tracing::info!("shutting down");
+                    Ok(())
+                }
             }
         });
     }

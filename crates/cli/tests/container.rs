@@ -4,8 +4,9 @@
 //! names the headless Service gives them. Each pod gets only what
 //! deploy/kubernetes/statefulset.yaml passes (its args, POD_INDEX, the
 //! token), so ranks find their roles from their identity alone. Then chat
-//! completions, and `docker stop` (SIGTERM) on the leader: it drains and
-//! exits 0, and the worker, told by the closed step stream, exits 0 too.
+//! completions, a rolling update (each worker replaced under the running
+//! leader, which recovers with the new process), and `docker stop`
+//! (SIGTERM): every pod exits 0.
 //!
 //! Needs Docker and root (deploy/make-base-image.sh runs debootstrap), as
 //! in CI; elsewhere it says it skipped.
@@ -314,8 +315,8 @@ async fn a_statefulset_of_images_forms_a_cluster_from_pod_identity_alone() {
             "{body}"
         );
     }
-    // Pod 0 last: SIGTERM, a clean exit, a new leader that takes the new
-    // workers (they re-announce themselves) and serves.
+    // Pod 0 last: SIGTERM, a clean exit, a new leader that takes the
+    // workers (they join again once the old one falls silent) and serves.
     docker(&["stop", "-t", "60", &containers[0]]);
     assert_eq!(
         docker(&["wait", &containers[0]]),
@@ -328,9 +329,11 @@ async fn a_statefulset_of_images_forms_a_cluster_from_pod_identity_alone() {
     let after = chat(url(0), "What is the capital of France?").await;
     assert_eq!(after, before, "greedy output changed across the update");
 
-    // SIGTERM to the leader: it drains and exits 0; the workers, their step
-    // streams closed, exit 0 too.
-    docker(&["stop", "-t", "60", &containers[0]]);
+    // SIGTERM: the leader drains and exits 0; the workers (which would wait
+    // for a next leader) exit 0 too.
+    for c in &containers {
+        docker(&["stop", "-t", "60", c]);
+    }
     for c in &containers {
         assert_eq!(docker(&["wait", c]), "0", "{c} did not exit cleanly");
     }

@@ -271,3 +271,39 @@ async fn a_restarted_leader_takes_back_its_running_workers() {
     assert_eq!(status, 200, "{got}");
     assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_middle_stage_is_lost_by_its_heartbeats_and_recovers_when_it_continues() {
+    let c = Cluster::start(&tiny(), 3, &["--kv-cache-memory", "4MiB"]).await;
+    let bodies = eight_streams(24);
+    let want = run_all(&c.leader, &bodies).await;
+    // Node 1 runs the middle stage; frozen, it answers nothing.
+    c.workers[0].signal(libc::SIGSTOP);
+    let running: Vec<_> = bodies
+        .iter()
+        .map(|b| {
+            tokio::spawn(stream(
+                c.leader.client.clone(),
+                c.leader.url("/v1/completions"),
+                b.clone(),
+            ))
+        })
+        .collect();
+    let health = c.leader.wait_health(|s, _| s != 200).await;
+    assert!(
+        health["missing"][0]
+            .as_str()
+            .unwrap()
+            .contains("no heartbeat"),
+        "{health}"
+    );
+    c.workers[0].signal(libc::SIGCONT);
+    c.leader.wait_healthy().await;
+    let got: Vec<Streamed> = join_all(running)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(c.leader.metric("strata_recoveries_total").await, 1);
+}

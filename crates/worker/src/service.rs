@@ -157,8 +157,16 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
             leader.joined(reply.epoch);
             // Serve this leader until it goes silent (it died, or a
             // partition cut it off), then join whoever leads next.
+            let tick = LEADER_SILENCE / 12;
+            let mut last_tick = Instant::now();
             loop {
-                tokio::time::sleep(LEADER_SILENCE / 12).await;
+                tokio::time::sleep(tick).await;
+                if last_tick.elapsed() > tick * 4 {
+                    // This process was frozen (SIGSTOP, a paused VM): the
+                    // silence is its own, so give the leader a fresh chance.
+                    leader.joined(leader.epoch.load(Ordering::SeqCst));
+                }
+                last_tick = Instant::now();
                 let silent = leader.silence();
                 if silent > LEADER_SILENCE {
                     tracing::warn!(
