@@ -77,7 +77,8 @@ impl TryFrom<pb::LoadStageRequest> for LoadSpec {
             .map(|a| a.parse::<SocketAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("tensor-parallel ring: {e}"))?;
-        if slots.iter().any(|s| s.spans_nodes()) != !ring.is_empty() {
+        let spans = slots.iter().any(|s| s.spans_nodes());
+        if spans == ring.is_empty() {
             return Err("a ring is given exactly when a stage spans nodes".into());
         }
         Ok(Self {
