@@ -137,15 +137,23 @@ fn eight_streams(max_tokens: usize) -> Vec<Value> {
         .collect()
 }
 
-async fn run_all(server: &Server, bodies: &[Value]) -> Vec<Streamed> {
-    join_all(bodies.iter().map(|b| {
-        stream(
-            server.client.clone(),
-            server.url("/v1/completions"),
-            b.clone(),
+/// Starts the streams at once, on a task of their own; the handle gives
+/// them back when every one has ended.
+fn spawn_all(server: &Server, bodies: &[Value]) -> tokio::task::JoinHandle<Vec<Streamed>> {
+    let (client, url) = (server.client.clone(), server.url("/v1/completions"));
+    let bodies = bodies.to_vec();
+    tokio::spawn(async move {
+        join_all(
+            bodies
+                .into_iter()
+                .map(|b| stream(client.clone(), url.clone(), b)),
         )
-    }))
-    .await
+        .await
+    })
+}
+
+async fn run_all(server: &Server, bodies: &[Value]) -> Vec<Streamed> {
+    spawn_all(server, bodies).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,16 +165,7 @@ async fn a_killed_worker_started_again_costs_no_request_and_no_token() {
 
     // The same eight again; the worker is killed while they run.
     let base = c.leader.metric("strata_generation_tokens_total").await;
-    let running: Vec<_> = bodies
-        .iter()
-        .map(|b| {
-            tokio::spawn(stream(
-                c.leader.client.clone(),
-                c.leader.url("/v1/completions"),
-                b.clone(),
-            ))
-        })
-        .collect();
+    let running = spawn_all(&c.leader, &bodies);
     while c.leader.metric("strata_generation_tokens_total").await < base + 8 * 8 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -183,11 +182,7 @@ async fn a_killed_worker_started_again_costs_no_request_and_no_token() {
     assert_eq!(c.leader.metric("strata_node_up{node=\"1\"}").await, 0);
     c.workers[0] = c.spawn_worker(1);
     c.leader.wait_healthy().await;
-    let got: Vec<Streamed> = join_all(running)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let got = running.await.unwrap();
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         assert_eq!(w, g, "stream {i} differs after the recovery");
     }
@@ -279,16 +274,7 @@ async fn a_hung_middle_stage_is_lost_by_its_heartbeats_and_recovers_when_it_cont
     let want = run_all(&c.leader, &bodies).await;
     // Node 1 runs the middle stage; frozen, it answers nothing.
     c.workers[0].signal(libc::SIGSTOP);
-    let running: Vec<_> = bodies
-        .iter()
-        .map(|b| {
-            tokio::spawn(stream(
-                c.leader.client.clone(),
-                c.leader.url("/v1/completions"),
-                b.clone(),
-            ))
-        })
-        .collect();
+    let running = spawn_all(&c.leader, &bodies);
     let health = c.leader.wait_health(|s, _| s != 200).await;
     assert!(
         health["missing"][0]
@@ -299,11 +285,7 @@ async fn a_hung_middle_stage_is_lost_by_its_heartbeats_and_recovers_when_it_cont
     );
     c.workers[0].signal(libc::SIGCONT);
     c.leader.wait_healthy().await;
-    let got: Vec<Streamed> = join_all(running)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let got = running.await.unwrap();
     assert_eq!(got, want);
     assert_eq!(c.leader.metric("strata_recoveries_total").await, 1);
 }

@@ -439,6 +439,29 @@ impl Cluster {
         })
     }
 
+    /// Waits (up to the cluster timeout) for a call to worker `rank`, so
+    /// that it could `what`.
+    fn answer<T>(
+        &self,
+        rank: usize,
+        what: &str,
+        call: tokio::task::JoinHandle<std::result::Result<Response<T>, Status>>,
+    ) -> Result<T> {
+        let answered = self
+            .rt
+            .block_on(tokio::time::timeout(self.timeout, call))
+            .map_err(|_| {
+                cluster_err(format!(
+                    "node {rank} did not {what} within {:?}",
+                    self.timeout
+                ))
+            })?
+            .map_err(|e| cluster_err(e.to_string()))?;
+        answered
+            .map(Response::into_inner)
+            .map_err(|s| cluster_err(format!("node {rank} could not {what}: {}", s.message())))
+    }
+
     /// Loads `ranks` at once (the leader's own node in-process); returns the
     /// fewest KV blocks any of them holds.
     fn load(&mut self, ranks: &[usize]) -> Result<usize> {
@@ -463,18 +486,7 @@ impl Cluster {
             fewest = fewest.min(report.num_blocks);
         }
         for (rank, instance, spec, call) in calls {
-            let reply = self
-                .rt
-                .block_on(tokio::time::timeout(self.timeout, call))
-                .map_err(|_| {
-                    cluster_err(format!(
-                        "node {rank} did not finish loading within {:?}",
-                        self.timeout
-                    ))
-                })?
-                .map_err(|e| cluster_err(e.to_string()))?
-                .map_err(|s| cluster_err(format!("node {rank} could not load: {}", s.message())))?
-                .into_inner();
+            let reply = self.answer(rank, "finish loading", call)?;
             tracing::info!(
                 "node {rank} loaded its stages ({:.1} MiB of weights); it holds {} KV blocks",
                 reply.weight_bytes_read as f64 / (1 << 20) as f64,
@@ -508,18 +520,7 @@ impl Cluster {
         let local = self.local.start(self.start_spec(0)?);
         let mut remotes = Vec::new();
         for (rank, tx, call) in calls {
-            let mut replies = self
-                .rt
-                .block_on(tokio::time::timeout(self.timeout, call))
-                .map_err(|_| {
-                    cluster_err(format!(
-                        "node {rank} did not open its step stream within {:?}",
-                        self.timeout
-                    ))
-                })?
-                .map_err(|e| cluster_err(e.to_string()))?
-                .map_err(|s| cluster_err(format!("node {rank}: {}", s.message())))?
-                .into_inner();
+            let mut replies = self.answer(rank, "open its step stream", call)?;
             let (reply_tx, reply_rx) = mpsc::channel::<RemoteReply>();
             let state = self.state.clone();
             self.rt.spawn(async move {

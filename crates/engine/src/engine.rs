@@ -295,8 +295,9 @@ impl Live {
 struct Recovery {
     since: Instant,
     cause: String,
-    /// The recovery timeout passed: requests were ended, new ones refused.
-    expired: bool,
+    /// Why requests end and new ones are refused, once the recovery
+    /// timeout has passed.
+    expired: Option<String>,
     requests: usize,
     tokens: usize,
 }
@@ -364,7 +365,7 @@ impl EngineCore {
                         in_flight.push_back(out);
                     }
                     Err(e @ EngineError::NodeLost { .. }) => {
-                        self.sched.step_failed(&out);
+                        // (Pausing forgets this step with every other.)
                         self.pause(e, &mut in_flight);
                         break;
                     }
@@ -473,7 +474,7 @@ impl EngineCore {
         self.recovery = Some(Recovery {
             since: Instant::now(),
             cause: cause.to_string(),
-            expired: false,
+            expired: None,
             requests,
             tokens,
         });
@@ -494,8 +495,7 @@ impl EngineCore {
         }
         self.drop_disconnected();
         let rec = self.recovery.as_mut().expect("paused");
-        if !rec.expired && rec.since.elapsed() >= self.recovery_timeout {
-            rec.expired = true;
+        if rec.expired.is_none() && rec.since.elapsed() >= self.recovery_timeout {
             let why = format!(
                 "{}, and the cluster did not recover within --recovery-timeout {} s",
                 rec.cause,
@@ -505,11 +505,11 @@ impl EngineCore {
                 "{why}: ending {} request(s); new ones get 503 until it is back",
                 self.live.len()
             );
-            *self.unavailable.lock().expect("poisoned") = Some(why);
+            *self.unavailable.lock().expect("poisoned") = Some(why.clone());
+            rec.expired = Some(why);
         }
-        if rec.expired && !self.live.is_empty() {
-            let why = self.unavailable.lock().expect("poisoned").clone();
-            let why = why.unwrap_or_default();
+        // Requests that arrived just before the refusals began end too.
+        if let Some(why) = rec.expired.clone() {
             let ids: Vec<RequestId> = self.live.keys().copied().collect();
             self.fail(&ids, || EngineError::Unavailable(why.clone()));
         }
@@ -519,7 +519,7 @@ impl EngineCore {
             let paused = rec.since.elapsed().as_secs_f64();
             self.recovered.recoveries += 1;
             self.recovered.seconds += paused;
-            if !rec.expired {
+            if rec.expired.is_none() {
                 self.recovered.requests_replayed += rec.requests as u64;
                 self.recovered.tokens_recomputed += rec.tokens as u64;
             }

@@ -26,6 +26,19 @@ impl Family<'_> {
         let _ = writeln!(self.out, "{name}{} {v}", braces(labels));
     }
 
+    /// A gauge with one value per node, labelled by node rank.
+    fn per_node<V: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        help: &str,
+        values: impl IntoIterator<Item = V>,
+    ) {
+        self.head(name, "gauge", help);
+        for (node, v) in values.into_iter().enumerate() {
+            let _ = writeln!(self.out, "{name}{{node=\"{node}\"}} {v}");
+        }
+    }
+
     fn histogram(&mut self, name: &str, help: &str, labels: &str, h: &Histogram) {
         self.head(name, "histogram", help);
         let sep = if labels.is_empty() { "" } else { "," };
@@ -150,24 +163,17 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         "",
         r.seconds,
     );
-    let name = "strata_node_up";
-    f.head(
-        name,
-        "gauge",
+    let up = state.cluster.node_up().into_iter().map(u8::from);
+    f.per_node(
+        "strata_node_up",
         "1 while the node is joined, loaded, started and answering heartbeats.",
+        up,
     );
-    for (node, up) in state.cluster.node_up().iter().enumerate() {
-        let _ = writeln!(f.out, "{name}{{node=\"{node}\"}} {}", u8::from(*up));
-    }
-    let name = "strata_node_weight_bytes";
-    f.head(
-        name,
-        "gauge",
+    f.per_node(
+        "strata_node_weight_bytes",
         "Checkpoint bytes each node read for its share of the model.",
+        state.cluster.weight_bytes(),
     );
-    for (node, bytes) in state.cluster.weight_bytes().iter().enumerate() {
-        let _ = writeln!(f.out, "{name}{{node=\"{node}\"}} {bytes}");
-    }
 
     // vLLM's names (v1's PrometheusStatLogger), labelled by the served model.
     let model = format!("model_name=\"{}\"", escape(&state.served_model_name));

@@ -366,11 +366,6 @@ impl Runtime {
             s.relink(Links::default());
         }
         let links = self.links(&spec)?;
-        let handles: Vec<TcpStream> = [&links.input, &links.output]
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l.shutdown_handle().ok())
-            .collect();
         self.stages = match std::mem::replace(&mut self.stages, State::Empty) {
             State::Loaded(node) => State::Running(node.start(spec.num_blocks, links)?),
             State::Running(mut s) => {
@@ -379,7 +374,9 @@ impl Runtime {
             }
             State::Empty => unreachable!("loaded above"),
         };
-        *self.shared.links.lock().expect("poisoned") = handles;
+        if let State::Running(s) = &self.stages {
+            *self.shared.links.lock().expect("poisoned") = s.link_handles();
+        }
         self.run += 1;
         tracing::info!(
             "node {}: running with {} KV blocks (run {})",

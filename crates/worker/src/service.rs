@@ -164,7 +164,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
                 if last_tick.elapsed() > tick * 4 {
                     // This process was frozen (SIGSTOP, a paused VM): the
                     // silence is its own, so give the leader a fresh chance.
-                    leader.joined(leader.epoch.load(Ordering::SeqCst));
+                    leader.refresh();
                 }
                 last_tick = Instant::now();
                 let silent = leader.silence();
@@ -208,13 +208,18 @@ impl Default for LeaderWatch {
 impl LeaderWatch {
     fn joined(&self, epoch: u64) {
         self.epoch.store(epoch, Ordering::SeqCst);
+        self.refresh();
+    }
+
+    /// Restarts the silence count (after this process was frozen).
+    fn refresh(&self) {
         *self.last_beat.lock().expect("poisoned") = Instant::now();
     }
 
     /// A heartbeat; one from another leader than the one joined is ignored.
     fn beat(&self, epoch: u64) {
         if epoch == self.epoch.load(Ordering::SeqCst) {
-            *self.last_beat.lock().expect("poisoned") = Instant::now();
+            self.refresh();
         }
     }
 
