@@ -9,6 +9,8 @@
 //!     --strata target/release/strata --llama-cpp-python /opt/llamacpp/bin/python
 //! ```
 
+mod shared;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,7 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use shared::free_port;
 
 #[derive(Parser)]
 struct Args {
@@ -86,14 +89,6 @@ async fn wait_ready(client: &reqwest::Client, base: &str) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bail!("{base} did not come up")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Text of roughly `n` tokens, different for every seed (no prompt cache hits).
@@ -361,38 +356,7 @@ fn strata_layout(
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None => {
-            // `strata serve` fetches the demo model; reuse its cache location.
-            let out = Command::new(&args.strata)
-                .args(["serve", "--help"])
-                .output()
-                .context("running strata")?;
-            anyhow::ensure!(
-                out.status.success(),
-                "`{} serve --help` failed",
-                args.strata
-            );
-            let cache = std::env::var("STRATA_CACHE_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|_| {
-                    std::env::var("XDG_CACHE_HOME")
-                        .map(std::path::PathBuf::from)
-                        .unwrap_or_else(|_| {
-                            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache")
-                        })
-                        .join("strata")
-                });
-            let p = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-            anyhow::ensure!(
-                p.exists(),
-                "{} missing: run `strata serve` once, or pass --model",
-                p.display()
-            );
-            p.to_string_lossy().to_string()
-        }
-    };
+    let model = shared::model_or_demo(&args.strata, args.model.as_deref())?;
     println!(
         "model {model}, {} threads, {} concurrent streams of {} tokens, {}-token prefill",
         args.threads, args.streams, args.tokens, args.prefill_tokens

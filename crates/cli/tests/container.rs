@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::is_root;
+use futures::future::join_all;
 use serde_json::{json, Value};
 
 fn repo() -> PathBuf {
@@ -167,6 +168,22 @@ async fn wait_ok(client: &reqwest::Client, url: &str, logs_of: &[String]) -> Val
     }
 }
 
+async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    let r = client.get(format!("{base}/metrics")).send().await.unwrap();
+    r.text().await.unwrap()
+}
+
+/// The leader's `strata_generation_tokens_total`.
+async fn generated_tokens(client: &reqwest::Client, base: String) -> f64 {
+    metrics_text(client, &base)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("strata_generation_tokens_total "))
+        .expect("the metric is exported")
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statefulset_of_images_forms_a_cluster_from_pod_identity_alone() {
     if !docker_works() || !is_root() {
@@ -249,7 +266,7 @@ async fn a_statefulset_of_images_forms_a_cluster_from_pod_identity_alone() {
         .unwrap()
         .to_string();
     let client = reqwest::Client::new();
-    let chat = |leader: String, question: &'static str| {
+    let chat_of = |leader: String, question: &'static str, max_tokens: usize| {
         let client = client.clone();
         let served = served.clone();
         async move {
@@ -258,15 +275,16 @@ async fn a_statefulset_of_images_forms_a_cluster_from_pod_identity_alone() {
                 .json(&json!({
                     "model": served,
                     "messages": [{"role": "user", "content": question}],
-                    "max_tokens": 12,
+                    "max_tokens": max_tokens,
                     "temperature": 0,
+                    "ignore_eos": true,
                 }))
                 .send()
                 .await
                 .unwrap();
             assert_eq!(r.status(), 200);
             let v: Value = r.json().await.unwrap();
-            assert_eq!(v["usage"]["completion_tokens"], 12, "{v}");
+            assert_eq!(v["usage"]["completion_tokens"], max_tokens, "{v}");
             v["choices"][0]["message"]["content"]
                 .as_str()
                 .unwrap()
@@ -286,6 +304,7 @@ async fn a_statefulset_of_images_forms_a_cluster_from_pod_identity_alone() {
         let (s, live) = get(&client, &format!("{}/livez", url(i))).await.unwrap();
         assert_eq!(s, 200, "{live}");
     }
+    let chat = |leader: String, question: &'static str| chat_of(leader, question, 12);
     let before = chat(url(0), "What is the capital of France?").await;
     assert!(!before.is_empty());
     chat(url(0), "Say hi.").await;
@@ -301,6 +320,33 @@ async fn a_statefulset_of_images_forms_a_cluster_from_pod_identity_alone() {
         .to_string();
     let line: Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{first}: {e}"));
     assert!(line["message"].is_string(), "{line}");
+
+    // A worker pod killed under load and started again, as the kubelet
+    // restarts a container: every request in flight completes, with the
+    // text an undisturbed run gives.
+    let questions = [
+        "Name three colours.",
+        "Count to ten.",
+        "What is a cat?",
+        "Describe the sea.",
+    ];
+    let all_chats = || join_all(questions.map(|q| chat_of(url(0), q, 48)));
+    let undisturbed = all_chats().await;
+    let generated = || generated_tokens(&client, url(0));
+    let under_way = generated().await + 16.0;
+    let running = tokio::spawn(all_chats());
+    while !running.is_finished() && generated().await < under_way {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    docker(&["kill", &containers[1]]);
+    docker(&["wait", &containers[1]]);
+    docker(&["start", &containers[1]]);
+    assert_eq!(running.await.unwrap(), undisturbed);
+    let metrics = metrics_text(&client, &url(0)).await;
+    assert!(
+        metrics.contains("strata_recoveries_total 1"),
+        "the kill did not land while the requests ran:\n{metrics}"
+    );
 
     // A rolling update, as the StatefulSet controller runs it: the highest
     // ordinal first, and each replaced pod must be ready before the next

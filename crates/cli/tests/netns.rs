@@ -1,15 +1,16 @@
 //! A cluster whose nodes live in separate network namespaces, each with its
 //! own address, so nothing can lean on loopback: the worker must find its
 //! own address on the route to the leader, and the leader reach it there.
-//! Needs root (CI runs as root) and `ip` from iproute2.
+//! The link between them can then be cut or slowed. Needs root (CI runs as
+//! root) and `ip` and `tc` from iproute2.
 
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{is_root, Node};
-use serde_json::{json, Value};
+use common::{eight_streams, is_root, Node, Server};
+use serde_json::json;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("running ip");
@@ -24,6 +25,7 @@ fn ip(args: &[&str]) {
 /// Two namespaces: the leader's (`a`), reachable from here over one veth
 /// pair, and the worker's (`b`), reachable only from `a` over another.
 struct Namespaces {
+    id: u32,
     a: String,
     b: String,
     host_link: String,
@@ -34,11 +36,16 @@ impl Namespaces {
         let (a, b) = (format!("strata{id}a"), format!("strata{id}b"));
         let host_link = format!("sth{id}");
         // Leftovers from a crashed run would make `add` fail.
-        let _ = Command::new("ip").args(["netns", "del", &a]).status();
-        let _ = Command::new("ip").args(["netns", "del", &b]).status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &host_link])
-            .status();
+        for args in [
+            ["netns", "del", &a],
+            ["netns", "del", &b],
+            ["link", "del", &host_link],
+        ] {
+            let _ = Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         ip(&["netns", "add", &a]);
         ip(&["netns", "add", &b]);
         for ns in [&a, &b] {
@@ -94,7 +101,12 @@ impl Namespaces {
             &lb,
         ]);
         ip(&["-n", &b, "link", "set", &lb, "up"]);
-        Namespaces { a, b, host_link }
+        Namespaces {
+            id,
+            a,
+            b,
+            host_link,
+        }
     }
 }
 
@@ -109,77 +121,153 @@ impl Drop for Namespaces {
     }
 }
 
+/// A leader in namespace `a` and a worker in `b`: PP=2 on the tiny model.
+/// (Fields drop in order: the processes before their namespaces.)
+struct NetCluster {
+    leader: Server,
+    worker: Node,
+    ns: Namespaces,
+}
+
+impl NetCluster {
+    /// `None` when not root (namespaces need it).
+    async fn start() -> Option<NetCluster> {
+        if !is_root() {
+            eprintln!("skipped: network namespaces need root (CI runs as root)");
+            return None;
+        }
+        let model = common::tiny_fixture("llama-chat");
+        // Distinct per test of this process (they run at once).
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let id = (std::process::id() % 80) * 3 + NEXT.fetch_add(1, Ordering::Relaxed) % 3;
+        let ns = Namespaces::create(id);
+        let leader_addr = format!("10.232.{id}.1:29500");
+        let shared = |rank: &str| -> Vec<String> {
+            [
+                "--host",
+                "0.0.0.0",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+                "--leader-addr",
+                &leader_addr,
+                "--pipeline-parallel-size",
+                "2",
+                "--cluster-token",
+                "netns-secret",
+                "--kv-cache-memory",
+                "4MiB",
+                "--port",
+                "8000",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
+        let leader = Server::spawn_in(
+            &["ip", "netns", "exec", &ns.a],
+            &format!("http://10.231.{id}.2:8000"),
+            &model,
+            &shared("0"),
+        );
+        let worker = Node::spawn_in(&["ip", "netns", "exec", &ns.b], &model, &shared("1"));
+        leader.wait_healthy().await;
+        Some(NetCluster { leader, worker, ns })
+    }
+
+    /// The leader's end of the link to the worker (in `a`), as `ip` names it.
+    fn link(&self) -> String {
+        format!("stab{}", self.ns.id)
+    }
+
+    /// Takes the link between the two nodes down or up.
+    fn set_link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.ns.a, "link", "set", &self.link(), state]);
+    }
+}
+
+fn tc(args: &[&str]) {
+    let out = Command::new("tc").args(args).output().expect("running tc");
+    assert!(
+        out.status.success(),
+        "tc {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_in_separate_network_namespaces_serve_together() {
-    if !is_root() {
-        eprintln!("skipped: network namespaces need root (CI runs as root)");
+    let Some(c) = NetCluster::start().await else {
         return;
-    }
-    let model = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/tiny/llama-chat"
-    );
-    let id = std::process::id() % 250;
-    let ns = Namespaces::create(id);
-    let leader_addr = format!("10.232.{id}.1:29500");
-    let shared = |rank: &str| -> Vec<String> {
-        [
-            "--host",
-            "0.0.0.0",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            rank,
-            "--leader-addr",
-            &leader_addr,
-            "--pipeline-parallel-size",
-            "2",
-            "--cluster-token",
-            "netns-secret",
-            "--kv-cache-memory",
-            "4MiB",
-            "--port",
-            "8000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
     };
-    let leader = Node::spawn_in(&["ip", "netns", "exec", &ns.a], model, &shared("0"));
-    let worker = Node::spawn_in(&["ip", "netns", "exec", &ns.b], model, &shared("1"));
-    let base = format!("http://10.231.{id}.2:8000");
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let ok = client
-            .get(format!("{base}/health"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ok {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the cluster never became healthy\nleader:\n{}\nworker:\n{}",
-            leader.log(),
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     // The worker found and announced its own address, not loopback.
-    assert!(
-        worker.log().contains(&format!("10.232.{id}.2")),
-        "{}",
-        worker.log()
-    );
-    let r = client
-        .post(format!("{base}/v1/completions"))
-        .json(&json!({"prompt": "hello world", "max_tokens": 6, "temperature": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
+    let own = format!("10.232.{}.2", c.ns.id);
+    assert!(c.worker.log().contains(&own), "{}", c.worker.log());
+    let (status, v) = c
+        .leader
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "hello world", "max_tokens": 6, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 6, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_worker_is_lost_and_rejoins_when_the_link_heals() {
+    let Some(c) = NetCluster::start().await else {
+        return;
+    };
+    let bodies = eight_streams(200);
+    let want = c.leader.run_streams(&bodies).await;
+    let base = c.leader.metric("strata_generation_tokens_total").await;
+    let running = c.leader.spawn_streams(&bodies);
+    while c.leader.metric("strata_generation_tokens_total").await < base + 64 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    c.set_link(false);
+    // Nothing breaks on either side (no FIN, no RST crosses a link that is
+    // down): the leader loses the worker by its heartbeats, the worker its
+    // leader by the leader's silence.
+    let health = c.leader.wait_health(|s, _| s != 200).await;
+    assert!(
+        health["missing"][0]
+            .as_str()
+            .unwrap()
+            .contains("node 1: lost"),
+        "{health}"
+    );
+    c.worker.wait_log("joins again").await;
+    c.set_link(true);
+    c.leader.wait_healthy().await;
+    let got = running.await.unwrap();
+    assert_eq!(got, want);
+    assert_eq!(c.leader.metric("strata_recoveries_total").await, 1);
+    assert!(c.leader.metric("strata_requests_replayed_total").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_serves_the_same_text() {
+    let Some(c) = NetCluster::start().await else {
+        return;
+    };
+    let bodies = eight_streams(24);
+    let want = c.leader.run_streams(&bodies).await;
+    // A 2 Mbit/s link each way: every packet waits its turn behind the
+    // activations and step messages before it. (netem's fixed delay is not
+    // in every kernel, this machine's included; tbf is.)
+    for (ns, dev) in [(&c.ns.a, c.link()), (&c.ns.b, format!("stba{}", c.ns.id))] {
+        tc(&[
+            "-n", ns, "qdisc", "add", "dev", &dev, "root", "tbf", "rate", "2mbit", "burst", "5kb",
+            "limit", "256kb",
+        ]);
+    }
+    let got = c.leader.run_streams(&bodies).await;
+    assert_eq!(got, want);
+    // Slow is not lost: no heartbeat went missing.
+    assert_eq!(c.leader.metric("strata_recoveries_total").await, 0);
 }

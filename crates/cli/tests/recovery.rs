@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::{cluster_args, cluster_port, demo_model, prompts, Node, Server};
-use eventsource_stream::Eventsource;
-use futures::future::join_all;
-use futures::StreamExt;
+use common::{
+    cluster_args, cluster_port, demo_model, eight_streams, stream_completion, Node, Server,
+};
 use serde_json::{json, Value};
 
 fn tiny() -> String {
@@ -79,108 +78,32 @@ fn spawn_leader(
     Server::spawn_logged(http_port, model, &args)
 }
 
-/// A streamed completion, read to its end: the text, any error event's
-/// message, and whether `[DONE]` closed it.
-#[derive(Debug, PartialEq)]
-struct Streamed {
-    text: String,
-    error: Option<String>,
-    done: bool,
-}
-
-async fn stream(client: reqwest::Client, url: String, body: Value) -> Streamed {
-    let r = client.post(url).json(&body).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let mut events = r.bytes_stream().eventsource();
-    let mut out = Streamed {
-        text: String::new(),
-        error: None,
-        done: false,
-    };
-    while let Some(e) = events.next().await {
-        let data = e.expect("well-formed SSE").data;
-        if data == "[DONE]" {
-            out.done = true;
-            continue;
-        }
-        let v: Value = serde_json::from_str(&data).unwrap();
-        match v["error"]["message"].as_str() {
-            Some(m) => out.error = Some(m.to_string()),
-            None => out
-                .text
-                .push_str(v["choices"][0]["text"].as_str().unwrap_or("")),
-        }
-    }
-    out
-}
-
-/// Eight streams: four greedy, four sampled at temperature 0.8 with fixed
-/// seeds (sampling is a function of the seed and the position, so a
-/// recomputed request draws the same tokens).
-fn eight_streams(max_tokens: usize) -> Vec<Value> {
-    prompts(8)
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let sampling = if i % 2 == 0 {
-                json!({"temperature": 0})
-            } else {
-                json!({"temperature": 0.8, "seed": 1000 + i})
-            };
-            let mut body =
-                json!({"prompt": p, "max_tokens": max_tokens, "ignore_eos": true, "stream": true});
-            body.as_object_mut()
-                .unwrap()
-                .extend(sampling.as_object().unwrap().clone());
-            body
-        })
-        .collect()
-}
-
-/// Starts the streams at once, on a task of their own; the handle gives
-/// them back when every one has ended.
-fn spawn_all(server: &Server, bodies: &[Value]) -> tokio::task::JoinHandle<Vec<Streamed>> {
-    let (client, url) = (server.client.clone(), server.url("/v1/completions"));
-    let bodies = bodies.to_vec();
-    tokio::spawn(async move {
-        join_all(
-            bodies
-                .into_iter()
-                .map(|b| stream(client.clone(), url.clone(), b)),
-        )
-        .await
-    })
-}
-
-async fn run_all(server: &Server, bodies: &[Value]) -> Vec<Streamed> {
-    spawn_all(server, bodies).await.unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_started_again_costs_no_request_and_no_token() {
-    let mut c = Cluster::start(&demo_model(), 2, &["--kv-cache-memory", "64MiB"]).await;
-    let bodies = eight_streams(40);
-    let want = run_all(&c.leader, &bodies).await;
-    assert!(want.iter().all(|s| s.error.is_none() && s.done));
-
-    // The same eight again; the worker is killed while they run.
+/// Runs `bodies` undisturbed, then again with node `victim` killed once
+/// every stream is under way and started again: each stream must end as in
+/// the first run, `/health` must name the lost node meanwhile, and the
+/// leader must stay quiet through it (a line per change, not per step).
+async fn survives_a_killed_node(c: &mut Cluster, victim: usize, bodies: &[Value]) {
+    let want = c.leader.run_streams(bodies).await;
+    assert!(want.iter().all(|s| s.error.is_none() && s.done), "{want:?}");
     let base = c.leader.metric("strata_generation_tokens_total").await;
-    let running = spawn_all(&c.leader, &bodies);
-    while c.leader.metric("strata_generation_tokens_total").await < base + 8 * 8 {
+    let running = c.leader.spawn_streams(bodies);
+    let under_way = base + 8 * bodies.len() as u64;
+    while c.leader.metric("strata_generation_tokens_total").await < under_way {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let lines_before = c.leader.log().lines().count();
-    c.workers[0].kill();
+    c.workers[victim - 1].kill();
     let health = c.leader.wait_health(|s, _| s != 200).await;
     assert!(
         health["missing"][0]
             .as_str()
             .unwrap()
-            .starts_with("node 1: lost"),
+            .starts_with(&format!("node {victim}: lost")),
         "{health}"
     );
-    assert_eq!(c.leader.metric("strata_node_up{node=\"1\"}").await, 0);
-    c.workers[0] = c.spawn_worker(1);
+    let up = format!("strata_node_up{{node=\"{victim}\"}}");
+    assert_eq!(c.leader.metric(&up).await, 0);
+    c.workers[victim - 1] = c.spawn_worker(victim);
     c.leader.wait_healthy().await;
     let got = running.await.unwrap();
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
@@ -195,7 +118,47 @@ async fn a_killed_worker_started_again_costs_no_request_and_no_token() {
     assert_eq!(c.leader.metric("strata_recoveries_total").await, 1);
     assert!(c.leader.metric("strata_requests_replayed_total").await >= 1);
     assert!(c.leader.metric("strata_tokens_recomputed_total").await > 0);
-    assert_eq!(c.leader.metric("strata_node_up{node=\"1\"}").await, 1);
+    assert_eq!(c.leader.metric(&up).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_started_again_costs_no_request_and_no_token() {
+    // PP=2 on the demo model: the worker runs the last stage, the one that
+    // samples.
+    let mut c = Cluster::start(&demo_model(), 2, &["--kv-cache-memory", "64MiB"]).await;
+    survives_a_killed_node(&mut c, 1, &eight_streams(40)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_middle_stage_started_again_costs_no_request() {
+    let mut c = Cluster::start(&tiny(), 3, &["--kv-cache-memory", "4MiB"]).await;
+    survives_a_killed_node(&mut c, 1, &eight_streams(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_tensor_parallel_rank_rejoins_its_stage_without_a_reload() {
+    // One stage, its two ranks in two processes: the leader's rank keeps
+    // its weights and reconnects the ring to the new process.
+    let mut c = Cluster::start(
+        &tiny(),
+        2,
+        &[
+            "--pipeline-parallel-size",
+            "1",
+            "--tensor-parallel-size",
+            "2",
+            "--kv-cache-memory",
+            "4MiB",
+        ],
+    )
+    .await;
+    survives_a_killed_node(&mut c, 1, &eight_streams(200)).await;
+    let log = c.leader.log();
+    assert_eq!(
+        log.matches("node 0: loaded layers").count(),
+        1,
+        "the surviving rank reloaded:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +172,7 @@ async fn past_the_recovery_timeout_requests_end_with_an_error_and_the_cluster_re
     c.workers[0].kill();
     c.leader.wait_health(|s, _| s != 200).await;
     // Requests that arrive while the node is lost wait for it...
-    let streamed = tokio::spawn(stream(
+    let streamed = tokio::spawn(stream_completion(
         c.leader.client.clone(),
         c.leader.url("/v1/completions"),
         json!({"prompt": "hello", "max_tokens": 8, "stream": true}),
@@ -267,14 +230,27 @@ async fn a_restarted_leader_takes_back_its_running_workers() {
     assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_middle_stage_is_lost_by_its_heartbeats_and_recovers_when_it_continues() {
-    let c = Cluster::start(&tiny(), 3, &["--kv-cache-memory", "4MiB"]).await;
-    let bodies = eight_streams(24);
-    let want = run_all(&c.leader, &bodies).await;
-    // Node 1 runs the middle stage; frozen, it answers nothing.
-    c.workers[0].signal(libc::SIGSTOP);
-    let running = spawn_all(&c.leader, &bodies);
+/// What becomes of a frozen node once the leader has lost it.
+enum Then {
+    /// SIGCONT: the same process answers again.
+    Continue,
+    /// A new process takes its rank; the frozen one stays frozen, holding
+    /// its connections open, so no peer can learn from a closed socket.
+    Replace,
+}
+
+/// Runs `bodies` undisturbed, then again with node `victim` frozen
+/// (SIGSTOP) until the leader has lost it by its heartbeats, then `then`:
+/// every stream must end as in the first run.
+async fn survives_a_hung_node(c: &mut Cluster, victim: usize, then: Then, bodies: &[Value]) {
+    let want = c.leader.run_streams(bodies).await;
+    let base = c.leader.metric("strata_generation_tokens_total").await;
+    let running = c.leader.spawn_streams(bodies);
+    while c.leader.metric("strata_generation_tokens_total").await < base + 8 * bodies.len() as u64 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Frozen, it answers nothing; whoever waits on it must not wait forever.
+    c.workers[victim - 1].signal(libc::SIGSTOP);
     let health = c.leader.wait_health(|s, _| s != 200).await;
     assert!(
         health["missing"][0]
@@ -283,9 +259,46 @@ async fn a_hung_middle_stage_is_lost_by_its_heartbeats_and_recovers_when_it_cont
             .contains("no heartbeat"),
         "{health}"
     );
-    c.workers[0].signal(libc::SIGCONT);
+    let _frozen = match then {
+        Then::Continue => {
+            c.workers[victim - 1].signal(libc::SIGCONT);
+            None
+        }
+        Then::Replace => {
+            let new = c.spawn_worker(victim);
+            Some(std::mem::replace(&mut c.workers[victim - 1], new))
+        }
+    };
     c.leader.wait_healthy().await;
     let got = running.await.unwrap();
     assert_eq!(got, want);
     assert_eq!(c.leader.metric("strata_recoveries_total").await, 1);
+    assert!(c.leader.metric("strata_requests_replayed_total").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_middle_stage_is_lost_by_its_heartbeats_and_recovers_when_it_continues() {
+    let mut c = Cluster::start(&tiny(), 3, &["--kv-cache-memory", "4MiB"]).await;
+    survives_a_hung_node(&mut c, 1, Then::Continue, &eight_streams(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_tensor_parallel_rank_replaced_by_a_new_process_does_not_hold_its_peer() {
+    // The leader's rank waits in an all-reduce for the frozen one, whose
+    // sockets stay open: losing it must end that wait, or the leader could
+    // never start the ring again with the new process.
+    let mut c = Cluster::start(
+        &tiny(),
+        2,
+        &[
+            "--pipeline-parallel-size",
+            "1",
+            "--tensor-parallel-size",
+            "2",
+            "--kv-cache-memory",
+            "4MiB",
+        ],
+    )
+    .await;
+    survives_a_hung_node(&mut c, 1, Then::Replace, &eight_streams(200)).await;
 }

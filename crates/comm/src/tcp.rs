@@ -23,12 +23,16 @@ struct Links {
     prev: TcpStream,
 }
 
-/// One rank of a TCP ring.
+/// One rank of a TCP ring. Its links can be (re)connected while the models
+/// that hold it keep their weights: a replaced rank rejoins the survivors'
+/// ring without a reload. A failed exchange takes the links down (the
+/// stream is out of step), and every collective fails until the next
+/// `connect`.
 #[derive(Debug)]
 pub struct TcpComm {
     rank: usize,
     world_size: usize,
-    links: Option<Mutex<Links>>,
+    links: Mutex<Option<Links>>,
 }
 
 fn err(msg: impl std::fmt::Display) -> candle_core::Error {
@@ -36,8 +40,16 @@ fn err(msg: impl std::fmt::Display) -> candle_core::Error {
 }
 
 impl TcpComm {
-    /// Joins the ring on a listener bound beforehand (its address announced
-    /// as `addrs[rank]`); every link presents and checks the cluster `token`.
+    /// Rank `rank` of a ring of `world_size`, not yet connected.
+    pub fn new(rank: usize, world_size: usize) -> Self {
+        Self {
+            rank,
+            world_size,
+            links: Mutex::new(None),
+        }
+    }
+
+    /// A new rank, connected (see [`connect`](Self::connect)).
     pub fn join(
         rank: usize,
         listener: TcpListener,
@@ -45,16 +57,32 @@ impl TcpComm {
         token: &str,
         timeout: Duration,
     ) -> Result<Self> {
-        let world_size = addrs.len();
-        if rank >= world_size {
-            return Err(err(format!("rank {rank} outside a ring of {world_size}")));
+        let comm = Self::new(rank, addrs.len());
+        comm.connect(&listener, addrs, token, timeout)?;
+        Ok(comm)
+    }
+
+    /// (Re)joins the ring on a listener bound beforehand (its address
+    /// announced as `addrs[rank]`); every link presents and checks the
+    /// cluster `token`. Every rank must call it at about the same time.
+    pub fn connect(
+        &self,
+        listener: &TcpListener,
+        addrs: &[SocketAddr],
+        token: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        let (rank, world_size) = (self.rank, self.world_size);
+        // Old links first: a peer that reconnects must not meet them.
+        *self.links.lock().expect("poisoned") = None;
+        if addrs.len() != world_size || rank >= world_size {
+            return Err(err(format!(
+                "rank {rank} of {world_size} given a ring of {} addresses",
+                addrs.len()
+            )));
         }
         if world_size == 1 {
-            return Ok(Self {
-                rank,
-                world_size,
-                links: None,
-            });
+            return Ok(());
         }
         let next_rank = (rank + 1) % world_size;
         let prev_rank = (rank + world_size - 1) % world_size;
@@ -73,10 +101,11 @@ impl TcpComm {
                     s.set_nonblocking(false).map_err(err)?;
                     match hello::receive(&mut s, MAGIC, token) {
                         Ok(from) if from as usize == prev_rank => break s,
-                        Ok(from) => {
-                            return Err(err(format!("rank {rank} expected its previous rank, got a connection claiming rank {from}")))
-                        }
-                        // A stranger or a wrong token: refuse it, keep waiting.
+                        // A stale dial from an earlier run of the ring, a
+                        // stranger or a wrong token: refuse it, keep waiting.
+                        Ok(from) => tracing::warn!(
+                            "tensor-parallel ring: rank {rank} refused {peer}, which claims rank {from}"
+                        ),
                         Err(e) => tracing::warn!("tensor-parallel ring: refused {peer}: {e}"),
                     }
                 }
@@ -102,11 +131,43 @@ impl TcpComm {
         for s in [&next, &prev] {
             s.set_nodelay(true).map_err(err)?;
         }
-        Ok(Self {
-            rank,
-            world_size,
-            links: Some(Mutex::new(Links { next, prev })),
-        })
+        *self.links.lock().expect("poisoned") = Some(Links { next, prev });
+        Ok(())
+    }
+
+    /// True when the ring needs a `connect` before it can exchange.
+    pub fn is_down(&self) -> bool {
+        self.world_size > 1 && self.links.lock().expect("poisoned").is_none()
+    }
+
+    /// Second handles on the ring's connections: shutting them down from
+    /// another thread ends an exchange blocked on a hung peer.
+    pub fn shutdown_handles(&self) -> Vec<TcpStream> {
+        // A collective holds the lock while it blocks; the handles are only
+        // useful then, so take them right after `connect`.
+        match &*self.links.lock().expect("poisoned") {
+            Some(l) => [&l.next, &l.prev]
+                .into_iter()
+                .filter_map(|s| s.try_clone().ok())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Runs `exchange` on the links; a failure takes them down.
+    fn with_links<T>(&self, exchange: impl FnOnce(&mut Links) -> Result<T>) -> Result<T> {
+        let mut guard = self.links.lock().expect("poisoned");
+        let links = guard.as_mut().ok_or_else(|| {
+            err(format!(
+                "rank {} is not connected to its ring (a peer was lost)",
+                self.rank
+            ))
+        })?;
+        let r = exchange(links);
+        if r.is_err() {
+            *guard = None;
+        }
+        r
     }
 
     /// Sends `out` to the next rank while receiving `incoming_len` floats
@@ -159,10 +220,29 @@ impl Communicator for TcpComm {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let Some(links) = &self.links else {
+        if self.world_size == 1 {
             return Ok(t.clone());
-        };
-        let links = &mut *links.lock().expect("poisoned");
+        }
+        self.with_links(|links| self.ring_all_reduce(links, t))
+    }
+
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        if self.world_size == 1 {
+            return Ok(t.clone());
+        }
+        self.with_links(|links| self.ring_all_gather(links, t, dim))
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        if self.world_size == 1 {
+            return Ok(t.clone());
+        }
+        self.with_links(|links| self.ring_broadcast(links, t, root))
+    }
+}
+
+impl TcpComm {
+    fn ring_all_reduce(&self, links: &mut Links, t: &Tensor) -> Result<Tensor> {
         let (mut data, dtype) = to_f32(t)?;
         let n = self.world_size;
         let cols = last_dim(t);
@@ -207,11 +287,7 @@ impl Communicator for TcpComm {
         Tensor::from_vec(data, t.shape(), t.device())?.to_dtype(dtype)
     }
 
-    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
-        let Some(links) = &self.links else {
-            return Ok(t.clone());
-        };
-        let links = &mut *links.lock().expect("poisoned");
+    fn ring_all_gather(&self, links: &mut Links, t: &Tensor, dim: usize) -> Result<Tensor> {
         let (mine, dtype) = to_f32(t)?;
         let n = self.world_size;
         let mut parts: Vec<Option<Vec<f32>>> = vec![None; n];
@@ -228,11 +304,7 @@ impl Communicator for TcpComm {
         Tensor::cat(&tensors, dim)?.to_dtype(dtype)
     }
 
-    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        let Some(links) = &self.links else {
-            return Ok(t.clone());
-        };
-        let links = &mut *links.lock().expect("poisoned");
+    fn ring_broadcast(&self, links: &mut Links, t: &Tensor, root: usize) -> Result<Tensor> {
         let (data, dtype) = to_f32(t)?;
         let n = self.world_size;
         // Along the ring from the root: receive from the previous rank unless

@@ -8,7 +8,6 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
 use strata_model::{Placement, Weights};
 use strata_proto::v1::leader_server::{Leader, LeaderServer};
 use strata_proto::v1::worker_client::WorkerClient;
@@ -231,7 +230,8 @@ pub(crate) struct Cluster {
     local: NodeRuntime,
     comm_port: u16,
     budget: KvBudget,
-    dtype: DType,
+    /// The leader's devices and dtype; workers compute in the same dtype.
+    placement: Placement,
     max_model_len: usize,
     /// Per stage whose ranks span nodes: its NCCL id (on GPUs).
     nccl_ids: BTreeMap<usize, Option<Vec<u8>>>,
@@ -313,7 +313,7 @@ impl Cluster {
             local: local.clone(),
             comm_port,
             budget: setup.budget,
-            dtype: setup.placement.dtype(),
+            placement: setup.placement.clone(),
             max_model_len: setup.max_model_len,
             nccl_ids,
             loaded: BTreeMap::new(),
@@ -403,14 +403,9 @@ impl Cluster {
         Ok(self.member(rank)?.comm_addr)
     }
 
-    /// What node `rank` loads, given who is in the cluster now.
+    /// What node `rank` loads.
     fn load_spec(&self, rank: usize) -> Result<LoadSpec> {
         let plan = &self.layout.nodes[rank];
-        let ring = plan
-            .ring
-            .iter()
-            .map(|&n| self.comm_addr(n))
-            .collect::<Result<Vec<_>>>()?;
         let nccl_id = plan
             .slots
             .iter()
@@ -420,22 +415,28 @@ impl Cluster {
             slots: plan.slots.clone(),
             budget: self.budget,
             max_model_len: self.max_model_len,
-            dtype: self.dtype,
-            ring,
+            dtype: self.placement.dtype(),
             nccl_id,
         })
     }
 
+    /// How node `rank` starts, given who is in the cluster now.
     fn start_spec(&self, rank: usize) -> Result<StartSpec> {
         let plan = &self.layout.nodes[rank];
         let next = plan
             .next
             .map(|n| self.member(n).map(|m| m.data_addr))
             .transpose()?;
+        let ring = plan
+            .ring
+            .iter()
+            .map(|&n| self.comm_addr(n))
+            .collect::<Result<Vec<_>>>()?;
         Ok(StartSpec {
             num_blocks: self.num_blocks,
             next,
             has_previous: plan.has_previous,
+            ring,
         })
     }
 
@@ -593,6 +594,10 @@ impl Cluster {
                 },
             );
         }
+        if let Err(e) = self.renew_nccl_ids(&recovering) {
+            tracing::warn!("recovery failed: {e}");
+            return Ok(None);
+        }
         match self.reload_and_start() {
             Ok(started) => {
                 self.last_failure = None;
@@ -614,9 +619,26 @@ impl Cluster {
         }
     }
 
+    /// An NCCL communicator cannot take a replaced rank back: a stage on
+    /// GPUs that lost one gets a new id, so all its ranks reload and join
+    /// afresh. (A TCP ring reconnects at start and needs nothing here.)
+    fn renew_nccl_ids(&mut self, lost: &[usize]) -> Result<()> {
+        for &rank in lost {
+            let node = &self.layout.nodes[rank];
+            let Some(slot) = node.slots.iter().find(|s| s.spans_nodes()) else {
+                continue;
+            };
+            if matches!(self.nccl_ids.get(&slot.stage), Some(Some(_))) {
+                let id = stage_nccl_id(&self.placement).map_err(|e| cluster_err(e.to_string()))?;
+                self.nccl_ids.insert(slot.stage, id);
+            }
+        }
+        Ok(())
+    }
+
     fn reload_and_start(&mut self) -> Result<(Vec<RemoteNode>, u64)> {
         // A node needs loading when it is a new process, or when what it
-        // loads changed (a ring member moved to a new address).
+        // loads changed (its stage's NCCL id was renewed).
         let mut stale = Vec::new();
         for rank in 0..self.layout.nodes.len() {
             let instance = if rank == 0 {

@@ -206,7 +206,6 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                 budget,
                 max_model_len: rope_len,
                 dtype: placement.dtype(),
-                ring: Vec::new(),
                 nccl_id: None,
             };
             let num_blocks = local
@@ -225,6 +224,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                     num_blocks,
                     next: None,
                     has_previous: false,
+                    ring: Vec::new(),
                 })
                 .wait_blocking()
                 .map_err(|e| EngineError::Model(e.to_string()))?;

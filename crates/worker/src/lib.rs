@@ -18,6 +18,4 @@ pub use node::{LoadReport, LoadSpec, NodeConfig, NodeRuntime, Reply, StartSpec, 
 pub use runner::{ModelRunner, RunnerError, StageResult};
 pub use sampler::sample;
 pub use service::{run_worker, Phase, WorkerOptions, WorkerStatus, LEADER_SILENCE};
-pub use stage::{
-    stage_nccl_id, KvBudget, Links, LoadedNode, LocalStage, NodeStages, RingMember, TpStage,
-};
+pub use stage::{stage_nccl_id, KvBudget, Links, LoadedNode, LocalStage, NodeStages, TpStage};

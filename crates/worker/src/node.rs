@@ -20,7 +20,7 @@ use strata_types::{ModelConfig, SchedulerOutput, StageSlot, StepResult};
 use tokio::sync::oneshot;
 
 use crate::runner::RunnerError;
-use crate::stage::{KvBudget, Links, LoadedNode, NodeStages, RingMember};
+use crate::stage::{KvBudget, Links, LoadedNode, NodeStages};
 
 /// What a node needs for its whole life.
 pub struct NodeConfig {
@@ -48,9 +48,9 @@ pub struct LoadSpec {
     /// The longest sequence the rope tables cover.
     pub max_model_len: usize,
     pub dtype: DType,
-    /// Every rank's ring listener when a stage spans nodes; else empty.
-    pub ring: Vec<SocketAddr>,
-    /// The stage's NCCL id when the ring runs on GPUs.
+    /// The NCCL id of this node's stage that spans nodes, when its ranks
+    /// run on GPUs (NCCL joins at load); `None`: a TCP ring, if any,
+    /// connected at each start.
     pub nccl_id: Option<Vec<u8>>,
 }
 
@@ -72,6 +72,9 @@ pub struct StartSpec {
     pub next: Option<SocketAddr>,
     /// Whether a previous node sends this one activations.
     pub has_previous: bool,
+    /// Every rank's ring listener, when this node holds a rank of a stage
+    /// that spans nodes; else empty.
+    pub ring: Vec<SocketAddr>,
 }
 
 /// A step's outcome on this node: the sampled tokens when it runs the last
@@ -255,25 +258,6 @@ impl Runtime {
         let rank = self.cfg.rank;
         let local_ranks = spec.slots.iter().map(|s| s.tp_rank_count).sum();
         let placement = Placement::resolve(self.cfg.device, Some(spec.dtype), local_ranks)?;
-        let ring = if spec.ring.is_empty() {
-            None
-        } else {
-            let listener = self
-                .cfg
-                .comm
-                .as_ref()
-                .ok_or_else(|| RunnerError::Setup("this node has no ring listener".into()))?
-                .try_clone()
-                .map_err(|e| RunnerError::Setup(format!("the ring listener: {e}")))?;
-            Some(RingMember {
-                rank: spec.slots[0].tp_rank_begin,
-                listener,
-                addrs: spec.ring.clone(),
-                token: self.cfg.token.clone(),
-                timeout: self.cfg.timeout,
-                nccl_id: spec.nccl_id.clone(),
-            })
-        };
         // Progress over what this node loads: each layer of each local rank.
         let total: usize = spec
             .slots
@@ -298,7 +282,7 @@ impl Runtime {
             &self.cfg.weights,
             &self.cfg.config,
             &spec.slots,
-            ring,
+            spec.nccl_id.as_deref(),
             spec.max_model_len,
             &placement,
             &mut progress,
@@ -323,9 +307,32 @@ impl Runtime {
         Ok(report)
     }
 
+    /// Connects the data plane and, first, the tensor-parallel ring between
+    /// nodes if this node holds a rank of one. Every node starts at once, so
+    /// each connection's peer is connecting too.
     fn links(&self, spec: &StartSpec) -> Result<Links, RunnerError> {
         let (token, timeout, rank) = (&self.cfg.token, self.cfg.timeout, self.cfg.rank);
         let link = |e: candle_core::Error| RunnerError::Link(e.to_string());
+        let ring = match &self.stages {
+            State::Loaded(n) => n.ring(),
+            State::Running(s) => s.ring(),
+            State::Empty => None,
+        };
+        if let Some(ring) = ring {
+            if spec.ring.is_empty() {
+                return Err(RunnerError::Setup(
+                    "this node holds a rank of a stage that spans nodes, but the start names no ring"
+                        .into(),
+                ));
+            }
+            let listener = self
+                .cfg
+                .comm
+                .as_ref()
+                .ok_or_else(|| RunnerError::Setup("this node has no ring listener".into()))?;
+            ring.connect(listener, &spec.ring, token, timeout)
+                .map_err(link)?;
+        }
         let output = spec
             .next
             .map(|a| TcpTransport::connect(a, rank as u64, token, timeout))

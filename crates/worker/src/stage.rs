@@ -1,10 +1,8 @@
 //! What one node runs: its pipeline stages in order, each a single runner or
 //! tensor-parallel ranks on threads, fed by and feeding the data plane.
 
-use std::net::{SocketAddr, TcpListener};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use candle_core::Tensor;
 use strata_comm::{Communicator, SingleRank, TcpComm, TcpTransport, ThreadComm};
@@ -18,6 +16,9 @@ use crate::runner::{ModelRunner, RunnerError, StageResult};
 pub struct LoadedNode {
     stages: Vec<Vec<Llama>>,
     placement: Placement,
+    /// This node's rank of a stage that spans nodes over TCP: connected at
+    /// every start, so a replaced peer rejoins without a reload.
+    ring: Option<Arc<TcpComm>>,
 }
 
 /// How much memory a node's KV cache may take.
@@ -34,38 +35,30 @@ pub enum KvBudget {
     },
 }
 
-/// This node's place in a tensor-parallel ring that spans nodes.
-pub struct RingMember {
-    pub rank: usize,
-    /// Bound before the node announced its address.
-    pub listener: TcpListener,
-    /// Every rank's listener, in rank order.
-    pub addrs: Vec<SocketAddr>,
-    pub token: String,
-    pub timeout: Duration,
-    /// The NCCL unique id the leader made for this stage, when its ranks
-    /// run on GPUs; `None` runs the ring over TCP.
-    pub nccl_id: Option<Vec<u8>>,
-}
-
 impl LoadedNode {
     /// Loads `slots` (this node's stages, in pipeline order) onto
     /// `placement`'s devices, local rank `i` on device `i`. A slot whose
     /// ranks all live here gets one thread-backed communicator per rank; one
-    /// that spans nodes is a single rank of `ring`.
+    /// that spans nodes is a single rank of a ring between nodes: NCCL's when
+    /// the leader gave the stage an `nccl_id`, else TCP's.
     pub fn load(
         weights: &Weights,
         config: &ModelConfig,
         slots: &[StageSlot],
-        mut ring: Option<RingMember>,
+        nccl_id: Option<&[u8]>,
         max_model_len: usize,
         placement: &Placement,
         progress: &mut dyn FnMut(usize, strata_types::LayerRange),
     ) -> Result<Self, RunnerError> {
         let mut stages = Vec::with_capacity(slots.len());
         let mut local = 0;
+        let mut ring = None;
         for slot in slots {
-            let comms = communicators(slot, &mut ring, placement, local)?;
+            let comms = if slot.spans_nodes() {
+                spanning_communicator(slot, nccl_id, placement, local, &mut ring)?
+            } else {
+                communicators(slot, placement, local)?
+            };
             let mut models = Vec::with_capacity(comms.len());
             for comm in comms {
                 let w = weights.on(placement.device(local), placement.dtype());
@@ -84,7 +77,13 @@ impl LoadedNode {
         Ok(Self {
             stages,
             placement: placement.clone(),
+            ring,
         })
+    }
+
+    /// This node's rank of a TCP ring between nodes, if it has one.
+    pub fn ring(&self) -> Option<&Arc<TcpComm>> {
+        self.ring.as_ref()
     }
 
     /// KV bytes one block costs on this node, over all its layers and ranks.
@@ -154,34 +153,45 @@ impl LoadedNode {
                 LocalStage::Parallel(TpStage::new(runners))
             });
         }
-        Ok(NodeStages::new(stages, links))
+        let mut node = NodeStages::new(stages, links);
+        node.ring = self.ring;
+        Ok(node)
     }
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The communicator of this node's one rank of a stage that spans nodes,
+/// on local device `first`: NCCL joined now, or a TCP ring left for `start`
+/// to connect (kept in `ring`).
+fn spanning_communicator(
+    slot: &StageSlot,
+    nccl_id: Option<&[u8]>,
+    placement: &Placement,
+    first: usize,
+    ring: &mut Option<Arc<TcpComm>>,
+) -> Result<Vec<Arc<dyn Communicator>>, RunnerError> {
+    if slot.tp_rank_count != 1 || ring.is_some() {
+        return Err(RunnerError::Setup(format!(
+            "stage {} spans nodes: a node holds one rank of at most one such stage",
+            slot.stage
+        )));
+    }
+    if let Some(id) = nccl_id {
+        return nccl_join(placement, first, slot.tp_rank_begin, slot.tp_size, id);
+    }
+    let comm = Arc::new(TcpComm::new(slot.tp_rank_begin, slot.tp_size));
+    *ring = Some(comm.clone());
+    Ok(vec![comm])
+}
+
 /// The communicators of a stage's local ranks, the first on local device
-/// `first`: NCCL on GPUs (when built with it), shared memory or TCP on CPUs.
+/// `first`: NCCL on GPUs (when built with it), shared memory on CPUs.
 fn communicators(
     slot: &StageSlot,
-    ring: &mut Option<RingMember>,
     placement: &Placement,
     first: usize,
 ) -> Result<Vec<Arc<dyn Communicator>>, RunnerError> {
-    if slot.spans_nodes() {
-        let r = ring.take().ok_or_else(|| {
-            RunnerError::Setup(format!(
-                "stage {} spans nodes but this node was given no tensor-parallel ring",
-                slot.stage
-            ))
-        })?;
-        if let Some(id) = &r.nccl_id {
-            return nccl_join(placement, first, r.rank, slot.tp_size, id);
-        }
-        return Ok(vec![Arc::new(TcpComm::join(
-            r.rank, r.listener, &r.addrs, &r.token, r.timeout,
-        )?)]);
-    }
     if slot.tp_size == 1 {
         return Ok(vec![Arc::new(SingleRank)]);
     }
@@ -195,6 +205,7 @@ fn communicators(
             .map(|c| Arc::new(c) as Arc<dyn Communicator>)
             .collect());
     }
+    let _ = (placement, first); // read only with NCCL
     Ok(ThreadComm::group(slot.tp_size)
         .into_iter()
         .map(|c| Arc::new(c) as Arc<dyn Communicator>)
@@ -281,12 +292,22 @@ impl LocalStage {
 pub struct NodeStages {
     stages: Vec<LocalStage>,
     links: Links,
+    ring: Option<Arc<TcpComm>>,
 }
 
 impl NodeStages {
     pub fn new(stages: Vec<LocalStage>, links: Links) -> Self {
         assert!(!stages.is_empty(), "a node runs at least one stage");
-        Self { stages, links }
+        Self {
+            stages,
+            links,
+            ring: None,
+        }
+    }
+
+    /// This node's rank of a TCP ring between nodes, if it has one.
+    pub fn ring(&self) -> Option<&Arc<TcpComm>> {
+        self.ring.as_ref()
     }
 
     /// Runs one step through this node's stages: activations come from the
@@ -314,7 +335,16 @@ impl NodeStages {
         }
         let last = self.stages.len() - 1;
         for (i, stage) in self.stages.iter_mut().enumerate() {
-            match stage.execute(out, hidden.take())? {
+            let done = stage.execute(out, hidden.take()).map_err(|e| {
+                // A collective that failed on a broken ring: a peer is gone.
+                match &self.ring {
+                    Some(r) if r.is_down() => {
+                        RunnerError::Link(format!("tensor-parallel ring: {e}"))
+                    }
+                    _ => e,
+                }
+            })?;
+            match done {
                 StageResult::Hidden(h) if i < last => hidden = h,
                 StageResult::Hidden(h) => {
                     if let (Some(output), Some(h)) = (&mut self.links.output, &h) {
@@ -344,14 +374,16 @@ impl NodeStages {
         self.reset();
     }
 
-    /// Second handles on the data-plane connections, to shut them down from
-    /// another thread.
+    /// Second handles on the data plane's and the ring's connections, to
+    /// shut them down from another thread.
     pub fn link_handles(&self) -> Vec<std::net::TcpStream> {
-        [&self.links.input, &self.links.output]
+        let mut handles: Vec<_> = [&self.links.input, &self.links.output]
             .into_iter()
             .flatten()
             .filter_map(|l| l.shutdown_handle().ok())
-            .collect()
+            .collect();
+        handles.extend(self.ring.iter().flat_map(|r| r.shutdown_handles()));
+        handles
     }
 
     /// Drops every request's state (the leader restarted or asked for it).

@@ -45,7 +45,6 @@ impl From<&LoadSpec> for pb::LoadStageRequest {
             slots: s.slots.iter().map(Into::into).collect(),
             kv_budget,
             max_model_len: s.max_model_len as u32,
-            comm_ring: s.ring.iter().map(ToString::to_string).collect(),
             dtype: dtype_to_wire(s.dtype) as i32,
             nccl_id: s.nccl_id.clone().unwrap_or_default(),
         }
@@ -71,22 +70,11 @@ impl TryFrom<pb::LoadStageRequest> for LoadSpec {
             },
             None => return Err("no KV budget".into()),
         };
-        let ring = r
-            .comm_ring
-            .iter()
-            .map(|a| a.parse::<SocketAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("tensor-parallel ring: {e}"))?;
-        let spans = slots.iter().any(|s| s.spans_nodes());
-        if spans == ring.is_empty() {
-            return Err("a ring is given exactly when a stage spans nodes".into());
-        }
         Ok(Self {
             slots,
             budget,
             max_model_len: r.max_model_len as usize,
             dtype: dtype_from_wire(r.dtype)?,
-            ring,
             nccl_id: (!r.nccl_id.is_empty()).then_some(r.nccl_id),
         })
     }
@@ -99,6 +87,7 @@ impl StartSpec {
             next_data_addr: self.next.map(|a| a.to_string()).unwrap_or_default(),
             has_previous: self.has_previous,
             epoch,
+            comm_ring: self.ring.iter().map(ToString::to_string).collect(),
         }
     }
 }
@@ -113,10 +102,17 @@ impl TryFrom<&pb::Start> for StartSpec {
                     .map_err(|e| format!("next data address {a}: {e}"))?,
             ),
         };
+        let ring = s
+            .comm_ring
+            .iter()
+            .map(|a| a.parse::<SocketAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("tensor-parallel ring: {e}"))?;
         Ok(Self {
             num_blocks: s.num_blocks as usize,
             next,
             has_previous: s.has_previous,
+            ring,
         })
     }
 }
@@ -160,10 +156,6 @@ mod tests {
                 budget,
                 max_model_len: 4096,
                 dtype: DType::BF16,
-                ring: vec![
-                    "10.0.0.1:7000".parse().unwrap(),
-                    "10.0.0.2:7001".parse().unwrap(),
-                ],
                 nccl_id: Some(vec![1, 2, 3]),
             };
             let back = LoadSpec::try_from(pb::LoadStageRequest::from(&spec)).unwrap();
@@ -184,7 +176,6 @@ mod tests {
             budget: KvBudget::Bytes(1 << 20),
             max_model_len: 64,
             dtype: DType::F32,
-            ring: vec![],
             nccl_id: None,
         });
         req.dtype = 99;
@@ -202,6 +193,10 @@ mod tests {
             num_blocks: 77,
             next: Some("127.0.0.1:9000".parse().unwrap()),
             has_previous: true,
+            ring: vec![
+                "10.0.0.1:7000".parse().unwrap(),
+                "10.0.0.2:7001".parse().unwrap(),
+            ],
         };
         assert_eq!(StartSpec::try_from(&spec.to_wire(5)).unwrap(), spec);
         let link = pb::StepError::from(&RunnerError::Link("to the next node: reset".into()));

@@ -119,6 +119,27 @@ impl Server {
         Self::spawn_on(port, model, args, Some(log_file()))
     }
 
+    /// Runs `strata serve --model model args...` under `prefix` (e.g. `ip
+    /// netns exec <ns>`), reached from here at `base`; its stderr goes to a
+    /// file `log()` reads.
+    pub fn spawn_in(prefix: &[&str], base: &str, model: &str, args: &[String]) -> Server {
+        let log = log_file();
+        let child = command_in(prefix)
+            .args(["serve", "--model", model, "--threads", "1"])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning strata");
+        Server {
+            child,
+            base: base.to_string(),
+            client: reqwest::Client::new(),
+            log: Some(log),
+        }
+    }
+
     fn spawn_on(port: u16, model: &str, args: &[&str], log: Option<std::path::PathBuf>) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strata"));
         cmd.args([
@@ -386,16 +407,7 @@ impl Node {
     pub fn spawn_in(prefix: &[&str], model: &str, args: &[String]) -> Node {
         let log = log_file();
         let file = std::fs::File::create(&log).unwrap();
-        let bin = env!("CARGO_BIN_EXE_strata");
-        let mut cmd = match prefix {
-            [] => Command::new(bin),
-            [first, rest @ ..] => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(bin);
-                c
-            }
-        };
-        let child = cmd
+        let child = command_in(prefix)
             .args(["serve", "--model", model, "--threads", "1"])
             .args(args)
             .env("NO_COLOR", "1")
@@ -459,6 +471,101 @@ impl Node {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// The strata binary, run under `prefix` (a command and its arguments) if any.
+fn command_in(prefix: &[&str]) -> Command {
+    let bin = env!("CARGO_BIN_EXE_strata");
+    match prefix {
+        [] => Command::new(bin),
+        [first, rest @ ..] => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+    }
+}
+
+/// A streamed completion, read to its end: the text, any error event's
+/// message, and whether `[DONE]` closed it.
+#[derive(Debug, PartialEq)]
+pub struct Streamed {
+    pub text: String,
+    pub error: Option<String>,
+    pub done: bool,
+}
+
+/// Streams one completion from `url` to its end.
+pub async fn stream_completion(client: reqwest::Client, url: String, body: Value) -> Streamed {
+    use eventsource_stream::Eventsource;
+    let r = client.post(url).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut events = r.bytes_stream().eventsource();
+    let mut out = Streamed {
+        text: String::new(),
+        error: None,
+        done: false,
+    };
+    while let Some(e) = events.next().await {
+        let data = e.expect("well-formed SSE").data;
+        if data == "[DONE]" {
+            out.done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(&data).unwrap();
+        match v["error"]["message"].as_str() {
+            Some(m) => out.error = Some(m.to_string()),
+            None => out
+                .text
+                .push_str(v["choices"][0]["text"].as_str().unwrap_or("")),
+        }
+    }
+    out
+}
+
+/// Eight streamed completions: four greedy, four sampled at temperature
+/// 0.8 with fixed seeds (sampling is a function of the seed and the
+/// position, so a recomputed request draws the same tokens).
+pub fn eight_streams(max_tokens: usize) -> Vec<Value> {
+    prompts(8)
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let sampling = if i % 2 == 0 {
+                json!({"temperature": 0})
+            } else {
+                json!({"temperature": 0.8, "seed": 1000 + i})
+            };
+            let mut body =
+                json!({"prompt": p, "max_tokens": max_tokens, "ignore_eos": true, "stream": true});
+            body.as_object_mut()
+                .unwrap()
+                .extend(sampling.as_object().unwrap().clone());
+            body
+        })
+        .collect()
+}
+
+impl Server {
+    /// Starts streamed completions of `bodies` at once, on a task of their
+    /// own; the handle gives them back when every one has ended.
+    pub fn spawn_streams(&self, bodies: &[Value]) -> tokio::task::JoinHandle<Vec<Streamed>> {
+        let (client, url) = (self.client.clone(), self.url("/v1/completions"));
+        let bodies = bodies.to_vec();
+        tokio::spawn(async move {
+            futures::future::join_all(
+                bodies
+                    .into_iter()
+                    .map(|b| stream_completion(client.clone(), url.clone(), b)),
+            )
+            .await
+        })
+    }
+
+    /// Streams `bodies` at once to their ends.
+    pub async fn run_streams(&self, bodies: &[Value]) -> Vec<Streamed> {
+        self.spawn_streams(bodies).await.unwrap()
     }
 }
 
