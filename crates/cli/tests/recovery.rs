@@ -85,6 +85,8 @@ fn spawn_leader(
 async fn survives_a_killed_node(c: &mut Cluster, victim: usize, bodies: &[Value]) {
     let want = c.leader.run_streams(bodies).await;
     assert!(want.iter().all(|s| s.error.is_none() && s.done), "{want:?}");
+    let vllm = |name: &str| format!("vllm:{name}{{model_name=\"demo\"}}");
+    let prompt_tokens = c.leader.metric(&vllm("prompt_tokens_total")).await;
     let base = c.leader.metric("strata_generation_tokens_total").await;
     let running = c.leader.spawn_streams(bodies);
     let under_way = base + 8 * bodies.len() as u64;
@@ -119,6 +121,22 @@ async fn survives_a_killed_node(c: &mut Cluster, victim: usize, bodies: &[Value]
     assert!(c.leader.metric("strata_requests_replayed_total").await >= 1);
     assert!(c.leader.metric("strata_tokens_recomputed_total").await > 0);
     assert_eq!(c.leader.metric(&up).await, 1);
+    // vLLM's counters count what clients sent and got, once: a recomputed
+    // token is not generated twice, nor a replayed prompt received twice.
+    let max_tokens: u64 = bodies
+        .iter()
+        .map(|b| b["max_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        c.leader.metric(&vllm("generation_tokens_total")).await,
+        2 * max_tokens
+    );
+    assert_eq!(
+        c.leader.metric(&vllm("prompt_tokens_total")).await,
+        2 * prompt_tokens
+    );
+    let successes = "vllm:request_success_total{model_name=\"demo\",finished_reason=\"length\"}";
+    assert_eq!(c.leader.metric(successes).await, 2 * bodies.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
