@@ -19,8 +19,9 @@
 //!   prompts and tokens so far computed again).
 //!
 //! Soak: `--soak-streams` clients each send their own request over and
-//! over for `--soak-minutes`, one process, then PP=2 with the worker killed
-//! and started again twice; every answer must equal the one an undisturbed
+//! over for `--soak-minutes`, on one process and on PP=2 with the worker
+//! killed and started again twice (`--soak one,pp2`; the two may run as
+//! two bench processes at once); every answer must equal the one an undisturbed
 //! server gave, and the leader's RSS at the end is compared with its RSS
 //! after the first minute.
 
@@ -63,9 +64,10 @@ struct Args {
     /// Tokens per soak request.
     #[arg(long, default_value_t = 48)]
     soak_tokens: usize,
-    /// Skip the soak (recovery figures only).
-    #[arg(long)]
-    no_soak: bool,
+    /// Which soaks to run, comma-separated: `one` (one process), `pp2`
+    /// (a leader and a worker, killed twice), or `none`.
+    #[arg(long, default_value = "one,pp2", value_delimiter = ',')]
+    soak: Vec<String>,
 }
 
 /// A strata process whose stderr goes to a file; killed when dropped.
@@ -500,9 +502,13 @@ async fn main() -> Result<()> {
     if args.rounds > 0 {
         recovery_figures(&args, &model).await?;
     }
-    if !args.no_soak {
-        soak(&args, &model, false).await?;
-        soak(&args, &model, true).await?;
+    for layout in &args.soak {
+        match layout.as_str() {
+            "one" => soak(&args, &model, false).await?,
+            "pp2" => soak(&args, &model, true).await?,
+            "none" => {}
+            other => bail!("--soak: unknown layout {other} (one, pp2 or none)"),
+        }
     }
     Ok(())
 }
