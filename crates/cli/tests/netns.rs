@@ -12,14 +12,22 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use common::{eight_streams, is_root, Node, Server};
 use serde_json::json;
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
+/// Runs `tool args...` (iproute2's `ip` or `tc`), which must succeed.
+fn iproute2(tool: &str, args: &[&str]) {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
     assert!(
         out.status.success(),
-        "ip {}: {}",
+        "{tool} {}: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn ip(args: &[&str]) {
+    iproute2("ip", args)
 }
 
 /// Two namespaces: the leader's (`a`), reachable from here over one veth
@@ -188,16 +196,6 @@ impl NetCluster {
     }
 }
 
-fn tc(args: &[&str]) {
-    let out = Command::new("tc").args(args).output().expect("running tc");
-    assert!(
-        out.status.success(),
-        "tc {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_in_separate_network_namespaces_serve_together() {
     let Some(c) = NetCluster::start().await else {
@@ -224,11 +222,7 @@ async fn a_partitioned_worker_is_lost_and_rejoins_when_the_link_heals() {
     };
     let bodies = eight_streams(200);
     let want = c.leader.run_streams(&bodies).await;
-    let base = c.leader.metric("strata_generation_tokens_total").await;
-    let running = c.leader.spawn_streams(&bodies);
-    while c.leader.metric("strata_generation_tokens_total").await < base + 64 {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let running = c.leader.spawn_streams_under_way(&bodies).await;
     c.set_link(false);
     // Nothing breaks on either side (no FIN, no RST crosses a link that is
     // down): the leader loses the worker by its heartbeats, the worker its
@@ -244,10 +238,7 @@ async fn a_partitioned_worker_is_lost_and_rejoins_when_the_link_heals() {
     c.worker.wait_log("joins again").await;
     c.set_link(true);
     c.leader.wait_healthy().await;
-    let got = running.await.unwrap();
-    assert_eq!(got, want);
-    assert_eq!(c.leader.metric("strata_recoveries_total").await, 1);
-    assert!(c.leader.metric("strata_requests_replayed_total").await >= 1);
+    c.leader.assert_resumed(running, &want).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,10 +252,13 @@ async fn a_slow_link_serves_the_same_text() {
     // activations and step messages before it. (netem's fixed delay is not
     // in every kernel, this machine's included; tbf is.)
     for (ns, dev) in [(&c.ns.a, c.link()), (&c.ns.b, format!("stba{}", c.ns.id))] {
-        tc(&[
-            "-n", ns, "qdisc", "add", "dev", &dev, "root", "tbf", "rate", "2mbit", "burst", "5kb",
-            "limit", "256kb",
-        ]);
+        iproute2(
+            "tc",
+            &[
+                "-n", ns, "qdisc", "add", "dev", &dev, "root", "tbf", "rate", "2mbit", "burst",
+                "5kb", "limit", "256kb",
+            ],
+        );
     }
     let got = c.leader.run_streams(&bodies).await;
     assert_eq!(got, want);

@@ -87,12 +87,7 @@ async fn survives_a_killed_node(c: &mut Cluster, victim: usize, bodies: &[Value]
     assert!(want.iter().all(|s| s.error.is_none() && s.done), "{want:?}");
     let vllm = |name: &str| format!("vllm:{name}{{model_name=\"demo\"}}");
     let prompt_tokens = c.leader.metric(&vllm("prompt_tokens_total")).await;
-    let base = c.leader.metric("strata_generation_tokens_total").await;
-    let running = c.leader.spawn_streams(bodies);
-    let under_way = base + 8 * bodies.len() as u64;
-    while c.leader.metric("strata_generation_tokens_total").await < under_way {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let running = c.leader.spawn_streams_under_way(bodies).await;
     let lines_before = c.leader.log().lines().count();
     c.workers[victim - 1].kill();
     let health = c.leader.wait_health(|s, _| s != 200).await;
@@ -107,18 +102,13 @@ async fn survives_a_killed_node(c: &mut Cluster, victim: usize, bodies: &[Value]
     assert_eq!(c.leader.metric(&up).await, 0);
     c.workers[victim - 1] = c.spawn_worker(victim);
     c.leader.wait_healthy().await;
-    let got = running.await.unwrap();
-    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-        assert_eq!(w, g, "stream {i} differs after the recovery");
-    }
+    c.leader.assert_resumed(running, &want).await;
     let log = c.leader.log();
     let during = log.lines().count() - lines_before;
     assert!(
         during < 100,
         "the leader logged {during} lines through the recovery:\n{log}"
     );
-    assert_eq!(c.leader.metric("strata_recoveries_total").await, 1);
-    assert!(c.leader.metric("strata_requests_replayed_total").await >= 1);
     assert!(c.leader.metric("strata_tokens_recomputed_total").await > 0);
     assert_eq!(c.leader.metric(&up).await, 1);
     // vLLM's counters count what clients sent and got, once: a recomputed
@@ -153,11 +143,10 @@ async fn a_killed_middle_stage_started_again_costs_no_request() {
     survives_a_killed_node(&mut c, 1, &eight_streams(200)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_tensor_parallel_rank_rejoins_its_stage_without_a_reload() {
-    // One stage, its two ranks in two processes: the leader's rank keeps
-    // its weights and reconnects the ring to the new process.
-    let mut c = Cluster::start(
+/// One stage of the tiny model, its two tensor-parallel ranks in two
+/// processes.
+async fn one_stage_across_two_processes() -> Cluster {
+    Cluster::start(
         &tiny(),
         2,
         &[
@@ -169,7 +158,14 @@ async fn a_killed_tensor_parallel_rank_rejoins_its_stage_without_a_reload() {
             "4MiB",
         ],
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_tensor_parallel_rank_rejoins_its_stage_without_a_reload() {
+    // One stage, its two ranks in two processes: the leader's rank keeps
+    // its weights and reconnects the ring to the new process.
+    let mut c = one_stage_across_two_processes().await;
     survives_a_killed_node(&mut c, 1, &eight_streams(200)).await;
     let log = c.leader.log();
     assert_eq!(
@@ -262,11 +258,7 @@ enum Then {
 /// every stream must end as in the first run.
 async fn survives_a_hung_node(c: &mut Cluster, victim: usize, then: Then, bodies: &[Value]) {
     let want = c.leader.run_streams(bodies).await;
-    let base = c.leader.metric("strata_generation_tokens_total").await;
-    let running = c.leader.spawn_streams(bodies);
-    while c.leader.metric("strata_generation_tokens_total").await < base + 8 * bodies.len() as u64 {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let running = c.leader.spawn_streams_under_way(bodies).await;
     // Frozen, it answers nothing; whoever waits on it must not wait forever.
     c.workers[victim - 1].signal(libc::SIGSTOP);
     let health = c.leader.wait_health(|s, _| s != 200).await;
@@ -288,10 +280,7 @@ async fn survives_a_hung_node(c: &mut Cluster, victim: usize, then: Then, bodies
         }
     };
     c.leader.wait_healthy().await;
-    let got = running.await.unwrap();
-    assert_eq!(got, want);
-    assert_eq!(c.leader.metric("strata_recoveries_total").await, 1);
-    assert!(c.leader.metric("strata_requests_replayed_total").await >= 1);
+    c.leader.assert_resumed(running, &want).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,18 +294,6 @@ async fn a_hung_tensor_parallel_rank_replaced_by_a_new_process_does_not_hold_its
     // The leader's rank waits in an all-reduce for the frozen one, whose
     // sockets stay open: losing it must end that wait, or the leader could
     // never start the ring again with the new process.
-    let mut c = Cluster::start(
-        &tiny(),
-        2,
-        &[
-            "--pipeline-parallel-size",
-            "1",
-            "--tensor-parallel-size",
-            "2",
-            "--kv-cache-memory",
-            "4MiB",
-        ],
-    )
-    .await;
+    let mut c = one_stage_across_two_processes().await;
     survives_a_hung_node(&mut c, 1, Then::Replace, &eight_streams(200)).await;
 }

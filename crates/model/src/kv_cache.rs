@@ -50,13 +50,22 @@ impl KvCache {
         2 * num_layers * BLOCK_SIZE * num_kv_heads * head_dim * dtype_bytes
     }
 
-    /// The host layout (f32); the OS maps its zeroed pages on first write.
+    /// The host layout (f32), written through at once, as llama.cpp clears
+    /// its cache: the whole budget is resident from the start, so memory
+    /// does not creep up as traffic first reaches blocks (it looks like a
+    /// leak), and a budget the machine cannot hold fails now, not under load.
     pub fn new(num_layers: usize, num_blocks: usize, num_kv_heads: usize, head_dim: usize) -> Self {
         let n = num_blocks * BLOCK_SIZE * num_kv_heads * head_dim;
+        let resident = || {
+            // Not `vec![0.0; n]`: that maps zero pages the OS fills on first write.
+            let mut v = Vec::with_capacity(n);
+            v.resize(n, 0.0f32);
+            v
+        };
         let layers = (0..num_layers)
             .map(|_| LayerKv {
-                k: vec![0.0; n],
-                v: vec![0.0; n],
+                k: resident(),
+                v: resident(),
             })
             .collect();
         Self {

@@ -567,6 +567,38 @@ impl Server {
     pub async fn run_streams(&self, bodies: &[Value]) -> Vec<Streamed> {
         self.spawn_streams(bodies).await.unwrap()
     }
+
+    /// Starts `bodies` as `spawn_streams` does, and returns once they have
+    /// had about eight tokens each: a failure injected then lands while
+    /// every one is generating.
+    pub async fn spawn_streams_under_way(
+        &self,
+        bodies: &[Value],
+    ) -> tokio::task::JoinHandle<Vec<Streamed>> {
+        let tokens = "strata_generation_tokens_total";
+        let under_way = self.metric(tokens).await + 8 * bodies.len() as u64;
+        let running = self.spawn_streams(bodies);
+        while !running.is_finished() && self.metric(tokens).await < under_way {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        running
+    }
+
+    /// Waits for streams that lived through a recovery and checks that
+    /// each ended as in the undisturbed run `want`, and that the recovery
+    /// (one) replayed requests.
+    pub async fn assert_resumed(
+        &self,
+        running: tokio::task::JoinHandle<Vec<Streamed>>,
+        want: &[Streamed],
+    ) {
+        let got = running.await.unwrap();
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(w, g, "stream {i} differs after the recovery");
+        }
+        assert_eq!(self.metric("strata_recoveries_total").await, 1);
+        assert!(self.metric("strata_requests_replayed_total").await >= 1);
+    }
 }
 
 /// A leader and its workers on 127.0.0.1.
