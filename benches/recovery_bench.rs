@@ -78,9 +78,13 @@ struct Proc {
 
 impl Proc {
     fn spawn(strata: &str, args: &[String], name: &str) -> Result<Proc> {
+        // A file per process: a restarted worker must not share (and, when
+        // the old handle drops, lose) its predecessor's log.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
         let log = std::env::temp_dir().join(format!(
-            "strata-recovery-bench-{}-{name}.log",
-            std::process::id()
+            "strata-recovery-bench-{}-{name}-{}.log",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let child = Command::new(strata)
             .args(args)
