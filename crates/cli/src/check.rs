@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
-use strata_model::{dtype_name, parse_dtype, DeviceRequest, Llama, Placement, Weights};
+use strata_model::{dtype_name, parse_dtype, DeviceRequest, Placement, StageModel, Weights};
 use strata_types::{LayerRange, BLOCK_SIZE};
 
 #[derive(Subcommand)]
@@ -98,7 +98,7 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Runs `prompt` through `m`, then `steps` greedy decodes (following
 /// `follow` when given, so two runs see the same tokens).
-fn greedy(m: &Llama, prompt: &[u32], steps: usize, follow: Option<&[u32]>) -> Result<Run> {
+fn greedy(m: &dyn StageModel, prompt: &[u32], steps: usize, follow: Option<&[u32]>) -> Result<Run> {
     let blocks = (prompt.len() + steps).div_ceil(BLOCK_SIZE) + 1;
     let mut kv = m.new_kv_cache(blocks + 2)?;
     // Scattered blocks, as a long-running server has them.
@@ -133,7 +133,8 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 fn model_logits(t: &Target, dir: &Path) -> Result<()> {
     let weights = Weights::open(dir, &Device::Cpu)?;
-    let cfg = weights.config()?;
+    let arch = weights.architecture()?;
+    let cfg = arch.config().clone();
     let reference = dir.join("reference.safetensors");
     let fixture = if reference.exists() {
         Some(candle_core::safetensors::load(&reference, &Device::Cpu)?)
@@ -155,16 +156,15 @@ fn model_logits(t: &Target, dir: &Path) -> Result<()> {
         None => 8,
     };
     let load = |w: &Weights| {
-        Llama::load(
+        arch.load_stage(
             w,
-            &cfg,
             LayerRange::full(cfg.num_layers),
             Arc::new(strata_comm::SingleRank),
             prompt.len() + steps + 1,
             &mut |_, _| {},
         )
     };
-    let cpu = greedy(&load(&weights)?, &prompt, steps, None)?;
+    let cpu = greedy(&*load(&weights)?, &prompt, steps, None)?;
     let scale = cpu
         .prompt
         .iter()
@@ -181,7 +181,7 @@ fn model_logits(t: &Target, dir: &Path) -> Result<()> {
     }
     for p in t.placements()? {
         let m = load(&weights.on(p.device(0), p.dtype()))?;
-        let got = greedy(&m, &prompt, steps, Some(&cpu.greedy))?;
+        let got = greedy(&*m, &prompt, steps, Some(&cpu.greedy))?;
         let vs_cpu = max_diff(&got.prompt, &cpu.prompt).max(max_diff(&got.decode, &cpu.decode));
         // f32 differs from the CPU only in summation order; half precision
         // rounds activations, so it is held to the logit scale.

@@ -51,7 +51,7 @@ pub fn footprint(model: &str) -> Result<Footprint> {
         .map_or(model.into(), |s| s.to_string_lossy().to_string());
     Ok(Footprint::from_config(
         &name,
-        &w.config()?,
+        w.architecture()?.config(),
         w.dense_bytes(2),
         "bf16",
         2,

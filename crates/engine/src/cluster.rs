@@ -283,11 +283,11 @@ impl Cluster {
         for rank in 1..opts.nnodes {
             rt.spawn(heartbeat(rank, epoch, members.clone(), opts.state.clone()));
         }
-        let config = weights.config()?;
+        let model = weights.architecture()?;
         let local = NodeRuntime::spawn(NodeConfig {
             rank: 0,
             weights,
-            config,
+            model,
             device: setup.device,
             token: opts.token.clone(),
             timeout: opts.timeout,

@@ -89,7 +89,8 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         )));
     }
     let weights = Weights::open(path, &Device::Cpu)?;
-    let config = weights.config()?;
+    let arch = weights.architecture()?;
+    let config = arch.config().clone();
     let (tokenizer, defaults) = match weights.gguf_metadata() {
         Some(md) => (Tokenizer::from_gguf(md)?, GenerationDefaults::default()),
         None => {
@@ -115,23 +116,21 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         pp,
         tp,
         config.num_layers,
-        config.head_cost_in_layers(),
+        config.head_cost_in_layers,
     )
     .map_err(EngineError::Model)?;
-    if !config.num_kv_heads.is_multiple_of(tp) {
-        return Err(EngineError::Model(format!(
-            "--tensor-parallel-size {tp} must divide the model's {} KV heads",
-            config.num_kv_heads
-        )));
-    }
+    config
+        .check_tensor_parallel(tp)
+        .map_err(EngineError::Model)?;
     tracing::info!(
-        "loading {} ({:?}): {} layers, hidden {}, {} heads / {} KV heads, vocab {}",
+        "loading {} ({:?}, {}): {} layers, hidden {}, {} heads, KV {:?}, vocab {}",
         path.display(),
         weights.format(),
+        config.architecture,
         config.num_layers,
         config.hidden_size,
         config.num_heads,
-        config.num_kv_heads,
+        config.kv,
         config.vocab_size
     );
     // Progress over what this node loads: each layer of each local rank.
@@ -164,8 +163,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                     s.tp_rank_count
                         * strata_model::KvCache::bytes_per_block(
                             s.layers.len(),
-                            config.num_kv_heads / tp,
-                            config.head_dim,
+                            config.kv.per_rank(tp),
                             dtype_bytes,
                         )
                 })
@@ -194,7 +192,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
             let local = NodeRuntime::spawn(NodeConfig {
                 rank: 0,
                 weights: weights.clone(),
-                config: config.clone(),
+                model: arch.clone(),
                 device: opts.device,
                 token: String::new(),
                 timeout: Duration::from_secs(60),

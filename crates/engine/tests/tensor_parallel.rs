@@ -17,24 +17,14 @@ use std::sync::Arc;
 use candle_core::Device;
 use strata_comm::{Communicator, SingleRank, ThreadComm};
 use strata_engine::ensure_demo_model;
-use strata_model::{config_from_gguf, Llama, Weights};
-use strata_types::LayerRange;
+use strata_model::Weights;
 
 /// Feeds `prompt` then `forced` one token at a time (teacher forcing);
 /// returns the logits after the prompt and after each forced token, and the
 /// weight bytes this rank read.
 fn run(comm: Arc<dyn Communicator>, prompt: &[u32], forced: &[u32]) -> (Vec<Vec<f32>>, u64) {
     let w = Weights::open(&ensure_demo_model().unwrap(), &Device::Cpu).unwrap();
-    let cfg = config_from_gguf(w.gguf_metadata().unwrap(), w.contains("lm_head.weight")).unwrap();
-    let m = Llama::load(
-        &w,
-        &cfg,
-        LayerRange::full(cfg.num_layers),
-        comm,
-        256,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let m = strata_model::load_whole(&w, comm, 256).unwrap();
     let mut kv = m.new_kv_cache(8).unwrap();
     let table: Vec<u32> = (0..8).collect();
     let mut out = Vec::new();

@@ -4,13 +4,103 @@
 //! cache, and to each query head as it is read, so no pass over the
 //! activations is spent on them.
 
+use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
 use strata_types::BLOCK_SIZE;
 
 pub use strata_kernels::Heads;
 
-use crate::kv_cache::LayerKv;
+use crate::batch::Batch;
+use crate::error::{Error, Result};
+use crate::kv_cache::{LayerCache, LayerKv};
 use crate::rope::Rope;
+
+/// Attention over heads that keep keys and values of their own (multi-head,
+/// grouped-query, multi-query): the backend picks the code for the layout
+/// the cache has, the CPU's own or the kernels'.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadAttention {
+    pub heads: Heads,
+}
+
+impl HeadAttention {
+    /// `q [tokens, heads * head_dim]`, `k` and `v [tokens, kv_heads *
+    /// head_dim]`, all before rope: writes this batch's keys and values
+    /// into `cache`, then attends. Returns `[tokens, heads * head_dim]`.
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &Batch,
+        rope: &Rope,
+        cache: LayerCache,
+    ) -> Result<Tensor> {
+        let heads = self.heads;
+        match cache {
+            LayerCache::Host(kv) => {
+                let tokens = q.dim(0)?;
+                let mut out = vec![0f32; tokens * heads.num_heads * heads.head_dim];
+                let input = batch.input;
+                with_f32(k, |k| {
+                    with_f32(v, |v| {
+                        write_kv(kv, k, v, input.positions, input.slot_mapping, rope, heads)
+                    })
+                })??;
+                with_f32(q, |q| {
+                    paged_attention(
+                        q,
+                        kv,
+                        input.positions,
+                        &batch.token_seq,
+                        &batch.block_tables,
+                        rope,
+                        heads,
+                        &mut out,
+                    )
+                })?;
+                Ok(Tensor::from_vec(
+                    out,
+                    (tokens, heads.num_heads * heads.head_dim),
+                    q.device(),
+                )?)
+            }
+            LayerCache::Device(kv) => {
+                let d = batch
+                    .device
+                    .as_ref()
+                    .expect("built for a device-layout cache");
+                let tables = rope.tables(q.device())?;
+                strata_kernels::write_kv(kv, k, v, &d.positions, &d.slots, tables)?;
+                Ok(strata_kernels::paged_attention(
+                    q,
+                    kv,
+                    &d.positions,
+                    &d.token_seq,
+                    &d.block_tables,
+                    tables,
+                    heads.num_heads,
+                )?)
+            }
+        }
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => {
+            let data = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            Ok(f(&data[start..start + layout.shape().elem_count()]))
+        }
+        _ => Err(Error::Unsupported(
+            "the host KV-cache layout is read on the CPU only".into(),
+        )),
+    }
+}
 
 /// Writes each token's rotated key and its value into the cache slot given by
 /// `slot_mapping` (`block * BLOCK_SIZE + offset`).
@@ -192,25 +282,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_types::{ModelConfig, RopeStyle};
 
     fn rope(d: usize) -> Rope {
-        let cfg = ModelConfig {
-            architecture: "LlamaForCausalLM".into(),
-            vocab_size: 8,
-            hidden_size: 8,
-            intermediate_size: 8,
-            num_layers: 1,
-            num_heads: 2,
-            num_kv_heads: 1,
-            head_dim: d,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            rope_style: RopeStyle::Half,
-            max_position_embeddings: 64,
-            tie_word_embeddings: false,
-            attention_bias: false,
+        let cfg = crate::rope::RopeConfig {
+            dim: d,
+            theta: 10_000.0,
+            scaling: None,
+            style: strata_types::RopeStyle::Half,
         };
         Rope::new(&cfg, None, 64)
     }

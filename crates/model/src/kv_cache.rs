@@ -1,6 +1,9 @@
-//! The physical KV cache of one stage, in one of two layouts:
-//! - host: for each layer, K and V as `[num_blocks, BLOCK_SIZE, num_kv_heads,
-//!   head_dim]` f32 vectors, read by the CPU attention in `attention.rs`;
+//! The physical KV cache of one stage. What a token keeps per layer is the
+//! model's [`KvLayout`]; where it lives is one of two layouts:
+//! - host: for each layer, two f32 planes of `[num_blocks, BLOCK_SIZE, width]`,
+//!   read by the CPU attention: for attention heads, keys and values
+//!   (`width = num_kv_heads * head_dim` each); for a latent (MLA), one plane
+//!   of latent and rope key side by side and an empty second one;
 //! - device: for each layer, one `[2, slots, num_kv_heads, head_dim]` tensor
 //!   (keys, then values) in the activation dtype, written and read by
 //!   strata's kernels (`strata_kernels::{write_kv, paged_attention}`).
@@ -9,10 +12,11 @@
 //! device one when a test runs the GPU code path on the CPU.
 
 use candle_core::{DType, Device, Tensor};
-use strata_types::BLOCK_SIZE;
+use strata_types::{KvLayout, BLOCK_SIZE};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
+/// One layer's host planes (see the module docs for what each holds).
 #[derive(Debug)]
 pub struct LayerKv {
     pub k: Vec<f32>,
@@ -35,56 +39,73 @@ pub(crate) enum LayerCache<'a> {
 pub struct KvCache {
     store: Store,
     num_blocks: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
+    layout: KvLayout,
+}
+
+/// Floats per slot of the two host planes.
+fn plane_widths(layout: KvLayout) -> (usize, usize) {
+    match layout {
+        KvLayout::Heads {
+            num_kv_heads,
+            head_dim,
+        } => (num_kv_heads * head_dim, num_kv_heads * head_dim),
+        KvLayout::Latent {
+            kv_lora_rank,
+            rope_head_dim,
+        } => (kv_lora_rank + rope_head_dim, 0),
+    }
 }
 
 impl KvCache {
-    /// Bytes one block takes across `num_layers` layers at `dtype_bytes` per element.
-    pub fn bytes_per_block(
-        num_layers: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
-        dtype_bytes: usize,
-    ) -> usize {
-        2 * num_layers * BLOCK_SIZE * num_kv_heads * head_dim * dtype_bytes
+    /// Bytes one block takes across `num_layers` layers of `layout` (one
+    /// rank's) at `dtype_bytes` per element.
+    pub fn bytes_per_block(num_layers: usize, layout: KvLayout, dtype_bytes: usize) -> usize {
+        num_layers * BLOCK_SIZE * layout.values_per_token() * dtype_bytes
     }
 
     /// The host layout (f32), written through at once, as llama.cpp clears
     /// its cache: the whole budget is resident from the start, so memory
     /// does not creep up as traffic first reaches blocks (it looks like a
     /// leak), and a budget the machine cannot hold fails now, not under load.
-    pub fn new(num_layers: usize, num_blocks: usize, num_kv_heads: usize, head_dim: usize) -> Self {
-        let n = num_blocks * BLOCK_SIZE * num_kv_heads * head_dim;
-        let resident = || {
+    pub fn new(num_layers: usize, num_blocks: usize, layout: KvLayout) -> Self {
+        let (kw, vw) = plane_widths(layout);
+        let resident = |w: usize| {
             // Not `vec![0.0; n]`: that maps zero pages the OS fills on first write.
-            let mut v = Vec::with_capacity(n);
-            v.resize(n, 0.0f32);
+            let mut v = Vec::with_capacity(num_blocks * BLOCK_SIZE * w);
+            v.resize(num_blocks * BLOCK_SIZE * w, 0.0f32);
             v
         };
         let layers = (0..num_layers)
             .map(|_| LayerKv {
-                k: resident(),
-                v: resident(),
+                k: resident(kw),
+                v: resident(vw),
             })
             .collect();
         Self {
             store: Store::Host(layers),
             num_blocks,
-            num_kv_heads,
-            head_dim,
+            layout,
         }
     }
 
-    /// The device layout on `device`, in `dtype`.
+    /// The device layout on `device`, in `dtype` (attention heads only: the
+    /// kernels have no latent layout yet).
     pub fn new_on_device(
         num_layers: usize,
         num_blocks: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
+        layout: KvLayout,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let KvLayout::Heads {
+            num_kv_heads,
+            head_dim,
+        } = layout
+        else {
+            return Err(Error::Unsupported(format!(
+                "a {layout:?} KV cache in the kernels' layout"
+            )));
+        };
         let shape = (2, num_blocks * BLOCK_SIZE, num_kv_heads, head_dim);
         let layers = (0..num_layers)
             .map(|_| Tensor::zeros(shape, dtype, device))
@@ -92,24 +113,32 @@ impl KvCache {
         Ok(Self {
             store: Store::Device(layers),
             num_blocks,
-            num_kv_heads,
-            head_dim,
+            layout,
         })
     }
 
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
     }
-    pub fn num_kv_heads(&self) -> usize {
-        self.num_kv_heads
-    }
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
+    /// What each token keeps per layer (this rank's share).
+    pub fn layout(&self) -> KvLayout {
+        self.layout
     }
     pub fn num_layers(&self) -> usize {
         match &self.store {
             Store::Host(l) => l.len(),
             Store::Device(l) => l.len(),
+        }
+    }
+
+    /// Bytes the cache holds (for tests and reports).
+    pub fn bytes(&self) -> usize {
+        match &self.store {
+            Store::Host(l) => l.iter().map(|l| 4 * (l.k.len() + l.v.len())).sum(),
+            Store::Device(l) => l
+                .iter()
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum(),
         }
     }
 

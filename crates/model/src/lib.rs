@@ -1,12 +1,16 @@
-//! Model code: Llama-family architectures in candle, loaded for one pipeline
-//! stage (a [`LayerRange`](strata_types::LayerRange)) and one tensor-parallel
-//! shard, with attention over a paged KV cache.
+//! Model code in candle: each architecture is a module that resolves its
+//! config and loads one pipeline stage (a
+//! [`LayerRange`](strata_types::LayerRange)) of one tensor-parallel shard as
+//! a [`StageModel`], with attention over a paged KV cache. [`arch`] is the
+//! interface and the registry.
 //!
 //! Nothing here knows about requests, HTTP or networks: a forward pass takes a
 //! flattened batch ([`BatchInput`]) and a [`KvCache`], and returns hidden
 //! states (middle stages) or logits (the last stage).
 
+pub mod arch;
 mod attention;
+mod batch;
 mod config;
 mod device;
 mod error;
@@ -17,15 +21,16 @@ mod quant;
 mod rope;
 pub mod weights;
 
+pub use arch::{from_gguf_metadata, from_hf_config, load_whole, Architecture, StageModel};
 pub use attention::{paged_attention, write_kv, Heads};
-pub use config::{config_from_gguf, config_from_hf_json};
+pub use batch::{BatchInput, SeqInfo, StageOutput};
 pub use device::{dtype_from_name, dtype_name, parse_dtype, DeviceRequest, Placement};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use layers::{
     ColumnParallelLinear, Matmul, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
 };
-pub use llama::{BatchInput, Llama, SeqInfo, StageOutput};
+pub use llama::{Llama, LlamaConfig};
 pub use quant::{Q4_1Matrix, Q8_0Matrix, QuantMatrix};
-pub use rope::Rope;
+pub use rope::{Rope, RopeConfig, RopeScaling};
 pub use weights::{Shard, WeightFormat, Weights};

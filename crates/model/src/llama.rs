@@ -1,51 +1,264 @@
-//! The Llama family (Llama 2/3.x, SmolLM2, Mistral-style configs) as one stage.
+//! The Llama family: Llama 2/3.x, SmolLM2, Mistral-style configs, and Qwen2
+//! and Qwen3, which differ from Llama by a switch each (q/k/v biases; a
+//! per-head RMSNorm on queries and keys).
 
 use std::sync::Arc;
 
-use std::sync::OnceLock;
-
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
 use strata_comm::Communicator;
-use strata_kernels::RopeTables;
-use strata_types::{LayerRange, ModelConfig, BLOCK_SIZE};
+use strata_types::{KvLayout, LayerRange, ModelConfig, RopeStyle};
 
-use crate::attention::{paged_attention, write_kv, Heads};
+use crate::arch::{Architecture, GgufMetadata, StageModel};
+use crate::attention::{HeadAttention, Heads};
+use crate::batch::{Batch, BatchInput, StageOutput};
+use crate::config::{GgufKeys, HfRopeFields};
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvCache, LayerCache, LayerKv};
+use crate::kv_cache::{KvCache, LayerCache};
 use crate::layers::{
     ColumnParallelLinear, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
 };
-use crate::rope::Rope;
+use crate::rope::{Rope, RopeConfig};
 use crate::weights::{Shard, Weights};
 
-/// One sequence's slice of a flattened batch.
-#[derive(Debug, Clone, Copy)]
-pub struct SeqInfo<'a> {
-    /// Tokens of this sequence in the batch (they are contiguous, in order).
-    pub query_len: usize,
-    /// Physical blocks holding the sequence's KV, in position order.
-    pub block_table: &'a [u32],
+pub(crate) const HF_NAMES: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+];
+pub(crate) const GGUF_NAMES: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// A Llama-family model's resolved config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Biases on the q, k and v projections (Qwen2; Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// A bias on the output projection (Llama's and Qwen3's `attention_bias`).
+    pub o_bias: bool,
+    /// A per-head RMSNorm on queries and keys before rope (Qwen3).
+    pub qk_norm: bool,
+    summary: ModelConfig,
 }
 
-/// A flattened batch: the new tokens of every scheduled sequence, one after
-/// another (prefill chunks and decodes alike).
-#[derive(Debug, Clone, Copy)]
-pub struct BatchInput<'a> {
-    pub token_ids: &'a [u32],
-    pub positions: &'a [u32],
-    /// Cache slot (`block * BLOCK_SIZE + offset`) of each token.
-    pub slot_mapping: &'a [u32],
-    pub seqs: &'a [SeqInfo<'a>],
-    /// Rows of the batch whose logits the last stage returns.
-    pub logits_indices: &'a [u32],
+/// `config.json` as Hugging Face writes it for this family.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(flatten)]
+    rope: HfRopeFields,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    attention_bias: bool,
+    sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: the window applies only when this is set.
+    use_sliding_window: Option<bool>,
 }
 
-#[derive(Debug)]
-pub enum StageOutput {
-    /// `[tokens, hidden]` for the next stage.
-    Hidden(Tensor),
-    /// `[logits_indices.len(), vocab]`.
-    Logits(Tensor),
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+pub(crate) fn from_hf(name: &str, text: &str) -> Result<Arc<dyn Architecture>> {
+    let c: HfConfig =
+        serde_json::from_str(text).map_err(|e| Error::Config(format!("config.json: {e}")))?;
+    let (theta, scaling) = c.rope.resolve()?;
+    let head_dim = c
+        .head_dim
+        .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+    let qwen2 = name == "Qwen2ForCausalLM";
+    let qwen3 = name == "Qwen3ForCausalLM";
+    let mistral = name == "MistralForCausalLM";
+    let mut max_pos = c.max_position_embeddings;
+    // A sliding window strata does not apply: cap the context at it, where
+    // full attention and the window agree.
+    let windowed = match c.use_sliding_window {
+        Some(used) => used,
+        None => mistral,
+    };
+    if let (true, Some(w)) = (windowed, c.sliding_window) {
+        if w < max_pos {
+            tracing::warn!(
+                "{name} attends through a sliding window of {w} tokens; strata attends to \
+                 the whole context, so it caps the context at {w} tokens, where the two agree"
+            );
+            max_pos = w;
+        }
+    }
+    LlamaConfig::finish(
+        name,
+        LlamaConfig {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim,
+            rms_norm_eps: c.rms_norm_eps,
+            rope: RopeConfig {
+                dim: head_dim,
+                theta,
+                scaling,
+                style: RopeStyle::Half,
+            },
+            max_position_embeddings: max_pos,
+            tie_word_embeddings: c.tie_word_embeddings,
+            qkv_bias: qwen2 || (c.attention_bias && !mistral),
+            o_bias: c.attention_bias && !mistral && !qwen2,
+            qk_norm: qwen3,
+            summary: unresolved(),
+        },
+    )
+}
+
+/// Resolves GGUF metadata. llama.cpp's converter permutes Llama's q/k for
+/// interleaved rope; Qwen's it leaves in Hugging Face's order.
+pub(crate) fn from_gguf(
+    arch: &str,
+    md: &GgufMetadata,
+    has_output_weight: bool,
+) -> Result<Arc<dyn Architecture>> {
+    let k = GgufKeys { md, prefix: arch };
+    let hidden = k.usize("embedding_length")?;
+    let heads = k.usize("attention.head_count")?;
+    let head_dim = k
+        .usize("attention.key_length")
+        .or_else(|_| k.usize("rope.dimension_count"))
+        .unwrap_or(hidden / heads.max(1));
+    let (name, style) = match arch {
+        "qwen2" => ("Qwen2ForCausalLM", RopeStyle::Half),
+        "qwen3" => ("Qwen3ForCausalLM", RopeStyle::Half),
+        _ => ("LlamaForCausalLM", RopeStyle::Interleaved),
+    };
+    LlamaConfig::finish(
+        name,
+        LlamaConfig {
+            vocab_size: k.vocab_size()?,
+            hidden_size: hidden,
+            intermediate_size: k.usize("feed_forward_length")?,
+            num_layers: k.usize("block_count")?,
+            num_heads: heads,
+            num_kv_heads: k.usize("attention.head_count_kv").unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: k.f32("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
+            rope: RopeConfig {
+                dim: head_dim,
+                theta: k.f32("rope.freq_base").unwrap_or(10_000.0),
+                // Llama 3 GGUFs carry the scaling as a `rope_freqs` tensor instead.
+                scaling: None,
+                style,
+            },
+            max_position_embeddings: k.usize("context_length").unwrap_or(2048),
+            tie_word_embeddings: !has_output_weight,
+            qkv_bias: arch == "qwen2",
+            o_bias: false,
+            qk_norm: arch == "qwen3",
+            summary: unresolved(),
+        },
+    )
+}
+
+/// The summary until [`LlamaConfig::finish`] fills it in.
+fn unresolved() -> ModelConfig {
+    ModelConfig {
+        architecture: String::new(),
+        vocab_size: 0,
+        hidden_size: 0,
+        intermediate_size: 0,
+        num_layers: 0,
+        num_heads: 0,
+        kv: KvLayout::Heads {
+            num_kv_heads: 0,
+            head_dim: 0,
+        },
+        max_position_embeddings: 0,
+        head_cost_in_layers: 0.0,
+        tensor_parallel_unit: 1,
+    }
+}
+
+impl LlamaConfig {
+    /// Checks `c` and fills in its summary.
+    fn finish(name: &str, mut c: LlamaConfig) -> Result<Arc<dyn Architecture>> {
+        if c.num_heads == 0 || c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) {
+            return Err(Error::Config(format!(
+                "{} attention heads do not group evenly over {} KV heads",
+                c.num_heads, c.num_kv_heads
+            )));
+        }
+        if !c.head_dim.is_multiple_of(2) {
+            return Err(Error::Config(format!("head_dim {} is odd", c.head_dim)));
+        }
+        let h = c.hidden_size;
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let layer = h * (q + 2 * kv) + q * h + 3 * h * c.intermediate_size;
+        c.summary = ModelConfig {
+            architecture: name.into(),
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_layers,
+            num_heads: c.num_heads,
+            kv: KvLayout::Heads {
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+            },
+            max_position_embeddings: c.max_position_embeddings,
+            head_cost_in_layers: (c.vocab_size * h) as f64 / layer.max(1) as f64,
+            tensor_parallel_unit: c.num_kv_heads,
+        };
+        Ok(Arc::new(c))
+    }
+}
+
+impl Architecture for LlamaConfig {
+    fn config(&self) -> &ModelConfig {
+        &self.summary
+    }
+
+    fn load_stage(
+        &self,
+        w: &Weights,
+        range: LayerRange,
+        comm: Arc<dyn Communicator>,
+        max_positions: usize,
+        on_layer: &mut dyn FnMut(usize, LayerRange),
+    ) -> Result<Box<dyn StageModel>> {
+        Ok(Box::new(Llama::load(
+            w,
+            self,
+            range,
+            comm,
+            max_positions,
+            on_layer,
+        )?))
+    }
 }
 
 #[derive(Debug)]
@@ -53,6 +266,9 @@ struct DecoderLayer {
     input_layernorm: RmsNorm,
     /// q, k and v projections, run as one matmul.
     qkv_proj: ColumnParallelLinear,
+    /// Qwen3's per-head norms of queries and keys.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    attention: HeadAttention,
     o_proj: RowParallelLinear,
     post_attention_layernorm: RmsNorm,
     /// gate and up projections, run as one matmul.
@@ -60,68 +276,27 @@ struct DecoderLayer {
     down_proj: RowParallelLinear,
 }
 
-/// Per-forward context shared by every layer.
-struct Ctx<'a> {
-    input: &'a BatchInput<'a>,
-    token_seq: Vec<u32>,
-    block_tables: Vec<&'a [u32]>,
-    rope: &'a Rope,
-    heads: Heads,
-    /// The batch's indices as tensors, for the kernels (device-layout cache only).
-    device: Option<DeviceInputs<'a>>,
-}
-
-/// What strata's kernels read, uploaded once per forward.
-struct DeviceInputs<'a> {
-    positions: Tensor,
-    slots: Tensor,
-    token_seq: Tensor,
-    /// `[seqs, max_blocks]`, short tables padded with block 0 (never read:
-    /// a token reads only the blocks up to its position).
-    block_tables: Tensor,
-    rope: &'a RopeTables,
-}
-
-impl<'a> DeviceInputs<'a> {
-    fn new(ctx: &Ctx, rope: &'a RopeTables, device: &Device) -> Result<Self> {
-        let input = ctx.input;
-        let max_blocks = ctx
-            .block_tables
-            .iter()
-            .map(|t| t.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut tables = vec![0u32; ctx.block_tables.len() * max_blocks];
-        for (row, t) in tables.chunks_mut(max_blocks).zip(&ctx.block_tables) {
-            row[..t.len()].copy_from_slice(t);
-        }
-        Ok(Self {
-            positions: Tensor::new(input.positions, device)?,
-            slots: Tensor::new(input.slot_mapping, device)?,
-            token_seq: Tensor::new(ctx.token_seq.as_slice(), device)?,
-            block_tables: Tensor::from_vec(tables, (ctx.block_tables.len(), max_blocks), device)?,
-            rope,
-        })
-    }
-}
-
 impl DecoderLayer {
     fn load(
         w: &Weights,
-        cfg: &ModelConfig,
+        cfg: &LlamaConfig,
         i: usize,
+        heads: Heads,
         comm: &Arc<dyn Communicator>,
     ) -> Result<Self> {
         let p = format!("model.layers.{i}");
-        let bias = cfg.attention_bias;
+        let eps = cfg.rms_norm_eps;
         let c = &**comm;
+        let qk_norm = if cfg.qk_norm {
+            Some((
+                RmsNorm::load(w, &format!("{p}.self_attn.q_norm.weight"), eps)?,
+                RmsNorm::load(w, &format!("{p}.self_attn.k_norm.weight"), eps)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
-            input_layernorm: RmsNorm::load(
-                w,
-                &format!("{p}.input_layernorm.weight"),
-                cfg.rms_norm_eps,
-            )?,
+            input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), eps)?,
             qkv_proj: ColumnParallelLinear::load_merged(
                 w,
                 &[
@@ -130,18 +305,20 @@ impl DecoderLayer {
                     &format!("{p}.self_attn.v_proj"),
                 ],
                 c,
-                bias,
+                cfg.qkv_bias,
             )?,
+            qk_norm,
+            attention: HeadAttention { heads },
             o_proj: RowParallelLinear::load(
                 w,
                 &format!("{p}.self_attn.o_proj"),
                 comm.clone(),
-                false,
+                cfg.o_bias,
             )?,
             post_attention_layernorm: RmsNorm::load(
                 w,
                 &format!("{p}.post_attention_layernorm.weight"),
-                cfg.rms_norm_eps,
+                eps,
             )?,
             gate_up_proj: ColumnParallelLinear::load_merged(
                 w,
@@ -166,128 +343,55 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         residual: Option<&Tensor>,
-        ctx: &Ctx,
+        batch: &Batch,
+        rope: &Rope,
         cache: LayerCache,
     ) -> Result<(Tensor, Tensor)> {
         let (residual, h) = match residual {
             None => (x.clone(), self.input_layernorm.forward(x)?),
             Some(r) => self.input_layernorm.forward_residual(x, r)?,
         };
-        let attn = match cache {
-            LayerCache::Host(kv) => self.host_attention(&h, ctx, kv)?,
-            LayerCache::Device(kv) => {
-                let d = ctx
-                    .device
-                    .as_ref()
-                    .expect("built for a device-layout cache");
-                let qkv = self.qkv_proj.forward(&h)?;
-                let Heads {
-                    num_heads,
-                    num_kv_heads,
-                    head_dim,
-                } = ctx.heads;
-                let (q_w, kv_w) = (num_heads * head_dim, num_kv_heads * head_dim);
-                let k = qkv.narrow(1, q_w, kv_w)?;
-                let v = qkv.narrow(1, q_w + kv_w, kv_w)?;
-                strata_kernels::write_kv(kv, &k, &v, &d.positions, &d.slots, d.rope)?;
-                strata_kernels::paged_attention(
-                    &qkv.narrow(1, 0, q_w)?,
-                    kv,
-                    &d.positions,
-                    &d.token_seq,
-                    &d.block_tables,
-                    d.rope,
-                    num_heads,
-                )?
-            }
-        };
+        let qkv = self.qkv_proj.forward_split(&h)?;
+        let (mut q, mut k, v) = (qkv[0].clone(), qkv[1].clone(), &qkv[2]);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            let d = self.attention.heads.head_dim;
+            let per_head = |t: &Tensor, norm: &RmsNorm| -> Result<Tensor> {
+                let (tokens, width) = t.dims2()?;
+                norm.forward(&t.contiguous()?.reshape((tokens * width / d, d))?)?
+                    .reshape((tokens, width))
+                    .map_err(Into::into)
+            };
+            q = per_head(&q, q_norm)?;
+            k = per_head(&k, k_norm)?;
+        }
+        let attn = self.attention.forward(&q, &k, v, batch, rope, cache)?;
         let (residual, h) = self
             .post_attention_layernorm
             .forward_residual(&self.o_proj.forward(&attn)?, &residual)?;
         let m = strata_kernels::silu_and_mul(&self.gate_up_proj.forward(&h)?)?;
         Ok((self.down_proj.forward(&m)?, residual))
     }
-
-    /// Attention on the CPU's own layout and code (`attention.rs`).
-    fn host_attention(&self, h: &Tensor, ctx: &Ctx, cache: &mut LayerKv) -> Result<Tensor> {
-        let qkv = self.qkv_proj.forward_split(h)?;
-        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
-        let tokens = h.dim(0)?;
-        let heads = ctx.heads;
-        let mut out = vec![0f32; tokens * heads.num_heads * heads.head_dim];
-        with_f32(k, |k| {
-            with_f32(v, |v| {
-                write_kv(
-                    cache,
-                    k,
-                    v,
-                    ctx.input.positions,
-                    ctx.input.slot_mapping,
-                    ctx.rope,
-                    heads,
-                )
-            })
-        })??;
-        with_f32(q, |q| {
-            paged_attention(
-                q,
-                cache,
-                ctx.input.positions,
-                &ctx.token_seq,
-                &ctx.block_tables,
-                ctx.rope,
-                heads,
-                &mut out,
-            )
-        })?;
-        Ok(Tensor::from_vec(
-            out,
-            (tokens, heads.num_heads * heads.head_dim),
-            h.device(),
-        )?)
-    }
-}
-
-/// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => {
-            let data = cpu.as_slice::<f32>()?;
-            let start = layout.start_offset();
-            Ok(f(&data[start..start + layout.shape().elem_count()]))
-        }
-        _ => Err(Error::Unsupported(
-            "the host KV-cache layout is read on the CPU only".into(),
-        )),
-    }
 }
 
 /// One pipeline stage of a Llama-family model, for one tensor-parallel rank.
 #[derive(Debug)]
 pub struct Llama {
-    cfg: ModelConfig,
+    cfg: LlamaConfig,
     range: LayerRange,
     embed: Option<VocabEmbedding>,
     layers: Vec<DecoderLayer>,
     norm: Option<RmsNorm>,
     lm_head: Option<ParallelLmHead>,
     rope: Rope,
-    /// `rope`'s tables on the device, made on the first forward that needs them.
-    rope_tables: OnceLock<RopeTables>,
     heads: Heads,
     device: Device,
     dtype: DType,
 }
 
 impl Llama {
-    /// Loads layers `range` (and the embedding / final norm and lm_head when
-    /// the range is first / last), reading only those tensors. `on_layer` is
-    /// told each layer as it is loaded, for progress.
-    pub fn load(
+    fn load(
         w: &Weights,
-        cfg: &ModelConfig,
+        cfg: &LlamaConfig,
         range: LayerRange,
         comm: Arc<dyn Communicator>,
         max_positions: usize,
@@ -300,12 +404,14 @@ impl Llama {
             )));
         }
         let ws = comm.world_size();
-        if !cfg.num_kv_heads.is_multiple_of(ws) {
-            return Err(Error::Config(format!(
-                "tensor parallel size {ws} must divide the {} KV heads",
-                cfg.num_kv_heads
-            )));
-        }
+        cfg.summary
+            .check_tensor_parallel(ws)
+            .map_err(Error::Config)?;
+        let heads = Heads {
+            num_heads: cfg.num_heads / ws,
+            num_kv_heads: cfg.num_kv_heads / ws,
+            head_dim: cfg.head_dim,
+        };
         let (device, dtype) = (w.device().clone(), w.dtype());
         let vocab_shard = (ws > 1).then(|| Shard::uneven(0, comm.rank(), ws));
         let is_last = range.is_last(cfg.num_layers);
@@ -325,7 +431,7 @@ impl Llama {
         };
         let mut layers = Vec::with_capacity(range.len());
         for i in range.start..range.end {
-            layers.push(DecoderLayer::load(w, cfg, i, &comm)?);
+            layers.push(DecoderLayer::load(w, cfg, i, heads, &comm)?);
             on_layer(i, range);
         }
         let (norm, lm_head) = if is_last {
@@ -351,13 +457,8 @@ impl Llama {
             None
         };
         Ok(Self {
-            rope: Rope::new(cfg, freq_factors.as_deref(), max_positions),
-            rope_tables: OnceLock::new(),
-            heads: Heads {
-                num_heads: cfg.num_heads / ws,
-                num_kv_heads: cfg.num_kv_heads / ws,
-                head_dim: cfg.head_dim,
-            },
+            rope: Rope::new(&cfg.rope, freq_factors.as_deref(), max_positions),
+            heads,
             cfg: cfg.clone(),
             range,
             embed,
@@ -368,72 +469,40 @@ impl Llama {
             dtype,
         })
     }
+}
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.cfg
+impl StageModel for Llama {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg.summary
     }
 
-    pub fn layer_range(&self) -> LayerRange {
+    fn layer_range(&self) -> LayerRange {
         self.range
     }
 
-    pub fn max_positions(&self) -> usize {
+    fn max_positions(&self) -> usize {
         self.rope.max_positions()
     }
 
-    pub fn device(&self) -> &Device {
+    fn device(&self) -> &Device {
         &self.device
     }
 
-    /// The activation (and KV cache) dtype.
-    pub fn dtype(&self) -> DType {
+    fn dtype(&self) -> DType {
         self.dtype
     }
 
-    /// An empty KV cache for this stage's layers and shard: the host layout
-    /// on the CPU, the kernels' layout on a GPU.
-    pub fn new_kv_cache(&self, num_blocks: usize) -> Result<KvCache> {
-        if self.device.is_cpu() {
-            Ok(KvCache::new(
-                self.layers.len(),
-                num_blocks,
-                self.heads.num_kv_heads,
-                self.heads.head_dim,
-            ))
-        } else {
-            self.new_device_kv_cache(num_blocks)
+    fn kv_layout(&self) -> KvLayout {
+        KvLayout::Heads {
+            num_kv_heads: self.heads.num_kv_heads,
+            head_dim: self.heads.head_dim,
         }
     }
 
-    /// The kernels' cache layout on this model's device, whatever it is: on
-    /// the CPU it runs the GPU's code path with the kernels' CPU references,
-    /// which is how tests hold that path to the CPU one.
-    pub fn new_device_kv_cache(&self, num_blocks: usize) -> Result<KvCache> {
-        KvCache::new_on_device(
-            self.layers.len(),
-            num_blocks,
-            self.heads.num_kv_heads,
-            self.heads.head_dim,
-            self.dtype,
-            &self.device,
-        )
-    }
-
-    /// Bytes of KV cache one block takes on this stage and shard.
-    pub fn kv_bytes_per_block(&self) -> usize {
-        KvCache::bytes_per_block(
-            self.layers.len(),
-            self.heads.num_kv_heads,
-            self.heads.head_dim,
-            self.dtype.size_in_bytes(),
-        )
-    }
-
-    /// A generous bound on the device memory one step of `tokens` tokens
-    /// needs beyond weights and KV cache: a layer's live activations (candle
-    /// frees each layer's as the next begins), the logits of up to 256
-    /// sequences, and room for the CUDA libraries' workspaces.
-    pub fn activation_bytes(&self, tokens: usize) -> usize {
+    /// A layer's live activations (candle frees each layer's as the next
+    /// begins), the logits of up to 256 sequences, and room for the CUDA
+    /// libraries' workspaces.
+    fn activation_bytes(&self, tokens: usize) -> usize {
         let c = &self.cfg;
         let ws = self.heads.num_heads.max(1) * c.head_dim;
         let kv = self.heads.num_kv_heads * c.head_dim;
@@ -448,50 +517,7 @@ impl Llama {
         layer + logits + (512 << 20)
     }
 
-    /// Runs one sequence's `tokens`, at positions `start..` of its blocks
-    /// `table`, through a whole model; returns the logits of every token
-    /// (`all_logits`) or of the last. The checks and tests drive a model
-    /// this way, without a scheduler.
-    pub fn forward_sequence(
-        &self,
-        kv: &mut KvCache,
-        table: &[u32],
-        start: usize,
-        tokens: &[u32],
-        all_logits: bool,
-    ) -> Result<Tensor> {
-        let positions: Vec<u32> = (start..start + tokens.len()).map(|p| p as u32).collect();
-        let slots: Vec<u32> = positions
-            .iter()
-            .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
-            .collect();
-        let seqs = [SeqInfo {
-            query_len: tokens.len(),
-            block_table: table,
-        }];
-        let idx: Vec<u32> = if all_logits {
-            (0..tokens.len() as u32).collect()
-        } else {
-            vec![tokens.len().saturating_sub(1) as u32]
-        };
-        let input = BatchInput {
-            token_ids: tokens,
-            positions: &positions,
-            slot_mapping: &slots,
-            seqs: &seqs,
-            logits_indices: &idx,
-        };
-        match self.forward(&input, None, kv)? {
-            StageOutput::Logits(l) => Ok(l),
-            StageOutput::Hidden(_) => Err(Error::Config(
-                "forward_sequence needs the whole model (its last stage returns logits)".into(),
-            )),
-        }
-    }
-
-    /// Runs the stage. The first stage embeds `input.token_ids`; later stages
-    /// take the previous stage's `hidden`.
-    pub fn forward(
+    fn forward(
         &self,
         input: &BatchInput,
         hidden: Option<Tensor>,
@@ -506,31 +532,11 @@ impl Llama {
                 ))
             }
         };
-        let mut token_seq = Vec::with_capacity(input.positions.len());
-        for (s, seq) in input.seqs.iter().enumerate() {
-            token_seq.extend(std::iter::repeat_n(s as u32, seq.query_len));
-        }
-        let mut ctx = Ctx {
-            input,
-            token_seq,
-            block_tables: input.seqs.iter().map(|s| s.block_table).collect(),
-            rope: &self.rope,
-            heads: self.heads,
-            device: None,
-        };
-        if kv.num_layers() > 0 && matches!(kv.layer(0), LayerCache::Device(_)) {
-            let tables = match self.rope_tables.get() {
-                Some(t) => t,
-                None => {
-                    let t = self.rope.tables(&self.device)?;
-                    self.rope_tables.get_or_init(|| t)
-                }
-            };
-            ctx.device = Some(DeviceInputs::new(&ctx, tables, &self.device)?);
-        }
+        let kernels = kv.num_layers() > 0 && matches!(kv.layer(0), LayerCache::Device(_));
+        let batch = Batch::new(input, kernels.then_some(&self.device))?;
         let mut residual = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (out, r) = layer.forward(&x, residual.as_ref(), &ctx, kv.layer(i))?;
+            let (out, r) = layer.forward(&x, residual.as_ref(), &batch, &self.rope, kv.layer(i))?;
             x = out;
             residual = Some(r);
         }
@@ -555,5 +561,76 @@ impl Llama {
                 None => x,
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::arch::from_hf_config;
+
+    #[test]
+    fn llama3_scaling_is_read_from_either_spelling() {
+        let old = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":8,"hidden_size":8,
+            "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,
+            "rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":64}}"#;
+        let new = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":8,"hidden_size":8,
+            "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,
+            "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":64}}"#;
+        let parse = |t: &str| format!("{:?}", from_hf_config(t).unwrap());
+        let (a, b) = (parse(old), parse(new));
+        assert_eq!(a, b);
+        assert!(
+            a.contains("theta: 500000.0") && a.contains("factor: 8.0"),
+            "{a}"
+        );
+        assert!(a.contains("head_dim: 4"), "{a}");
+    }
+
+    #[test]
+    fn unsupported_architectures_are_named_with_what_is_supported() {
+        let c = r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":8,"hidden_size":8,
+            "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2}"#;
+        let e = from_hf_config(c).unwrap_err().to_string();
+        assert!(
+            e.contains("GPT2LMHeadModel") && e.contains("Qwen3ForCausalLM"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn qwen_switches_follow_the_architecture() {
+        let base = r#""vocab_size":8,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,
+            "num_attention_heads":2,"num_key_value_heads":1,"max_position_embeddings":64,
+            "sliding_window":16,"use_sliding_window":false"#;
+        let q2 = from_hf_config(&format!(
+            r#"{{"architectures":["Qwen2ForCausalLM"],{base}}}"#
+        ));
+        let q2 = format!("{:?}", q2.unwrap());
+        assert!(
+            q2.contains("qkv_bias: true, o_bias: false, qk_norm: false"),
+            "{q2}"
+        );
+        // The window is unused, so the context stays whole.
+        assert!(q2.contains("max_position_embeddings: 64"), "{q2}");
+        let q3 = from_hf_config(&format!(
+            r#"{{"architectures":["Qwen3ForCausalLM"],"head_dim":6,{base}}}"#
+        ));
+        let q3 = format!("{:?}", q3.unwrap());
+        assert!(
+            q3.contains("qkv_bias: false, o_bias: false, qk_norm: true"),
+            "{q3}"
+        );
+        assert!(q3.contains("head_dim: 6"), "{q3}");
+        // A window in use caps the context where full attention agrees with it.
+        let windowed = base.replace(
+            r#""use_sliding_window":false"#,
+            r#""use_sliding_window":true"#,
+        );
+        let w = from_hf_config(&format!(
+            r#"{{"architectures":["Qwen2ForCausalLM"],{windowed}}}"#
+        ));
+        assert_eq!(w.unwrap().config().max_position_embeddings, 16);
     }
 }

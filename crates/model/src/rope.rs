@@ -1,7 +1,28 @@
 //! Rotary position embeddings, precomputed per position.
 
+use std::sync::OnceLock;
+
 use strata_kernels::RopeTables;
-use strata_types::{ModelConfig, RopeStyle};
+use strata_types::RopeStyle;
+
+/// How positions are rotated into a head: everything [`Rope`] is built from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeConfig {
+    /// Dimensions of a head that rotate.
+    pub dim: usize,
+    pub theta: f32,
+    pub scaling: Option<RopeScaling>,
+    pub style: RopeStyle,
+}
+
+/// Llama 3 frequency-dependent rope scaling (`rope_type: "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
 
 /// cos/sin tables `[positions, head_dim / 2]` and how dimensions pair up.
 #[derive(Debug, Clone)]
@@ -11,18 +32,20 @@ pub struct Rope {
     half: usize,
     style: RopeStyle,
     max_positions: usize,
+    /// The same tables on the kernels' device, made on first use.
+    device_tables: OnceLock<RopeTables>,
 }
 
 impl Rope {
     /// `freq_factors` divides each frequency (GGUF's `rope_freqs` tensor,
     /// how llama.cpp stores Llama 3 scaling).
-    pub fn new(cfg: &ModelConfig, freq_factors: Option<&[f32]>, max_positions: usize) -> Self {
-        let dim = cfg.head_dim;
+    pub fn new(cfg: &RopeConfig, freq_factors: Option<&[f32]>, max_positions: usize) -> Self {
+        let dim = cfg.dim;
         let half = dim / 2;
         let mut inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f32 / dim as f32))
+            .map(|i| 1.0 / cfg.theta.powf((2 * i) as f32 / dim as f32))
             .collect();
-        if let Some(s) = &cfg.rope_scaling {
+        if let Some(s) = &cfg.scaling {
             // Llama 3: leave high frequencies, divide low ones by `factor`,
             // interpolate smoothly in between.
             let old = s.original_max_position_embeddings as f32;
@@ -57,8 +80,9 @@ impl Rope {
             cos,
             sin,
             half,
-            style: cfg.rope_style,
+            style: cfg.style,
             max_positions,
+            device_tables: OnceLock::new(),
         }
     }
 
@@ -66,9 +90,14 @@ impl Rope {
         self.max_positions
     }
 
-    /// The same tables on `device`, as strata's kernels read them.
-    pub fn tables(&self, device: &candle_core::Device) -> candle_core::Result<RopeTables> {
-        RopeTables::new(&self.cos, &self.sin, self.half, self.style, device)
+    /// The same tables on `device`, as strata's kernels read them (made
+    /// once: a stage runs on one device).
+    pub fn tables(&self, device: &candle_core::Device) -> candle_core::Result<&RopeTables> {
+        if let Some(t) = self.device_tables.get() {
+            return Ok(t);
+        }
+        let t = RopeTables::new(&self.cos, &self.sin, self.half, self.style, device)?;
+        Ok(self.device_tables.get_or_init(|| t))
     }
 
     /// Rotates one head vector `x` for position `pos` into `out`.
@@ -101,23 +130,12 @@ impl Rope {
 mod tests {
     use super::*;
 
-    fn cfg(style: RopeStyle) -> ModelConfig {
-        ModelConfig {
-            architecture: "LlamaForCausalLM".into(),
-            vocab_size: 8,
-            hidden_size: 8,
-            intermediate_size: 8,
-            num_layers: 1,
-            num_heads: 1,
-            num_kv_heads: 1,
-            head_dim: 4,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            rope_scaling: None,
-            rope_style: style,
-            max_position_embeddings: 16,
-            tie_word_embeddings: false,
-            attention_bias: false,
+    fn cfg(style: RopeStyle) -> RopeConfig {
+        RopeConfig {
+            dim: 4,
+            theta: 10_000.0,
+            scaling: None,
+            style,
         }
     }
 

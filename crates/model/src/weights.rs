@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
-use strata_types::ModelConfig;
 
+use crate::arch::Architecture;
 use crate::error::{Error, Result};
 use crate::layers::Matmul;
 use crate::quant::{Q4_1Matrix, Q8_0Matrix};
@@ -249,17 +249,17 @@ impl Weights {
         }
     }
 
-    /// The model's configuration: GGUF metadata, or `config.json` beside
-    /// the safetensors.
-    pub fn config(&self) -> Result<ModelConfig> {
+    /// The model's architecture, resolved from GGUF metadata or the
+    /// `config.json` beside the safetensors.
+    pub fn architecture(&self) -> Result<Arc<dyn Architecture>> {
         match &*self.source {
             Source::Gguf { content, .. } => {
-                crate::config_from_gguf(&content.metadata, self.contains("lm_head.weight"))
+                crate::from_gguf_metadata(&content.metadata, self.contains("lm_head.weight"))
             }
             Source::Safetensors { .. } => {
                 let path = self.folder().join("config.json");
                 let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-                crate::config_from_hf_json(&text)
+                crate::from_hf_config(&text)
             }
         }
     }
@@ -621,6 +621,8 @@ fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",

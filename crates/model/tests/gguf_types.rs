@@ -9,8 +9,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use strata_comm::SingleRank;
-use strata_model::{config_from_gguf, BatchInput, Llama, SeqInfo, StageOutput, Weights};
-use strata_types::LayerRange;
+use strata_model::{BatchInput, SeqInfo, StageOutput, Weights};
 
 const HIDDEN: usize = 256; // K-quants need rows of 256
 const FFN: usize = 512;
@@ -97,16 +96,7 @@ fn write_gguf(
 
 fn logits(path: &std::path::Path, prompt: &[u32]) -> Vec<Vec<f32>> {
     let w = Weights::open(path, &Device::Cpu).unwrap();
-    let cfg = config_from_gguf(w.gguf_metadata().unwrap(), w.contains("lm_head.weight")).unwrap();
-    let m = Llama::load(
-        &w,
-        &cfg,
-        LayerRange::full(cfg.num_layers),
-        Arc::new(SingleRank),
-        128,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let m = strata_model::load_whole(&w, Arc::new(SingleRank), 128).unwrap();
     let mut kv = m.new_kv_cache(2).unwrap();
     let positions: Vec<u32> = (0..prompt.len() as u32).collect();
     let seqs = [SeqInfo {

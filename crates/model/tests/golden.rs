@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use strata_comm::SingleRank;
-use strata_model::{
-    config_from_hf_json, BatchInput, KvCache, Llama, SeqInfo, StageOutput, Weights,
-};
+use strata_model::{BatchInput, KvCache, SeqInfo, StageModel, StageOutput, Weights};
 use strata_types::{LayerRange, BLOCK_SIZE};
 
 const TOL: f32 = 1e-4;
@@ -48,19 +46,19 @@ fn reference(variant: &str) -> Reference {
     }
 }
 
-fn load(variant: &str, range: Option<LayerRange>) -> (Llama, Weights) {
-    let dir = fixture(variant);
-    let cfg =
-        config_from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let w = Weights::open(&dir, &Device::Cpu).unwrap();
-    let range = range.unwrap_or(LayerRange::full(cfg.num_layers));
-    let m = Llama::load(&w, &cfg, range, Arc::new(SingleRank), 512, &mut |_, _| {}).unwrap();
+fn load(variant: &str, range: Option<LayerRange>) -> (Box<dyn StageModel>, Weights) {
+    let w = Weights::open(&fixture(variant), &Device::Cpu).unwrap();
+    let arch = w.architecture().unwrap();
+    let range = range.unwrap_or(LayerRange::full(arch.config().num_layers));
+    let m = arch
+        .load_stage(&w, range, Arc::new(SingleRank), 512, &mut |_, _| {})
+        .unwrap();
     (m, w)
 }
 
 /// Feeds `tokens` at positions `start..` of one sequence stored in `table`.
 fn run(
-    m: &Llama,
+    m: &dyn StageModel,
     kv: &mut KvCache,
     table: &[u32],
     start: usize,
@@ -103,7 +101,7 @@ enum Layout {
     Kernels,
 }
 
-fn new_cache(m: &Llama, layout: Layout, blocks: usize) -> KvCache {
+fn new_cache(m: &dyn StageModel, layout: Layout, blocks: usize) -> KvCache {
     match layout {
         Layout::Host => m.new_kv_cache(blocks).unwrap(),
         Layout::Kernels => m.new_device_kv_cache(blocks).unwrap(),
@@ -113,9 +111,9 @@ fn new_cache(m: &Llama, layout: Layout, blocks: usize) -> KvCache {
 fn check_variant_with(variant: &str, layout: Layout) {
     let r = reference(variant);
     let (m, _) = load(variant, None);
-    let mut kv = new_cache(&m, layout, 8);
+    let mut kv = new_cache(&*m, layout, 8);
     let table = [5u32, 2, 7]; // scattered blocks
-    let logits = run(&m, &mut kv, &table, 0, &r.prompt, true);
+    let logits = run(&*m, &mut kv, &table, 0, &r.prompt, true);
     for (i, (g, w)) in logits.iter().zip(&r.prompt_logits).enumerate() {
         assert_close(g, w, &format!("{variant} prompt position {i}"));
     }
@@ -126,7 +124,7 @@ fn check_variant_with(variant: &str, layout: Layout) {
     );
     for i in 0..r.decode_logits.len() {
         let pos = r.prompt.len() + i;
-        let l = run(&m, &mut kv, &table, pos, &[r.greedy[i]], false);
+        let l = run(&*m, &mut kv, &table, pos, &[r.greedy[i]], false);
         assert_close(
             &l[0],
             &r.decode_logits[i],
@@ -192,7 +190,7 @@ fn chunked_and_batched(layout: Layout) {
     let r = reference("llama-gqa");
     let (m, _) = load("llama-gqa", None);
     // Prompt in chunks of 3, 3 and 1 tokens.
-    let mut kv = new_cache(&m, layout, 8);
+    let mut kv = new_cache(&*m, layout, 8);
     let table = [1u32];
     let mut last = Vec::new();
     for (start, chunk) in [
@@ -200,13 +198,13 @@ fn chunked_and_batched(layout: Layout) {
         (3, &r.prompt[3..6]),
         (6, &r.prompt[6..]),
     ] {
-        last = run(&m, &mut kv, &table, start, chunk, false);
+        last = run(&*m, &mut kv, &table, start, chunk, false);
     }
     assert_close(&last[0], r.prompt_logits.last().unwrap(), "chunked prefill");
 
     // Two sequences in one forward: a decode of sequence A and the prompt of B.
-    let mut kv = new_cache(&m, layout, 8);
-    run(&m, &mut kv, &[3], 0, &r.prompt, false);
+    let mut kv = new_cache(&*m, layout, 8);
+    run(&*m, &mut kv, &[3], 0, &r.prompt, false);
     let p = r.prompt.len();
     let tokens: Vec<u32> = std::iter::once(r.greedy[0])
         .chain(r.prompt.iter().copied())

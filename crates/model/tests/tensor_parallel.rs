@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use strata_comm::{Communicator, ThreadComm};
-use strata_model::{config_from_hf_json, KvCache, Llama, Weights};
-use strata_types::LayerRange;
+use strata_model::{KvCache, StageModel, Weights};
 
 fn fixture(variant: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -15,22 +14,12 @@ fn fixture(variant: &str) -> PathBuf {
         .join(variant)
 }
 
-fn load(variant: &str, comm: Arc<dyn Communicator>) -> strata_model::Result<Llama> {
-    let dir = fixture(variant);
-    let cfg =
-        config_from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let w = Weights::open(&dir, &Device::Cpu).unwrap();
-    Llama::load(
-        &w,
-        &cfg,
-        LayerRange::full(cfg.num_layers),
-        comm,
-        512,
-        &mut |_, _| {},
-    )
+fn load(variant: &str, comm: Arc<dyn Communicator>) -> strata_model::Result<Box<dyn StageModel>> {
+    let w = Weights::open(&fixture(variant), &Device::Cpu).unwrap();
+    strata_model::load_whole(&w, comm, 512)
 }
 
-fn step(m: &Llama, kv: &mut KvCache, start: usize, tokens: &[u32]) -> Vec<f32> {
+fn step(m: &dyn StageModel, kv: &mut KvCache, start: usize, tokens: &[u32]) -> Vec<f32> {
     m.forward_sequence(kv, &[0, 1], start, tokens, false)
         .unwrap()
         .flatten_all()
@@ -77,9 +66,9 @@ fn two_thread_ranks_match_transformers() {
                 s.spawn(move || {
                     let m = load("llama-gqa", Arc::new(c)).unwrap();
                     let mut kv = m.new_kv_cache(2).unwrap();
-                    let mut out = vec![step(&m, &mut kv, 0, prompt)];
+                    let mut out = vec![step(&*m, &mut kv, 0, prompt)];
                     for (i, &t) in greedy[..8].iter().enumerate() {
-                        out.push(step(&m, &mut kv, prompt.len() + i, &[t]));
+                        out.push(step(&*m, &mut kv, prompt.len() + i, &[t]));
                     }
                     out
                 })
@@ -112,7 +101,7 @@ fn a_tp_size_that_does_not_divide_the_kv_heads_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("tensor parallel size 2 must divide the 1 KV heads"),
+        e.contains("--tensor-parallel-size 2 must divide the model's 1 KV heads"),
         "{e}"
     );
 }

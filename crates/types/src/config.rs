@@ -69,51 +69,110 @@ pub enum RopeStyle {
     Interleaved,
 }
 
-/// Llama 3 frequency-dependent rope scaling (`rope_type: "llama3"`).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct RopeScaling {
-    pub factor: f32,
-    pub low_freq_factor: f32,
-    pub high_freq_factor: f32,
-    pub original_max_position_embeddings: usize,
+/// What the KV cache keeps per token and layer: the model decides, the
+/// engine sizes and splits by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvLayout {
+    /// A key and a value vector per KV head (multi-head and grouped-query
+    /// attention); tensor parallelism splits the heads.
+    Heads {
+        num_kv_heads: usize,
+        head_dim: usize,
+    },
+    /// Multi-head latent attention (DeepSeek): one compressed latent and one
+    /// rope key shared by every head; each tensor-parallel rank keeps all of
+    /// it, as vLLM does.
+    Latent {
+        kv_lora_rank: usize,
+        rope_head_dim: usize,
+    },
 }
 
-/// The resolved architecture of a Llama-family model, whatever file it came from.
+impl KvLayout {
+    /// The layout one of `tp` tensor-parallel ranks holds.
+    pub fn per_rank(self, tp: usize) -> KvLayout {
+        match self {
+            KvLayout::Heads {
+                num_kv_heads,
+                head_dim,
+            } => KvLayout::Heads {
+                num_kv_heads: num_kv_heads / tp.max(1),
+                head_dim,
+            },
+            latent => latent,
+        }
+    }
+
+    /// Values one token takes in one layer.
+    pub fn values_per_token(self) -> usize {
+        match self {
+            KvLayout::Heads {
+                num_kv_heads,
+                head_dim,
+            } => 2 * num_kv_heads * head_dim,
+            KvLayout::Latent {
+                kv_lora_rank,
+                rope_head_dim,
+            } => kv_lora_rank + rope_head_dim,
+        }
+    }
+
+    /// KV heads, or `None` for a latent cache (for reports).
+    pub fn num_kv_heads(self) -> Option<usize> {
+        match self {
+            KvLayout::Heads { num_kv_heads, .. } => Some(num_kv_heads),
+            KvLayout::Latent { .. } => None,
+        }
+    }
+}
+
+/// What the engine, the planner and the scheduler need to know about a
+/// model, whatever its architecture. Each architecture in `strata-model`
+/// resolves its own full config and summarises it here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// The Hugging Face class name (`LlamaForCausalLM`, ...).
     pub architecture: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    /// The MLP width a token passes through (for an MoE, its active experts' together).
     pub intermediate_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f32,
-    pub rope_scaling: Option<RopeScaling>,
-    pub rope_style: RopeStyle,
+    pub kv: KvLayout,
     pub max_position_embeddings: usize,
-    pub tie_word_embeddings: bool,
-    pub attention_bias: bool,
+    /// The lm_head's matmul per token, in units of one decoder layer's: the
+    /// work the last pipeline stage does beyond its layers.
+    pub head_cost_in_layers: f64,
+    /// Tensor-parallel sizes the model accepts divide this (the KV heads for
+    /// Llama).
+    pub tensor_parallel_unit: usize,
 }
 
 impl ModelConfig {
-    /// The lm_head's matmul per token, in units of one decoder layer's: the
-    /// work the last pipeline stage does beyond its layers.
-    pub fn head_cost_in_layers(&self) -> f64 {
-        let h = self.hidden_size;
-        let (q, kv) = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        );
-        let layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size;
-        (self.vocab_size * h) as f64 / layer.max(1) as f64
+    /// Bytes of KV cache one token takes in `layers` layers of the whole
+    /// model (before any tensor-parallel split), at `dtype_bytes` per element.
+    pub fn kv_bytes_per_token(&self, layers: usize, dtype_bytes: usize) -> usize {
+        layers * self.kv.values_per_token() * dtype_bytes
     }
 
-    /// Bytes of KV cache one token takes in `layers` layers, at `dtype_bytes` per element.
-    pub fn kv_bytes_per_token(&self, layers: usize, dtype_bytes: usize) -> usize {
-        2 * layers * self.num_kv_heads * self.head_dim * dtype_bytes
+    /// Refuses a tensor-parallel size the model cannot be split by.
+    pub fn check_tensor_parallel(&self, tp: usize) -> Result<(), String> {
+        if tp == 0 || !self.tensor_parallel_unit.is_multiple_of(tp) {
+            let what = match self.kv {
+                KvLayout::Heads { num_kv_heads, .. }
+                    if num_kv_heads == self.tensor_parallel_unit =>
+                {
+                    format!("the model's {num_kv_heads} KV heads")
+                }
+                _ => format!(
+                    "{} (what {} splits evenly by)",
+                    self.tensor_parallel_unit, self.architecture
+                ),
+            };
+            return Err(format!("--tensor-parallel-size {tp} must divide {what}"));
+        }
+        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ pub mod plan;
 mod sampling;
 mod step;
 
-pub use config::{LayerRange, ModelConfig, RopeScaling, RopeStyle};
+pub use config::{KvLayout, LayerRange, ModelConfig, RopeStyle};
 pub use layout::{ClusterLayout, NodePlan, StageSlot};
 pub use sampling::SamplingParams;
 pub use step::{

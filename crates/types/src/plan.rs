@@ -54,7 +54,7 @@ impl Footprint {
             hidden_size: cfg.hidden_size,
             intermediate_size: cfg.intermediate_size,
             num_heads: cfg.num_heads,
-            num_kv_heads: Some(cfg.num_kv_heads),
+            num_kv_heads: cfg.kv.num_kv_heads(),
             vocab_size: cfg.vocab_size,
             weight_bytes,
             kv_bytes_per_token: cfg.kv_bytes_per_token(cfg.num_layers, kv_dtype_bytes) as u64,

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use candle_core::DType;
 use strata_comm::TcpTransport;
-use strata_model::{DeviceRequest, Placement, Weights};
-use strata_types::{ModelConfig, SchedulerOutput, StageSlot, StepResult};
+use strata_model::{Architecture, DeviceRequest, Placement, Weights};
+use strata_types::{SchedulerOutput, StageSlot, StepResult};
 use tokio::sync::oneshot;
 
 use crate::runner::RunnerError;
@@ -26,7 +26,8 @@ use crate::stage::{KvBudget, Links, LoadedNode, NodeStages};
 pub struct NodeConfig {
     pub rank: usize,
     pub weights: Arc<Weights>,
-    pub config: ModelConfig,
+    /// The model's architecture, resolved from `weights`.
+    pub model: Arc<dyn Architecture>,
     /// `--device`: this node computes there, in the dtype each load names.
     pub device: DeviceRequest,
     pub token: String,
@@ -280,7 +281,7 @@ impl Runtime {
         };
         let node = LoadedNode::load(
             &self.cfg.weights,
-            &self.cfg.config,
+            &*self.cfg.model,
             &spec.slots,
             spec.nccl_id.as_deref(),
             spec.max_model_len,

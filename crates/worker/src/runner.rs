@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use candle_core::Tensor;
-use strata_model::{BatchInput, KvCache, Llama, SeqInfo, StageOutput};
+use strata_model::{BatchInput, KvCache, SeqInfo, StageModel, StageOutput};
 use strata_types::{
     BlockId, RequestId, SampledToken, SamplingParams, SchedulerOutput, StepResult, TokenId,
     BLOCK_SIZE,
@@ -48,13 +48,13 @@ struct CachedRequest {
 
 /// A stage's model, KV cache and per-request state.
 pub struct ModelRunner {
-    model: Llama,
+    model: Box<dyn StageModel>,
     kv: KvCache,
     requests: HashMap<RequestId, CachedRequest>,
 }
 
 impl ModelRunner {
-    pub fn new(model: Llama, num_blocks: usize) -> Result<Self, RunnerError> {
+    pub fn new(model: Box<dyn StageModel>, num_blocks: usize) -> Result<Self, RunnerError> {
         let kv = model.new_kv_cache(num_blocks)?;
         Ok(Self {
             model,
@@ -63,8 +63,8 @@ impl ModelRunner {
         })
     }
 
-    pub fn model(&self) -> &Llama {
-        &self.model
+    pub fn model(&self) -> &dyn StageModel {
+        &*self.model
     }
 
     pub fn num_requests(&self) -> usize {
@@ -86,10 +86,7 @@ impl ModelRunner {
         out: &SchedulerOutput,
         hidden: Option<Tensor>,
     ) -> Result<StageResult, RunnerError> {
-        let is_last = self
-            .model
-            .layer_range()
-            .is_last(self.model.config().num_layers);
+        let is_last = self.model.is_last();
         let empty = || {
             if is_last {
                 StageResult::Sampled(StepResult {

@@ -88,11 +88,11 @@ fn setup(msg: impl Into<String>) -> RunnerError {
 /// within `--cluster-timeout`.
 pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
     let model = opts.model.clone();
-    let (weights, config, fingerprint) = tokio::task::spawn_blocking(move || {
+    let (weights, model, fingerprint) = tokio::task::spawn_blocking(move || {
         let w = Weights::open(&model, &candle_core::Device::Cpu)?;
-        let cfg = w.config()?;
+        let arch = w.architecture()?;
         let fp = w.fingerprint();
-        Ok::<_, RunnerError>((w, cfg, fp))
+        Ok::<_, RunnerError>((w, arch, fp))
     })
     .await
     .map_err(|e| setup(e.to_string()))??;
@@ -121,7 +121,7 @@ pub async fn run_worker(opts: WorkerOptions) -> Result<(), RunnerError> {
     let runtime = NodeRuntime::spawn(NodeConfig {
         rank: opts.node_rank,
         weights: Arc::new(weights),
-        config,
+        model,
         device: opts.device,
         token: opts.token.clone(),
         timeout: opts.timeout,

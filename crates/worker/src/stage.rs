@@ -6,15 +6,15 @@ use std::thread::JoinHandle;
 
 use candle_core::Tensor;
 use strata_comm::{Communicator, SingleRank, TcpComm, TcpTransport, ThreadComm};
-use strata_model::{Llama, Placement, Weights};
-use strata_types::{ModelConfig, SchedulerOutput, StageSlot, StepResult};
+use strata_model::{Architecture, Placement, StageModel, Weights};
+use strata_types::{SchedulerOutput, StageSlot, StepResult};
 
 use crate::runner::{ModelRunner, RunnerError, StageResult};
 
 /// A node's models, loaded but without a KV cache: the leader first learns
 /// how many blocks every node can hold, then starts them all with the least.
 pub struct LoadedNode {
-    stages: Vec<Vec<Llama>>,
+    stages: Vec<Vec<Box<dyn StageModel>>>,
     placement: Placement,
     /// This node's rank of a stage that spans nodes over TCP: connected at
     /// every start, so a replaced peer rejoins without a reload.
@@ -43,7 +43,7 @@ impl LoadedNode {
     /// the leader gave the stage an `nccl_id`, else TCP's.
     pub fn load(
         weights: &Weights,
-        config: &ModelConfig,
+        model: &dyn Architecture,
         slots: &[StageSlot],
         nccl_id: Option<&[u8]>,
         max_model_len: usize,
@@ -62,14 +62,7 @@ impl LoadedNode {
             let mut models = Vec::with_capacity(comms.len());
             for comm in comms {
                 let w = weights.on(placement.device(local), placement.dtype());
-                models.push(Llama::load(
-                    &w,
-                    config,
-                    slot.layers,
-                    comm,
-                    max_model_len,
-                    progress,
-                )?);
+                models.push(model.load_stage(&w, slot.layers, comm, max_model_len, progress)?);
                 local += 1;
             }
             stages.push(models);
@@ -91,8 +84,8 @@ impl LoadedNode {
         self.models().map(|(_, m)| m.kv_bytes_per_block()).sum()
     }
 
-    fn models(&self) -> impl Iterator<Item = (usize, &Llama)> {
-        self.stages.iter().flatten().enumerate()
+    fn models(&self) -> impl Iterator<Item = (usize, &dyn StageModel)> {
+        self.stages.iter().flatten().map(|m| &**m).enumerate()
     }
 
     /// The KV blocks `budget` holds on this node: the fewest any of its
