@@ -172,6 +172,17 @@ pub struct RowParallelLinear {
 }
 
 impl RowParallelLinear {
+    /// This rank's partial product, before the all-reduce and the bias: for
+    /// a caller that sums several partial results and reduces them once.
+    pub fn forward_partial(&self, x: &Tensor) -> Result<Tensor> {
+        debug_assert!(self.bias.is_none(), "a partial product leaves the bias out");
+        self.weight.forward(x)
+    }
+
+    pub fn communicator(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
     pub fn load(
         w: &Weights,
         prefix: &str,

@@ -17,6 +17,7 @@ mod error;
 mod kv_cache;
 mod layers;
 mod llama;
+mod mlp;
 mod quant;
 mod rope;
 pub mod weights;

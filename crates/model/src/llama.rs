@@ -18,6 +18,7 @@ use crate::kv_cache::{KvCache, LayerCache};
 use crate::layers::{
     ColumnParallelLinear, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
 };
+use crate::mlp::{DenseMlp, Mlp, Routing, SparseMoe};
 use crate::rope::{Rope, RopeConfig};
 use crate::weights::{Shard, Weights};
 
@@ -26,6 +27,7 @@ pub(crate) const HF_NAMES: &[&str] = &[
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
 ];
 pub(crate) const GGUF_NAMES: &[&str] = &["llama", "qwen2", "qwen3"];
 
@@ -49,7 +51,39 @@ pub struct LlamaConfig {
     pub o_bias: bool,
     /// A per-head RMSNorm on queries and keys before rope (Qwen3).
     pub qk_norm: bool,
+    /// Sparse feed-forward layers (Qwen3-MoE).
+    pub moe: Option<MoeConfig>,
     summary: ModelConfig,
+}
+
+/// Qwen3-MoE's experts and which layers have them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MoeConfig {
+    #[serde(alias = "num_local_experts")]
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub moe_intermediate_size: usize,
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    /// Layers that keep a dense MLP.
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
+    /// Every `decoder_sparse_step`-th layer is sparse.
+    #[serde(default = "one")]
+    pub decoder_sparse_step: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl MoeConfig {
+    /// transformers' rule for which layers are sparse.
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        !self.mlp_only_layers.contains(&layer)
+            && self.num_experts > 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step.max(1))
+    }
 }
 
 /// `config.json` as Hugging Face writes it for this family.
@@ -77,6 +111,13 @@ struct HfConfig {
     use_sliding_window: Option<bool>,
 }
 
+/// `config.json`'s expert fields, when it has them.
+#[derive(Debug, Deserialize)]
+struct HfMoe {
+    #[serde(flatten)]
+    moe: Option<MoeConfig>,
+}
+
 fn default_eps() -> f64 {
     1e-6
 }
@@ -87,6 +128,17 @@ fn default_max_pos() -> usize {
 pub(crate) fn from_hf(name: &str, text: &str) -> Result<Arc<dyn Architecture>> {
     let c: HfConfig =
         serde_json::from_str(text).map_err(|e| Error::Config(format!("config.json: {e}")))?;
+    let moe = if name == "Qwen3MoeForCausalLM" {
+        let m: HfMoe =
+            serde_json::from_str(text).map_err(|e| Error::Config(format!("config.json: {e}")))?;
+        Some(m.moe.ok_or_else(|| {
+            Error::Config(format!(
+                "{name} needs num_experts, num_experts_per_tok and moe_intermediate_size"
+            ))
+        })?)
+    } else {
+        None
+    };
     let (theta, scaling) = c.rope.resolve()?;
     let head_dim = c
         .head_dim
@@ -131,7 +183,8 @@ pub(crate) fn from_hf(name: &str, text: &str) -> Result<Arc<dyn Architecture>> {
             tie_word_embeddings: c.tie_word_embeddings,
             qkv_bias: qwen2 || (c.attention_bias && !mistral),
             o_bias: c.attention_bias && !mistral && !qwen2,
-            qk_norm: qwen3,
+            qk_norm: qwen3 || moe.is_some(),
+            moe,
             summary: unresolved(),
         },
     )
@@ -179,6 +232,7 @@ pub(crate) fn from_gguf(
             qkv_bias: arch == "qwen2",
             o_bias: false,
             qk_norm: arch == "qwen3",
+            moe: None,
             summary: unresolved(),
         },
     )
@@ -215,14 +269,34 @@ impl LlamaConfig {
         if !c.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!("head_dim {} is odd", c.head_dim)));
         }
+        if let Some(m) = &c.moe {
+            if m.num_experts_per_tok == 0 || m.num_experts_per_tok > m.num_experts {
+                return Err(Error::Config(format!(
+                    "{} experts per token of {}",
+                    m.num_experts_per_tok, m.num_experts
+                )));
+            }
+        }
         let h = c.hidden_size;
         let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let layer = h * (q + 2 * kv) + q * h + 3 * h * c.intermediate_size;
+        // The MLP width a token passes through: its active experts' for MoE.
+        let active = match &c.moe {
+            Some(m) if (0..c.num_layers).any(|l| m.is_sparse(l)) => {
+                m.num_experts_per_tok * m.moe_intermediate_size
+            }
+            _ => c.intermediate_size,
+        };
+        let layer = h * (q + 2 * kv) + q * h + 3 * h * active;
+        // Heads split by KV head; experts whole on a rank.
+        let unit = match &c.moe {
+            Some(m) => gcd(c.num_kv_heads, m.num_experts),
+            None => c.num_kv_heads,
+        };
         c.summary = ModelConfig {
             architecture: name.into(),
             vocab_size: c.vocab_size,
             hidden_size: c.hidden_size,
-            intermediate_size: c.intermediate_size,
+            intermediate_size: active,
             num_layers: c.num_layers,
             num_heads: c.num_heads,
             kv: KvLayout::Heads {
@@ -231,9 +305,17 @@ impl LlamaConfig {
             },
             max_position_embeddings: c.max_position_embeddings,
             head_cost_in_layers: (c.vocab_size * h) as f64 / layer.max(1) as f64,
-            tensor_parallel_unit: c.num_kv_heads,
+            tensor_parallel_unit: unit,
         };
         Ok(Arc::new(c))
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -271,9 +353,7 @@ struct DecoderLayer {
     attention: HeadAttention,
     o_proj: RowParallelLinear,
     post_attention_layernorm: RmsNorm,
-    /// gate and up projections, run as one matmul.
-    gate_up_proj: ColumnParallelLinear,
-    down_proj: RowParallelLinear,
+    mlp: Mlp,
 }
 
 impl DecoderLayer {
@@ -320,18 +400,19 @@ impl DecoderLayer {
                 &format!("{p}.post_attention_layernorm.weight"),
                 eps,
             )?,
-            gate_up_proj: ColumnParallelLinear::load_merged(
-                w,
-                &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
-                c,
-                false,
-            )?,
-            down_proj: RowParallelLinear::load(
-                w,
-                &format!("{p}.mlp.down_proj"),
-                comm.clone(),
-                false,
-            )?,
+            mlp: match &cfg.moe {
+                Some(m) if m.is_sparse(i) => Mlp::Sparse(SparseMoe::load(
+                    w,
+                    &format!("{p}.mlp"),
+                    m.num_experts,
+                    Routing::Softmax {
+                        top_k: m.num_experts_per_tok,
+                        norm_topk_prob: m.norm_topk_prob,
+                    },
+                    comm,
+                )?),
+                _ => Mlp::Dense(DenseMlp::load(w, &format!("{p}.mlp"), comm)?),
+            },
         })
     }
 
@@ -368,8 +449,7 @@ impl DecoderLayer {
         let (residual, h) = self
             .post_attention_layernorm
             .forward_residual(&self.o_proj.forward(&attn)?, &residual)?;
-        let m = strata_kernels::silu_and_mul(&self.gate_up_proj.forward(&h)?)?;
-        Ok((self.down_proj.forward(&m)?, residual))
+        Ok((self.mlp.forward(&h)?, residual))
     }
 }
 

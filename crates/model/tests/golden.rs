@@ -166,6 +166,25 @@ fn bf16_and_f16_checkpoints_match_transformers() {
 }
 
 #[test]
+fn qwen2_with_qkv_biases_and_tied_embeddings_matches_transformers() {
+    check_variant("qwen2");
+}
+
+#[test]
+fn qwen3_with_qk_norm_and_explicit_head_dim_matches_transformers() {
+    check_variant("qwen3");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    // Top-2 of 8 renormalised, a dense layer between sparse ones; then
+    // unnormalised, with every other layer sparse.
+    check_variant("qwen3-moe");
+    check_variant("qwen3-moe-step2");
+    chunked_and_batched("qwen3-moe", Layout::Host);
+}
+
+#[test]
 fn sharded_checkpoints_match_transformers() {
     check_variant("llama-sharded");
 }
@@ -178,17 +197,17 @@ fn the_kernels_code_path_matches_transformers() {
     for v in ["llama-gqa", "llama-tied", "llama3-rope", "mistral"] {
         check_variant_with(v, Layout::Kernels);
     }
-    chunked_and_batched(Layout::Kernels);
+    chunked_and_batched("llama-gqa", Layout::Kernels);
 }
 
 #[test]
 fn chunked_prefill_and_batching_give_the_same_logits() {
-    chunked_and_batched(Layout::Host);
+    chunked_and_batched("llama-gqa", Layout::Host);
 }
 
-fn chunked_and_batched(layout: Layout) {
-    let r = reference("llama-gqa");
-    let (m, _) = load("llama-gqa", None);
+fn chunked_and_batched(variant: &str, layout: Layout) {
+    let r = reference(variant);
+    let (m, _) = load(variant, None);
     // Prompt in chunks of 3, 3 and 1 tokens.
     let mut kv = new_cache(&*m, layout, 8);
     let table = [1u32];

@@ -36,10 +36,11 @@ fn argmax(v: &[f32]) -> u32 {
         .0 as u32
 }
 
-#[test]
-fn two_thread_ranks_match_transformers() {
+/// Two thread ranks of `variant` give transformers' logits and tokens;
+/// returns the weight bytes each rank read and the whole checkpoint's.
+fn two_ranks_match_transformers(variant: &str) -> (Vec<u64>, u64) {
     let r = candle_core::safetensors::load(
-        fixture("llama-gqa").join("reference.safetensors"),
+        fixture(variant).join("reference.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
@@ -58,23 +59,24 @@ fn two_thread_ranks_match_transformers() {
     let prompt_logits: Vec<Vec<f32>> = r["prompt_logits"].to_vec2().unwrap();
     let decode_logits: Vec<Vec<f32>> = r["decode_logits"].to_vec2().unwrap();
 
-    let results: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+    let (results, bytes): (Vec<Vec<Vec<f32>>>, Vec<u64>) = std::thread::scope(|s| {
         let handles: Vec<_> = ThreadComm::group(2)
             .into_iter()
             .map(|c| {
                 let (prompt, greedy) = (&prompt, &greedy);
                 s.spawn(move || {
-                    let m = load("llama-gqa", Arc::new(c)).unwrap();
+                    let w = Weights::open(&fixture(variant), &Device::Cpu).unwrap();
+                    let m = strata_model::load_whole(&w, Arc::new(c), 512).unwrap();
                     let mut kv = m.new_kv_cache(2).unwrap();
                     let mut out = vec![step(&*m, &mut kv, 0, prompt)];
                     for (i, &t) in greedy[..8].iter().enumerate() {
                         out.push(step(&*m, &mut kv, prompt.len() + i, &[t]));
                     }
-                    out
+                    (out, w.bytes_read())
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        handles.into_iter().map(|h| h.join().unwrap()).unzip()
     });
     assert_eq!(
         results[0], results[1],
@@ -89,8 +91,30 @@ fn two_thread_ranks_match_transformers() {
             .zip(want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(diff < 1e-4, "step {i}: max |diff| {diff}");
-        assert_eq!(argmax(got), greedy[i], "greedy token {i}");
+        assert!(diff < 1e-4, "{variant} step {i}: max |diff| {diff}");
+        assert_eq!(argmax(got), greedy[i], "{variant} greedy token {i}");
+    }
+    let whole = std::fs::metadata(fixture(variant).join("model.safetensors"))
+        .unwrap()
+        .len();
+    (bytes, whole)
+}
+
+#[test]
+fn two_thread_ranks_match_transformers() {
+    two_ranks_match_transformers("llama-gqa");
+}
+
+/// Experts split across the ranks (4 of 8 each), heads too: each rank
+/// reads its experts, its heads, and the replicated norms and router only.
+#[test]
+fn two_thread_ranks_of_a_mixture_of_experts_match_transformers() {
+    let (bytes, whole) = two_ranks_match_transformers("qwen3-moe");
+    for (rank, b) in bytes.iter().enumerate() {
+        assert!(
+            (*b as f64) <= whole as f64 / 2.0 * 1.05,
+            "rank {rank} read {b} of {whole} bytes"
+        );
     }
 }
 
