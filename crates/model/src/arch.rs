@@ -146,12 +146,20 @@ struct Registered {
     from_gguf: Option<FromGguf>,
 }
 
-const REGISTRY: &[Registered] = &[Registered {
-    hf: crate::llama::HF_NAMES,
-    gguf: crate::llama::GGUF_NAMES,
-    from_hf: crate::llama::from_hf,
-    from_gguf: Some(crate::llama::from_gguf),
-}];
+const REGISTRY: &[Registered] = &[
+    Registered {
+        hf: crate::llama::HF_NAMES,
+        gguf: crate::llama::GGUF_NAMES,
+        from_hf: crate::llama::from_hf,
+        from_gguf: Some(crate::llama::from_gguf),
+    },
+    Registered {
+        hf: crate::deepseek::HF_NAMES,
+        gguf: &[],
+        from_hf: crate::deepseek::from_hf,
+        from_gguf: None,
+    },
+];
 
 /// Every `config.json` architecture strata loads.
 pub fn supported_hf() -> Vec<&'static str> {

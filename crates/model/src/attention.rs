@@ -160,10 +160,13 @@ pub fn paged_attention(
                 rope.apply(&q[i * d..(i + 1) * d], pos, qr);
                 qr.iter_mut().for_each(|x| *x *= scale);
                 let head = KvHead {
-                    cache,
+                    k: &cache.k,
+                    v: &cache.v,
                     table,
-                    offset: (h / group) * d,
-                    row: kv_row,
+                    k_offset: (h / group) * d,
+                    v_offset: (h / group) * d,
+                    k_row: kv_row,
+                    v_row: kv_row,
                 };
                 #[cfg(target_arch = "x86_64")]
                 if simd {
@@ -177,14 +180,87 @@ pub fn paged_attention(
         );
 }
 
-/// One KV head of one sequence, read through its block table.
+/// Writes each token's latent (`[tokens, rank]`) and its rotated rope key
+/// (`[tokens, rope_dim]`, before rope) side by side into the slot given by
+/// `slot_mapping`: the one cache row multi-head latent attention keeps.
+pub fn write_latent(
+    cache: &mut LayerKv,
+    latent: &[f32],
+    k_rope: &[f32],
+    positions: &[u32],
+    slot_mapping: &[u32],
+    rope: &Rope,
+) {
+    let rope_dim = k_rope.len() / positions.len().max(1);
+    let rank = latent.len() / positions.len().max(1);
+    let row = rank + rope_dim;
+    for (t, (&pos, &slot)) in positions.iter().zip(slot_mapping).enumerate() {
+        let dst = &mut cache.k[slot as usize * row..(slot as usize + 1) * row];
+        dst[..rank].copy_from_slice(&latent[t * rank..(t + 1) * rank]);
+        rope.apply(
+            &k_rope[t * rope_dim..(t + 1) * rope_dim],
+            pos as usize,
+            &mut dst[rank..],
+        );
+    }
+}
+
+/// Multi-head latent attention over the cache [`write_latent`] fills, in
+/// its absorbed form: `q` is `[tokens, num_heads, rank + rope_dim]`, each
+/// head's latent query (its no-rope query through `W_UK`) beside its
+/// rotated rope query, already scaled. Every head attends to the same rows
+/// (keys: the whole row; values: the latent). `out` is `[tokens, num_heads,
+/// rank]`, still to go through `W_UV`.
+pub fn latent_attention(
+    q: &[f32],
+    cache: &LayerKv,
+    positions: &[u32],
+    token_seq: &[u32],
+    block_tables: &[&[u32]],
+    num_heads: usize,
+    rank: usize,
+    out: &mut [f32],
+) {
+    let row = q.len() / (positions.len() * num_heads).max(1);
+    let simd = crate::quant::has_avx2();
+    out.par_chunks_mut(rank)
+        .enumerate()
+        .with_min_len(2)
+        .for_each(|(i, acc)| {
+            let t = i / num_heads;
+            let head = KvHead {
+                k: &cache.k,
+                v: &cache.k,
+                table: block_tables[token_seq[t] as usize],
+                k_offset: 0,
+                v_offset: 0,
+                k_row: row,
+                v_row: row,
+            };
+            let (qi, pos) = (&q[i * row..(i + 1) * row], positions[t] as usize);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { attend_avx2(qi, &head, pos, acc) };
+                return;
+            }
+            let _ = simd;
+            attend(qi, &head, pos, acc);
+        });
+}
+
+/// One KV head of one sequence, read through its block table: keys and
+/// values at an offset inside the rows of their planes.
 struct KvHead<'a> {
-    cache: &'a LayerKv,
+    k: &'a [f32],
+    v: &'a [f32],
     table: &'a [u32],
-    /// Offset of this head inside a cache row.
-    offset: usize,
-    /// Floats per cache row (every KV head of one token).
-    row: usize,
+    /// Where this head's key and value start inside a cache row.
+    k_offset: usize,
+    v_offset: usize,
+    /// Floats per cache row of each plane (every KV head of one token).
+    k_row: usize,
+    v_row: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -196,21 +272,23 @@ unsafe fn attend_avx2(q: &[f32], head: &KvHead, pos: usize, out: &mut [f32]) {
 
 /// Softmax attention of one (already rotated, scaled) query over positions
 /// `0..=pos`, a cache block at a time: scores for the block, one running-max
-/// update, then the weighted values. No buffer grows with the context.
+/// update, then the weighted values. No buffer grows with the context. Keys
+/// are `q.len()` wide, values `out.len()`.
 #[inline(always)]
 fn attend(q: &[f32], head: &KvHead, pos: usize, out: &mut [f32]) {
-    let d = q.len();
+    let (d, dv) = (q.len(), out.len());
     out.fill(0.0);
     let mut max = f32::NEG_INFINITY;
     let mut sum = 0.0f32;
     let mut scores = [0f32; BLOCK_SIZE];
     for (b, &block) in head.table[..=pos / BLOCK_SIZE].iter().enumerate() {
         let n = (pos + 1 - b * BLOCK_SIZE).min(BLOCK_SIZE);
-        let base = block as usize * BLOCK_SIZE * head.row + head.offset;
+        let k_base = block as usize * BLOCK_SIZE * head.k_row + head.k_offset;
+        let v_base = block as usize * BLOCK_SIZE * head.v_row + head.v_offset;
         let mut block_max = f32::NEG_INFINITY;
         for (i, s) in scores[..n].iter_mut().enumerate() {
-            let off = base + i * head.row;
-            *s = dot(q, &head.cache.k[off..off + d]);
+            let off = k_base + i * head.k_row;
+            *s = dot(q, &head.k[off..off + d]);
             block_max = block_max.max(*s);
         }
         if block_max > max {
@@ -226,8 +304,8 @@ fn attend(q: &[f32], head: &KvHead, pos: usize, out: &mut [f32]) {
             sum += *s;
         }
         for (i, &w) in scores[..n].iter().enumerate() {
-            let off = base + i * head.row;
-            for (a, v) in out.iter_mut().zip(&head.cache.v[off..off + d]) {
+            let off = v_base + i * head.v_row;
+            for (a, v) in out.iter_mut().zip(&head.v[off..off + dv]) {
                 *a += w * v;
             }
         }

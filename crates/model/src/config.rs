@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use crate::arch::GgufMetadata;
 use crate::error::{Error, Result};
-use crate::rope::RopeScaling;
+use crate::rope::{yarn_mscale, RopeScaling};
 
 /// Rope settings as Hugging Face writes them: `rope_scaling` (transformers
 /// < 5) or `rope_parameters` (transformers >= 5, which holds `rope_theta`
@@ -19,6 +19,12 @@ pub(crate) struct HfRope {
     pub low_freq_factor: Option<f32>,
     pub high_freq_factor: Option<f32>,
     pub original_max_position_embeddings: Option<usize>,
+    pub beta_fast: Option<f32>,
+    pub beta_slow: Option<f32>,
+    pub mscale: Option<f32>,
+    pub mscale_all_dim: Option<f32>,
+    pub attention_factor: Option<f32>,
+    pub truncate: Option<bool>,
 }
 
 /// The fields every config spells the same way, for rope.
@@ -37,26 +43,47 @@ impl HfRopeFields {
             .rope_theta
             .or_else(|| rope.and_then(|r| r.rope_theta))
             .unwrap_or(10_000.0);
-        let req = |v: Option<f32>, name: &str| {
-            v.ok_or_else(|| Error::Config(format!("llama3 rope scaling needs `{name}`")))
-        };
         let scaling = match rope.and_then(|r| r.rope_type.as_deref().map(|t| (t, r))) {
             None | Some(("default", _)) => None,
-            Some(("llama3", r)) => Some(RopeScaling {
-                factor: req(r.factor, "factor")?,
-                low_freq_factor: req(r.low_freq_factor, "low_freq_factor")?,
-                high_freq_factor: req(r.high_freq_factor, "high_freq_factor")?,
-                original_max_position_embeddings: r.original_max_position_embeddings.ok_or_else(
-                    || {
-                        Error::Config(
-                            "llama3 rope scaling needs `original_max_position_embeddings`".into(),
-                        )
-                    },
-                )?,
-            }),
+            Some((kind @ ("llama3" | "yarn"), r)) => {
+                let need = |v: Option<f32>, name: &str| {
+                    v.ok_or_else(|| Error::Config(format!("{kind} rope scaling needs `{name}`")))
+                };
+                let original = r.original_max_position_embeddings.ok_or_else(|| {
+                    Error::Config(format!(
+                        "{kind} rope scaling needs `original_max_position_embeddings`"
+                    ))
+                })?;
+                let factor = need(r.factor, "factor")?;
+                Some(if kind == "llama3" {
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
+                        high_freq_factor: need(r.high_freq_factor, "high_freq_factor")?,
+                        original_max_position_embeddings: original,
+                    }
+                } else {
+                    let attention_factor =
+                        r.attention_factor
+                            .unwrap_or(match (r.mscale, r.mscale_all_dim) {
+                                (Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                                    yarn_mscale(factor, m) / yarn_mscale(factor, all)
+                                }
+                                _ => yarn_mscale(factor, 1.0),
+                            });
+                    RopeScaling::Yarn {
+                        factor,
+                        original_max_position_embeddings: original,
+                        beta_fast: r.beta_fast.filter(|b| *b != 0.0).unwrap_or(32.0),
+                        beta_slow: r.beta_slow.filter(|b| *b != 0.0).unwrap_or(1.0),
+                        truncate: r.truncate.unwrap_or(true),
+                        attention_factor,
+                    }
+                })
+            }
             Some((other, _)) => {
                 return Err(Error::Unsupported(format!(
-                    "rope scaling type `{other}` (supported: llama3)"
+                    "rope scaling type `{other}` (supported: llama3, yarn)"
                 )))
             }
         };

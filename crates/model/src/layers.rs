@@ -10,6 +10,7 @@ use candle_core::{DType, Module, Tensor};
 use strata_comm::Communicator;
 
 use crate::error::Result;
+use crate::fp8::Fp8Matrix;
 use crate::quant::{Q4_1Matrix, Q8_0Matrix};
 use crate::weights::{Shard, Weights};
 
@@ -18,6 +19,8 @@ use crate::weights::{Shard, Weights};
 #[derive(Debug, Clone)]
 pub enum Matmul {
     Candle(QMatMul),
+    /// Block-scaled FP8 (DeepSeek's checkpoints), dequantized inside the matmul.
+    Fp8(Arc<Fp8Matrix>),
     Q4_1(Arc<Q4_1Matrix>),
     Q8_0(Arc<Q8_0Matrix>),
 }
@@ -29,6 +32,7 @@ impl Matmul {
             Matmul::Candle(m) => Ok(m.forward(x)?),
             Matmul::Q4_1(m) => m.forward(x),
             Matmul::Q8_0(m) => m.forward(x),
+            Matmul::Fp8(m) => m.forward(x),
         }
     }
 
@@ -42,6 +46,7 @@ impl Matmul {
             Matmul::Candle(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
             Matmul::Q4_1(q) => q.dequantize()?,
             Matmul::Q8_0(q) => q.dequantize()?,
+            Matmul::Fp8(q) => q.dequantize()?,
         })
     }
 

@@ -12,8 +12,11 @@ pub mod arch;
 mod attention;
 mod batch;
 mod config;
+mod decoder;
+mod deepseek;
 mod device;
 mod error;
+mod fp8;
 mod kv_cache;
 mod layers;
 mod llama;
@@ -25,13 +28,14 @@ pub mod weights;
 pub use arch::{from_gguf_metadata, from_hf_config, load_whole, Architecture, StageModel};
 pub use attention::{paged_attention, write_kv, Heads};
 pub use batch::{BatchInput, SeqInfo, StageOutput};
+pub use deepseek::DeepseekConfig;
 pub use device::{dtype_from_name, dtype_name, parse_dtype, DeviceRequest, Placement};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use layers::{
     ColumnParallelLinear, Matmul, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
 };
-pub use llama::{Llama, LlamaConfig};
+pub use llama::{LlamaConfig, MoeConfig};
 pub use quant::{Q4_1Matrix, Q8_0Matrix, QuantMatrix};
 pub use rope::{Rope, RopeConfig, RopeScaling};
 pub use weights::{Shard, WeightFormat, Weights};

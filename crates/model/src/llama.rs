@@ -4,23 +4,22 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde::Deserialize;
 use strata_comm::Communicator;
 use strata_types::{KvLayout, LayerRange, ModelConfig, RopeStyle};
 
 use crate::arch::{Architecture, GgufMetadata, StageModel};
 use crate::attention::{HeadAttention, Heads};
-use crate::batch::{Batch, BatchInput, StageOutput};
+use crate::batch::Batch;
 use crate::config::{GgufKeys, HfRopeFields};
+use crate::decoder::{DecoderStage, Layer, StageSpec};
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvCache, LayerCache};
-use crate::layers::{
-    ColumnParallelLinear, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
-};
+use crate::kv_cache::LayerCache;
+use crate::layers::{ColumnParallelLinear, RmsNorm, RowParallelLinear};
 use crate::mlp::{DenseMlp, Mlp, Routing, SparseMoe};
 use crate::rope::{Rope, RopeConfig};
-use crate::weights::{Shard, Weights};
+use crate::weights::Weights;
 
 pub(crate) const HF_NAMES: &[&str] = &[
     "LlamaForCausalLM",
@@ -332,7 +331,7 @@ impl Architecture for LlamaConfig {
         max_positions: usize,
         on_layer: &mut dyn FnMut(usize, LayerRange),
     ) -> Result<Box<dyn StageModel>> {
-        Ok(Box::new(Llama::load(
+        Ok(Box::new(load_stage(
             w,
             self,
             range,
@@ -344,7 +343,7 @@ impl Architecture for LlamaConfig {
 }
 
 #[derive(Debug)]
-struct DecoderLayer {
+pub(crate) struct DecoderLayer {
     input_layernorm: RmsNorm,
     /// q, k and v projections, run as one matmul.
     qkv_proj: ColumnParallelLinear,
@@ -409,17 +408,16 @@ impl DecoderLayer {
                         top_k: m.num_experts_per_tok,
                         norm_topk_prob: m.norm_topk_prob,
                     },
+                    false,
                     comm,
                 )?),
                 _ => Mlp::Dense(DenseMlp::load(w, &format!("{p}.mlp"), comm)?),
             },
         })
     }
+}
 
-    /// `x` is the previous layer's output and `residual` the stream before it
-    /// (`None` at the stage's first layer, where `x` is the whole stream).
-    /// Returns this layer's output and the stream before it: the residual
-    /// adds are fused into the next RMSNorm.
+impl Layer for DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
@@ -454,194 +452,58 @@ impl DecoderLayer {
 }
 
 /// One pipeline stage of a Llama-family model, for one tensor-parallel rank.
-#[derive(Debug)]
-pub struct Llama {
-    cfg: LlamaConfig,
+pub(crate) type Llama = DecoderStage<DecoderLayer>;
+
+fn load_stage(
+    w: &Weights,
+    cfg: &LlamaConfig,
     range: LayerRange,
-    embed: Option<VocabEmbedding>,
-    layers: Vec<DecoderLayer>,
-    norm: Option<RmsNorm>,
-    lm_head: Option<ParallelLmHead>,
-    rope: Rope,
-    heads: Heads,
-    device: Device,
-    dtype: DType,
-}
-
-impl Llama {
-    fn load(
-        w: &Weights,
-        cfg: &LlamaConfig,
-        range: LayerRange,
-        comm: Arc<dyn Communicator>,
-        max_positions: usize,
-        on_layer: &mut dyn FnMut(usize, LayerRange),
-    ) -> Result<Self> {
-        if range.end > cfg.num_layers || range.is_empty() {
-            return Err(Error::Config(format!(
-                "layer range [{}, {}) is not inside the model's {} layers",
-                range.start, range.end, cfg.num_layers
-            )));
-        }
-        let ws = comm.world_size();
-        cfg.summary
-            .check_tensor_parallel(ws)
-            .map_err(Error::Config)?;
-        let heads = Heads {
-            num_heads: cfg.num_heads / ws,
-            num_kv_heads: cfg.num_kv_heads / ws,
-            head_dim: cfg.head_dim,
-        };
-        let (device, dtype) = (w.device().clone(), w.dtype());
-        let vocab_shard = (ws > 1).then(|| Shard::uneven(0, comm.rank(), ws));
-        let is_last = range.is_last(cfg.num_layers);
-        // A tied lm_head reuses the embedding matrix, read once; GGUF keeps it
-        // quantized for the matmul and dequantizes a copy for lookups.
-        let embed_needed = range.is_first() || (is_last && cfg.tie_word_embeddings);
-        let embed_mm = embed_needed
-            .then(|| w.matmul("model.embed_tokens.weight", vocab_shard))
-            .transpose()?;
-        let embed = match (&embed_mm, range.is_first()) {
-            (Some(mm), true) => Some(VocabEmbedding::new(
-                mm.dense()?,
-                cfg.vocab_size,
-                comm.clone(),
-            )?),
-            _ => None,
-        };
-        let mut layers = Vec::with_capacity(range.len());
-        for i in range.start..range.end {
-            layers.push(DecoderLayer::load(w, cfg, i, heads, &comm)?);
-            on_layer(i, range);
-        }
-        let (norm, lm_head) = if is_last {
-            let head = if cfg.tie_word_embeddings {
-                embed_mm.expect("read above for a tied head")
-            } else {
-                w.matmul("lm_head.weight", vocab_shard)?
-            };
-            (
-                Some(RmsNorm::load(w, "model.norm.weight", cfg.rms_norm_eps)?),
-                Some(ParallelLmHead::new(head, cfg.vocab_size, comm.clone())),
-            )
-        } else {
-            (None, None)
-        };
-        let freq_factors = if w.contains("rope_freqs.weight") {
-            Some(
-                w.tensor("rope_freqs.weight", None)?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?,
-            )
-        } else {
-            None
-        };
-        Ok(Self {
-            rope: Rope::new(&cfg.rope, freq_factors.as_deref(), max_positions),
-            heads,
-            cfg: cfg.clone(),
-            range,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            device,
-            dtype,
-        })
-    }
-}
-
-impl StageModel for Llama {
-    fn config(&self) -> &ModelConfig {
-        &self.cfg.summary
-    }
-
-    fn layer_range(&self) -> LayerRange {
-        self.range
-    }
-
-    fn max_positions(&self) -> usize {
-        self.rope.max_positions()
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    fn kv_layout(&self) -> KvLayout {
-        KvLayout::Heads {
-            num_kv_heads: self.heads.num_kv_heads,
-            head_dim: self.heads.head_dim,
-        }
-    }
-
-    /// A layer's live activations (candle frees each layer's as the next
-    /// begins), the logits of up to 256 sequences, and room for the CUDA
-    /// libraries' workspaces.
-    fn activation_bytes(&self, tokens: usize) -> usize {
-        let c = &self.cfg;
-        let ws = self.heads.num_heads.max(1) * c.head_dim;
-        let kv = self.heads.num_kv_heads * c.head_dim;
-        let inter = c.intermediate_size * self.heads.num_heads / c.num_heads.max(1);
-        let per_token = 4 * c.hidden_size + ws + 2 * kv + ws + 3 * inter;
-        let layer = 2 * tokens * per_token * self.dtype.size_in_bytes();
-        let logits = if self.lm_head.is_some() {
-            tokens.min(256) * c.vocab_size * (self.dtype.size_in_bytes() + 4)
-        } else {
-            0
-        };
-        layer + logits + (512 << 20)
-    }
-
-    fn forward(
-        &self,
-        input: &BatchInput,
-        hidden: Option<Tensor>,
-        kv: &mut KvCache,
-    ) -> Result<StageOutput> {
-        let mut x = match (&self.embed, hidden) {
-            (_, Some(h)) => h.to_device(&self.device)?.to_dtype(self.dtype)?,
-            (Some(e), None) => e.forward(input.token_ids)?,
-            (None, None) => {
-                return Err(Error::Config(
-                    "a stage after the first needs the previous stage's hidden states".into(),
-                ))
-            }
-        };
-        let kernels = kv.num_layers() > 0 && matches!(kv.layer(0), LayerCache::Device(_));
-        let batch = Batch::new(input, kernels.then_some(&self.device))?;
-        let mut residual = None;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (out, r) = layer.forward(&x, residual.as_ref(), &batch, &self.rope, kv.layer(i))?;
-            x = out;
-            residual = Some(r);
-        }
-        match (&self.norm, &self.lm_head) {
-            (Some(_), Some(_)) if input.logits_indices.is_empty() => Ok(StageOutput::Logits(
-                Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?,
-            )),
-            (Some(norm), Some(head)) => {
-                let idx = Tensor::new(input.logits_indices, &self.device)?;
-                let x = x.index_select(&idx, 0)?;
-                let rows = match residual {
-                    Some(r) => norm.forward_residual(&x, &r.index_select(&idx, 0)?)?.1,
-                    None => norm.forward(&x)?,
-                };
-                Ok(StageOutput::Logits(
-                    head.forward(&rows)?.to_dtype(DType::F32)?,
-                ))
-            }
-            // The next stage gets the whole residual stream.
-            _ => Ok(StageOutput::Hidden(match residual {
-                Some(r) => (x + r)?,
-                None => x,
-            })),
-        }
-    }
+    comm: Arc<dyn Communicator>,
+    max_positions: usize,
+    on_layer: &mut dyn FnMut(usize, LayerRange),
+) -> Result<Llama> {
+    let ws = comm.world_size();
+    cfg.summary
+        .check_tensor_parallel(ws)
+        .map_err(Error::Config)?;
+    let heads = Heads {
+        num_heads: cfg.num_heads / ws,
+        num_kv_heads: cfg.num_kv_heads / ws,
+        head_dim: cfg.head_dim,
+    };
+    let freq_factors = if w.contains("rope_freqs.weight") {
+        Some(
+            w.tensor("rope_freqs.weight", None)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?,
+        )
+    } else {
+        None
+    };
+    let (q, kv) = (
+        heads.num_heads * cfg.head_dim,
+        heads.num_kv_heads * cfg.head_dim,
+    );
+    let inter = cfg.summary.intermediate_size / ws;
+    let spec = StageSpec {
+        summary: &cfg.summary,
+        rope: Rope::new(&cfg.rope, freq_factors.as_deref(), max_positions),
+        rms_norm_eps: cfg.rms_norm_eps,
+        tie_word_embeddings: cfg.tie_word_embeddings,
+        kv: KvLayout::Heads {
+            num_kv_heads: heads.num_kv_heads,
+            head_dim: heads.head_dim,
+        },
+        activations_per_token: 4 * cfg.hidden_size + 2 * q + 2 * kv + 3 * inter,
+    };
+    DecoderStage::load(
+        w,
+        spec,
+        range,
+        &comm,
+        |i| DecoderLayer::load(w, cfg, i, heads, &comm),
+        on_layer,
+    )
 }
 
 #[cfg(test)]

@@ -64,6 +64,17 @@ pub(crate) enum Routing {
     /// Qwen-MoE, Mixtral: softmax over all experts, the top k, optionally
     /// renormalised to sum to 1.
     Softmax { top_k: usize, norm_topk_prob: bool },
+    /// DeepSeek-V3: sigmoid scores; experts chosen by score plus a
+    /// correction bias, within the `topk_group` of `n_group` groups whose
+    /// two best experts score highest; weighted by the scores without the
+    /// bias, optionally renormalised, times `routed_scaling_factor`.
+    Grouped {
+        top_k: usize,
+        n_group: usize,
+        topk_group: usize,
+        norm_topk_prob: bool,
+        routed_scaling_factor: f32,
+    },
 }
 
 /// One expert: a gated MLP whole on one rank.
@@ -73,15 +84,22 @@ struct Expert {
     down: Matmul,
 }
 
-/// Routed experts, this rank holding `experts[first..first + len]`.
+/// Routed experts, this rank holding `experts[first..first + len]`, and
+/// the shared experts every token passes through.
 #[derive(Debug)]
 pub(crate) struct SparseMoe {
-    /// `[num_experts, hidden]`, on every rank.
-    router: Matmul,
+    /// `[num_experts, hidden]` in f32, on every rank: routing decides which
+    /// weights a token meets, so it is computed at full precision.
+    router: Tensor,
+    /// DeepSeek's `e_score_correction_bias`, for choosing only.
+    correction_bias: Option<Vec<f32>>,
     num_experts: usize,
     routing: Routing,
     first: usize,
     experts: Vec<Expert>,
+    /// Split by their intermediate dimension like a dense MLP; summed
+    /// unweighted with the routed experts.
+    shared: Option<DenseMlp>,
     comm: Arc<dyn Communicator>,
 }
 
@@ -92,13 +110,15 @@ pub(crate) fn expert_range(num_experts: usize, rank: usize, ranks: usize) -> (us
 }
 
 impl SparseMoe {
-    /// `prefix` holds `gate.weight` (the router) and
-    /// `experts.{e}.{gate,up,down}_proj.weight`, as Hugging Face saves them.
+    /// `prefix` holds `gate.weight` (the router, and DeepSeek's
+    /// `gate.e_score_correction_bias`), `experts.{e}.{gate,up,down}_proj`
+    /// as Hugging Face saves them, and `shared_experts` when `shared`.
     pub fn load(
         w: &Weights,
         prefix: &str,
         num_experts: usize,
         routing: Routing,
+        shared: bool,
         comm: &Arc<dyn Communicator>,
     ) -> Result<Self> {
         let (first, len) = expert_range(num_experts, comm.rank(), comm.world_size());
@@ -117,26 +137,85 @@ impl SparseMoe {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let correction_bias = match routing {
+            Routing::Grouped { .. } => Some(
+                w.tensor(&format!("{prefix}.gate.e_score_correction_bias"), None)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            ),
+            Routing::Softmax { .. } => None,
+        };
         Ok(Self {
-            router: w.matmul(&format!("{prefix}.gate.weight"), None)?,
+            router: w
+                .tensor(&format!("{prefix}.gate.weight"), None)?
+                .to_dtype(DType::F32)?,
+            correction_bias,
             num_experts,
             routing,
             first,
             experts,
+            shared: shared
+                .then(|| DenseMlp::load(w, &format!("{prefix}.shared_experts"), comm))
+                .transpose()?,
             comm: comm.clone(),
         })
     }
 
     /// For each token, its experts and their weights.
     fn route(&self, x: &Tensor) -> Result<Vec<Vec<(usize, f32)>>> {
-        let scores = self
-            .router
-            .forward(x)?
+        let scores = x
             .to_dtype(DType::F32)?
+            .matmul(&self.router.t()?)?
+            .to_device(&candle_core::Device::Cpu)?
             .to_vec2::<f32>()?;
         Ok(scores
             .iter()
             .map(|row| match self.routing {
+                Routing::Grouped {
+                    top_k,
+                    n_group,
+                    topk_group,
+                    norm_topk_prob,
+                    routed_scaling_factor,
+                } => {
+                    let bias = self.correction_bias.as_deref().unwrap_or(&[]);
+                    let sig: Vec<f32> = row.iter().map(|s| 1.0 / (1.0 + (-s).exp())).collect();
+                    let choice: Vec<f32> = sig
+                        .iter()
+                        .enumerate()
+                        .map(|(e, s)| s + bias.get(e).copied().unwrap_or(0.0))
+                        .collect();
+                    let per = self.num_experts / n_group;
+                    let group_scores: Vec<f32> = choice
+                        .chunks(per)
+                        .map(|g| top_k_of(g, 2).iter().map(|&(_, s)| s).sum())
+                        .collect();
+                    let groups = top_k_of(&group_scores, topk_group);
+                    let masked: Vec<f32> = choice
+                        .iter()
+                        .enumerate()
+                        .map(|(e, &s)| {
+                            if groups.iter().any(|&(g, _)| g == e / per) {
+                                s
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                        .collect();
+                    let mut top: Vec<(usize, f32)> = top_k_of(&masked, top_k)
+                        .into_iter()
+                        .map(|(e, _)| (e, sig[e]))
+                        .collect();
+                    let norm = if norm_topk_prob {
+                        top.iter().map(|&(_, p)| p).sum::<f32>() + 1e-20
+                    } else {
+                        1.0
+                    };
+                    for (_, p) in top.iter_mut() {
+                        *p = *p / norm * routed_scaling_factor;
+                    }
+                    top
+                }
                 Routing::Softmax {
                     top_k,
                     norm_topk_prob,
@@ -159,11 +238,11 @@ impl SparseMoe {
             .collect())
     }
 
-    /// `shared`: experts every token passes through, added unweighted
-    /// (their partial products join the routed ones in one all-reduce).
-    pub fn forward(&self, x: &Tensor, shared: Option<&DenseMlp>) -> Result<Tensor> {
+    /// The shared experts' partial products join the routed ones in one
+    /// all-reduce.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let routes = self.route(x)?;
-        let mut out = match shared {
+        let mut out = match &self.shared {
             Some(s) => s.forward_partial(x)?.to_dtype(DType::F32)?,
             None => Tensor::zeros(x.dims2()?, DType::F32, x.device())?,
         };
@@ -212,7 +291,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Mlp::Dense(m) => m.forward(x),
-            Mlp::Sparse(m) => m.forward(x, None),
+            Mlp::Sparse(m) => m.forward(x),
         }
     }
 }

@@ -15,13 +15,37 @@ pub struct RopeConfig {
     pub style: RopeStyle,
 }
 
-/// Llama 3 frequency-dependent rope scaling (`rope_type: "llama3"`).
+/// Rope scaling for contexts past the one a model was trained on.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RopeScaling {
-    pub factor: f32,
-    pub low_freq_factor: f32,
-    pub high_freq_factor: f32,
-    pub original_max_position_embeddings: usize,
+pub enum RopeScaling {
+    /// Llama 3's frequency-dependent scaling (`rope_type: "llama3"`).
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+    /// YaRN (`rope_type: "yarn"`, DeepSeek-V3): frequencies between
+    /// interpolated and extrapolated by a ramp over the dimensions, and
+    /// cos/sin scaled by `attention_factor`.
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        /// Round the ramp's ends outward (transformers' `truncate`, default on).
+        truncate: bool,
+        attention_factor: f32,
+    },
+}
+
+/// YaRN's magnitude correction for a context `scale` times longer.
+pub fn yarn_mscale(scale: f32, mscale: f32) -> f32 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
 }
 
 /// cos/sin tables `[positions, head_dim / 2]` and how dimensions pair up.
@@ -45,21 +69,60 @@ impl Rope {
         let mut inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / cfg.theta.powf((2 * i) as f32 / dim as f32))
             .collect();
-        if let Some(s) = &cfg.scaling {
-            // Llama 3: leave high frequencies, divide low ones by `factor`,
-            // interpolate smoothly in between.
-            let old = s.original_max_position_embeddings as f32;
-            let low_wavelen = old / s.low_freq_factor;
-            let high_wavelen = old / s.high_freq_factor;
-            for f in inv_freq.iter_mut() {
-                let wavelen = 2.0 * std::f32::consts::PI / *f;
-                if wavelen > low_wavelen {
-                    *f /= s.factor;
-                } else if wavelen >= high_wavelen {
-                    let smooth = (old / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
-                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+        let mut magnitude = 1.0;
+        match cfg.scaling {
+            None => {}
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                // Leave high frequencies, divide low ones by `factor`,
+                // interpolate smoothly in between.
+                let old = original_max_position_embeddings as f32;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
                 }
+            }
+            Some(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                truncate,
+                attention_factor,
+            }) => {
+                // transformers' _compute_yarn_parameters, step for step.
+                let (d, base) = (dim as f64, cfg.theta as f64);
+                let old = original_max_position_embeddings as f64;
+                let correction_dim = |rotations: f64| {
+                    d * (old / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+                };
+                let mut low = correction_dim(beta_fast as f64);
+                let mut high = correction_dim(beta_slow as f64);
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0) as f32, high.min(d - 1.0) as f32);
+                if low == high {
+                    high += 0.001;
+                }
+                for (i, f) in inv_freq.iter_mut().enumerate() {
+                    let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                    let extrapolation = 1.0 - ramp;
+                    *f = (*f / factor) * (1.0 - extrapolation) + *f * extrapolation;
+                }
+                magnitude = attention_factor;
             }
         }
         if let Some(ff) = freq_factors {
@@ -72,8 +135,8 @@ impl Rope {
         for p in 0..max_positions {
             for f in &inv_freq {
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * magnitude);
+                sin.push(a.sin() * magnitude);
             }
         }
         Self {

@@ -17,6 +17,7 @@ use memmap2::Mmap;
 
 use crate::arch::Architecture;
 use crate::error::{Error, Result};
+use crate::fp8::Fp8Matrix;
 use crate::layers::Matmul;
 use crate::quant::{Q4_1Matrix, Q8_0Matrix};
 
@@ -94,6 +95,8 @@ enum Source {
     Safetensors {
         files: Vec<Mmap>,
         entries: HashMap<String, StEntry>,
+        /// `quantization_config.weight_block_size` of an FP8 checkpoint.
+        fp8_block: Option<[usize; 2]>,
     },
     Gguf {
         mmap: Mmap,
@@ -186,6 +189,7 @@ impl Weights {
                 Source::Safetensors {
                     files: maps,
                     entries,
+                    fp8_block: fp8_block(path)?,
                 }
             };
         Ok(Self {
@@ -206,10 +210,26 @@ impl Weights {
     /// weights' size on a GPU, where GGUF is dequantized.
     pub fn dense_bytes(&self, dtype_bytes: usize) -> u64 {
         let elements: usize = match &*self.source {
-            Source::Safetensors { entries, .. } => entries
-                .values()
-                .map(|e| e.shape.iter().product::<usize>())
-                .sum(),
+            Source::Safetensors { entries, .. } => {
+                // FP8 weights are served as they are stored: a byte each,
+                // and their f32 scales.
+                return entries
+                    .iter()
+                    .map(|(name, e)| {
+                        let n = e.shape.iter().product::<usize>();
+                        let fp8 = e.dtype == safetensors::Dtype::F8_E4M3;
+                        let scale = name.ends_with("_scale_inv");
+                        n as u64
+                            * if fp8 {
+                                1
+                            } else if scale {
+                                4
+                            } else {
+                                dtype_bytes as u64
+                            }
+                    })
+                    .sum();
+            }
             Source::Gguf { content, .. } => content
                 .tensor_infos
                 .values()
@@ -353,6 +373,14 @@ impl Weights {
             Source::Gguf { .. } if !self.device.is_cpu() => {
                 Ok(Matmul::Candle(QMatMul::Tensor(self.tensor(name, shard)?)))
             }
+            Source::Safetensors { entries, .. }
+                if self.device.is_cpu()
+                    && entries
+                        .get(name)
+                        .is_some_and(|e| e.dtype == safetensors::Dtype::F8_E4M3) =>
+            {
+                Ok(Matmul::Fp8(Arc::new(self.fp8(name, shard)?)))
+            }
             Source::Safetensors { .. } => Ok(Matmul::Candle(QMatMul::Tensor(
                 self.dense_safetensors(name, shard)?,
             ))),
@@ -392,12 +420,19 @@ impl Weights {
     }
 
     fn dense_safetensors(&self, name: &str, shard: Option<Shard>) -> Result<Tensor> {
-        let Source::Safetensors { files, entries } = &*self.source else {
+        let Source::Safetensors { files, entries, .. } = &*self.source else {
             unreachable!("called on safetensors only")
         };
         let e = entries
             .get(name)
             .ok_or_else(|| Error::MissingWeight(name.into()))?;
+        if e.dtype == safetensors::Dtype::F8_E4M3 {
+            return Ok(self
+                .fp8(name, shard)?
+                .dequantize()?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device)?);
+        }
         let elem = match e.dtype {
             safetensors::Dtype::F32 => 4,
             safetensors::Dtype::F16 | safetensors::Dtype::BF16 => 2,
@@ -445,6 +480,53 @@ impl Weights {
         Ok(Tensor::from_vec(out, shape, &Device::Cpu)?
             .to_dtype(self.dtype)?
             .to_device(&self.device)?)
+    }
+
+    /// An FP8 weight (or its shard) with its block scales, kept FP8.
+    fn fp8(&self, name: &str, shard: Option<Shard>) -> Result<Fp8Matrix> {
+        let Source::Safetensors {
+            files,
+            entries,
+            fp8_block,
+        } = &*self.source
+        else {
+            unreachable!("called on safetensors only")
+        };
+        let bad = |msg: String| Error::BadWeight {
+            name: name.into(),
+            msg,
+        };
+        let e = entries
+            .get(name)
+            .ok_or_else(|| Error::MissingWeight(name.into()))?;
+        let block = fp8_block.ok_or_else(|| {
+            bad(
+                "an FP8 weight, but config.json names no quantization_config.weight_block_size"
+                    .into(),
+            )
+        })?;
+        let [rows, cols] = e.shape[..] else {
+            return Err(bad(format!("an FP8 weight of shape {:?}", e.shape)));
+        };
+        let scale_name = format!("{name}_scale_inv");
+        let scales = self.dense_safetensors(&scale_name, None)?;
+        let scale_cols = scales.dim(1)?;
+        let scales = scales
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (shape, parts) = slice_rows(name, &e.shape, 1, &files[e.file][e.start..e.end], shard)?;
+        let data: Vec<u8> = parts.concat();
+        self.record(name, data.len());
+        let (row0, col0) = match shard {
+            Some(s) if s.dim == 0 => (s.range(name, rows)?.0, 0),
+            Some(s) => (0, s.range(name, cols)?.0),
+            None => (0, 0),
+        };
+        Fp8Matrix::new(
+            name, data, shape[0], shape[1], row0, col0, &scales, scale_cols, block,
+        )
     }
 
     fn qtensor(&self, name: &str, shard: Option<Shard>) -> Result<QTensor> {
@@ -599,6 +681,37 @@ fn safetensors_files(path: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     Err(Error::UnknownFormat(path.to_path_buf()))
+}
+
+/// The FP8 block size from the `config.json` beside a checkpoint, if it
+/// names one (DeepSeek's `quantization_config.weight_block_size`).
+fn fp8_block(path: &Path) -> Result<Option<[usize; 2]>> {
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent().unwrap_or(Path::new("."))
+    };
+    let cfg = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&cfg) else {
+        return Ok(None);
+    };
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", cfg.display())))?;
+    let block = &json["quantization_config"]["weight_block_size"];
+    if block.is_null() {
+        return Ok(None);
+    }
+    match block
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_u64()).collect::<Vec<_>>())
+    {
+        Some(v) if v.len() == 2 && v.iter().all(|x| x.is_some_and(|x| x > 0)) => {
+            Ok(Some([v[0].unwrap() as usize, v[1].unwrap() as usize]))
+        }
+        _ => Err(Error::Config(format!(
+            "quantization_config.weight_block_size {block} is not two positive sizes"
+        ))),
+    }
 }
 
 /// The GGUF spelling of a Hugging Face Llama weight name.

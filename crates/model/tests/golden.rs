@@ -185,6 +185,23 @@ fn qwen3_moe_matches_transformers() {
 }
 
 #[test]
+fn deepseek_v3_matches_transformers() {
+    // MLA with q_lora, v != nope, interleaved YaRN rope, grouped routing
+    // with a correction bias and shared experts; then every switch the
+    // other way.
+    check_variant("deepseek-v3");
+    check_variant("deepseek-v3-plain");
+    chunked_and_batched("deepseek-v3", Layout::Host);
+}
+
+#[test]
+fn deepseek_v3_bf16_and_fp8_checkpoints_match_transformers() {
+    check_variant("deepseek-v3-bf16");
+    // The reference is transformers on the dequantized weights.
+    check_variant("deepseek-v3-fp8");
+}
+
+#[test]
 fn sharded_checkpoints_match_transformers() {
     check_variant("llama-sharded");
 }
