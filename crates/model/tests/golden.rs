@@ -311,9 +311,29 @@ fn a_stage_reads_only_its_own_layers() {
 
 #[test]
 fn stages_chained_by_hidden_states_equal_the_whole_model() {
-    let r = reference("llama-gqa");
-    let (a, _) = load("llama-gqa", Some(LayerRange::new(0, 2)));
-    let (b, _) = load("llama-gqa", Some(LayerRange::new(2, 3)));
+    stages_chained("llama-gqa");
+    stages_chained("deepseek-v3");
+}
+
+/// A DeepSeek cache keeps the latent and the rope key per token and layer:
+/// (32 + 16) values of 4 bytes, 3 layers, BLOCK_SIZE tokens a block; a
+/// Llama cache of the same attention width would keep 2 x 4 heads x 32.
+#[test]
+fn a_deepseek_cache_holds_the_latent_and_rope_key_only() {
+    let (m, _) = load("deepseek-v3", None);
+    let per_block = 3 * BLOCK_SIZE * (32 + 16) * 4;
+    assert_eq!(m.kv_bytes_per_block(), per_block);
+    let kv = m.new_kv_cache(5).unwrap();
+    assert_eq!(kv.bytes(), 5 * per_block);
+    assert_eq!(m.config().kv_bytes_per_token(3, 4), 3 * (32 + 16) * 4);
+    let expanded = 3 * 2 * 4 * (16 + 16) * 4;
+    assert!(m.config().kv_bytes_per_token(3, 4) * 2 < expanded);
+}
+
+fn stages_chained(variant: &str) {
+    let r = reference(variant);
+    let (a, _) = load(variant, Some(LayerRange::new(0, 2)));
+    let (b, _) = load(variant, Some(LayerRange::new(2, 3)));
     let (mut ka, mut kb) = (a.new_kv_cache(2).unwrap(), b.new_kv_cache(2).unwrap());
     let p = r.prompt.len();
     let positions: Vec<u32> = (0..p as u32).collect();
@@ -337,7 +357,7 @@ fn stages_chained_by_hidden_states_equal_the_whole_model() {
     };
     let l: Vec<Vec<f32>> = l.to_vec2().unwrap();
     for (g, w) in l.iter().zip(&r.prompt_logits) {
-        assert_close(g, w, "two stages");
+        assert_close(g, w, &format!("{variant}: two stages"));
     }
 }
 

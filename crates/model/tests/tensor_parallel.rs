@@ -105,6 +105,32 @@ fn two_thread_ranks_match_transformers() {
     two_ranks_match_transformers("llama-gqa");
 }
 
+/// MLA heads (2 of 4 each), routed experts (4 of 8), the dense MLP's and
+/// the shared expert's intermediate dimensions all split; the latent
+/// projections, norms and routers are whole on each rank (as in vLLM).
+#[test]
+fn two_thread_ranks_of_deepseek_match_transformers() {
+    let (bytes, whole) = two_ranks_match_transformers("deepseek-v3");
+    let w = Weights::open(&fixture("deepseek-v3"), &Device::Cpu).unwrap();
+    let replicated: u64 = (0..3)
+        .flat_map(|l| {
+            [
+                format!("model.layers.{l}.self_attn.q_a_proj.weight"),
+                format!("model.layers.{l}.self_attn.kv_a_proj_with_mqa.weight"),
+                format!("model.layers.{l}.mlp.gate.weight"),
+            ]
+        })
+        .filter(|n| w.contains(n))
+        .map(|n| 4 * w.shape(&n).unwrap().iter().product::<usize>() as u64)
+        .sum();
+    for (rank, b) in bytes.iter().enumerate() {
+        assert!(
+            (*b as f64) <= (whole - replicated) as f64 / 2.0 * 1.05 + replicated as f64,
+            "rank {rank} read {b} of {whole} bytes ({replicated} replicated)"
+        );
+    }
+}
+
 /// Experts split across the ranks (4 of 8 each), heads too: each rank
 /// reads its experts, its heads, and the replicated norms and router only.
 #[test]
