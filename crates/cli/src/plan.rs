@@ -32,7 +32,7 @@ pub struct PlanArgs {
     max_num_batched_tokens: usize,
 }
 
-/// A preset, or a checkpoint's footprint served in bf16.
+/// A preset, or a checkpoint's footprint served in bf16 (FP8 as stored).
 pub fn footprint(model: &str) -> Result<Footprint> {
     if let Some(p) = plan::preset(model) {
         return Ok(p);
@@ -49,11 +49,14 @@ pub fn footprint(model: &str) -> Result<Footprint> {
     let name = path
         .file_stem()
         .map_or(model.into(), |s| s.to_string_lossy().to_string());
+    // FP8 weights are served as stored (a byte each, and their scales);
+    // everything else in bf16.
+    let dtype = if w.has_fp8() { "fp8" } else { "bf16" };
     Ok(Footprint::from_config(
         &name,
         w.architecture()?.config(),
         w.dense_bytes(2),
-        "bf16",
+        dtype,
         2,
     ))
 }

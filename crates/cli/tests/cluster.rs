@@ -65,9 +65,19 @@ fn assert_same_tokens_and_logprobs(want: &[Value], got: &[Value], what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_model_across_processes_equals_one_process() {
-    let model = tiny();
+    across_processes_equals_one_process(&tiny()).await;
+}
+
+/// DeepSeek-V3's latent cache and experts split the same ways: heads and
+/// experts over TP ranks (threads or processes), layers over stages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_deepseek_across_processes_equals_one_process() {
+    across_processes_equals_one_process(&tiny().replace("llama-chat", "deepseek-chat")).await;
+}
+
+async fn across_processes_equals_one_process(model: &str) {
     let prompts = ["hello world", "the quick brown fox", "a b c d e f", "zebra"];
-    let one = Server::start_model(&model, &["--kv-cache-memory", "4MiB"]).await;
+    let one = Server::start_model(model, &["--kv-cache-memory", "4MiB"]).await;
     let want = completions(&one, &prompts, 8).await;
     drop(one);
     for (what, nnodes, pp, tp) in [
@@ -76,7 +86,7 @@ async fn tiny_model_across_processes_equals_one_process() {
         ("PP=2 x TP=2 in four processes", 4, 2, 2),
         ("PP=2 x TP=2 threads in two processes", 2, 2, 2),
     ] {
-        let cluster = Cluster::start(&model, nnodes, &sizes(pp, tp, "4MiB")).await;
+        let cluster = Cluster::start(model, nnodes, &sizes(pp, tp, "4MiB")).await;
         let got = completions(&cluster.leader, &prompts, 8).await;
         assert_same_tokens_and_logprobs(&want, &got, what);
     }

@@ -71,3 +71,46 @@ async fn a_transformers_folder_serves_chat_like_transformers() {
         .collect();
     assert_eq!(text, want["prompt"].as_str().unwrap());
 }
+
+/// A DeepSeek-V3 folder (tests/fixtures/tiny/deepseek-chat, see
+/// make_families.py): its chat template renders DeepSeek-R1's format, past
+/// reasoning dropped and the answer opening `<think>`, as transformers
+/// does; greedy decoding gives transformers' tokens through the latent cache.
+#[tokio::test]
+async fn a_deepseek_folder_serves_chat_like_transformers() {
+    let dir = fixture().with_file_name("deepseek-chat");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let s = Server::start_model(dir.to_str().unwrap(), &[]).await;
+    let (_, t) = s
+        .post("/tokenize", &json!({"messages": r["chat"]["messages"]}))
+        .await;
+    assert_eq!(t["tokens"], r["chat"]["ids"]);
+
+    let greedy = &r["greedy"]["ids"];
+    let (_, want) = s
+        .post(
+            "/detokenize",
+            &json!({"tokens": greedy.as_array().unwrap()[..8]}),
+        )
+        .await;
+    let body = json!({"messages": r["chat"]["messages"], "temperature": 0, "max_tokens": 8, "ignore_eos": true});
+    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], want["prompt"]);
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let events = s.stream("/v1/chat/completions", &sb).await;
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, want["prompt"].as_str().unwrap());
+}

@@ -46,10 +46,10 @@ fn python_with_openai() -> PathBuf {
     py
 }
 
-#[tokio::test]
-async fn the_official_openai_python_client_works_unchanged() {
+/// Runs tests/openai_client.py against a server of `model`.
+async fn client_checks(model: &str) {
     let py = python_with_openai();
-    let s = Server::start(&[]).await;
+    let s = Server::start_model(model, &[]).await;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_client.py");
     let out = tokio::process::Command::new(py)
         .arg(script)
@@ -65,7 +65,22 @@ async fn the_official_openai_python_client_works_unchanged() {
     );
     assert!(
         out.status.success(),
-        "tests/openai_client.py failed:\n{log}"
+        "tests/openai_client.py on {model} failed:\n{log}"
     );
     assert!(log.contains("all checks passed"), "{log}");
+}
+
+#[tokio::test]
+async fn the_official_openai_python_client_works_unchanged() {
+    client_checks(&common::demo_model()).await;
+}
+
+/// The tiny DeepSeek-V3 (MLA, MoE), stream and not.
+#[tokio::test]
+async fn the_openai_client_drives_a_deepseek_model() {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/tiny/deepseek-chat"
+    );
+    client_checks(dir).await;
 }

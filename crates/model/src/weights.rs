@@ -207,7 +207,8 @@ impl Weights {
     }
 
     /// Bytes every tensor takes dense at `dtype_bytes` per element: the
-    /// weights' size on a GPU, where GGUF is dequantized.
+    /// weights' size on a GPU, where GGUF is dequantized. FP8 weights count
+    /// as stored: a byte each, and their f32 scales.
     pub fn dense_bytes(&self, dtype_bytes: usize) -> u64 {
         let elements: usize = match &*self.source {
             Source::Safetensors { entries, .. } => {
@@ -237,6 +238,16 @@ impl Weights {
                 .sum(),
         };
         (elements * dtype_bytes) as u64
+    }
+
+    /// Whether the checkpoint holds block-scaled FP8 weights.
+    pub fn has_fp8(&self) -> bool {
+        match &*self.source {
+            Source::Safetensors { entries, .. } => entries
+                .values()
+                .any(|e| e.dtype == safetensors::Dtype::F8_E4M3),
+            Source::Gguf { .. } => false,
+        }
     }
 
     /// The same checkpoint (one mapping, one read counter) read onto
@@ -330,6 +341,16 @@ impl Weights {
     /// Names (HF spelling) of every tensor read so far, in order.
     pub fn names_read(&self) -> Vec<String> {
         self.names_read.lock().expect("poisoned").clone()
+    }
+
+    /// Every tensor in the checkpoint, as the file names it.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match &*self.source {
+            Source::Safetensors { entries, .. } => entries.keys().cloned().collect(),
+            Source::Gguf { content, .. } => content.tensor_infos.keys().cloned().collect(),
+        };
+        names.sort();
+        names
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -330,6 +330,30 @@ fn a_deepseek_cache_holds_the_latent_and_rope_key_only() {
     assert!(m.config().kv_bytes_per_token(3, 4) * 2 < expanded);
 }
 
+/// FP8 weights stay a byte each in memory (and are counted so by the
+/// planner): the FP8 folder's served bytes are the bf16 folder's less one
+/// byte per FP8 weight, plus 4 per block scale.
+#[test]
+fn fp8_weights_are_counted_as_stored() {
+    let fp8 = Weights::open(&fixture("deepseek-v3-fp8"), &Device::Cpu).unwrap();
+    let bf16 = Weights::open(&fixture("deepseek-v3-bf16"), &Device::Cpu).unwrap();
+    assert!(fp8.has_fp8() && !bf16.has_fp8());
+    let (mut fp8_elems, mut scales) = (0u64, 0u64);
+    for n in fp8.names() {
+        let elems = fp8.shape(&n).unwrap().iter().product::<usize>() as u64;
+        if n.ends_with("_scale_inv") {
+            scales += elems;
+        } else if fp8.contains(&format!("{n}_scale_inv")) {
+            fp8_elems += elems;
+        }
+    }
+    assert!(fp8_elems > 0 && scales > 0);
+    assert_eq!(
+        fp8.dense_bytes(2),
+        bf16.dense_bytes(2) - fp8_elems + 4 * scales
+    );
+}
+
 fn stages_chained(variant: &str) {
     let r = reference(variant);
     let (a, _) = load(variant, Some(LayerRange::new(0, 2)));
