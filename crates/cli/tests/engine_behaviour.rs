@@ -82,3 +82,51 @@ async fn run_all(s: &Server, ps: &[String]) -> Vec<String> {
     }))
     .await
 }
+
+/// DeepSeek's latent cache under the scheduler's block machinery: a shared
+/// prefix is served from cached latent blocks, and requests preempted for
+/// lack of blocks finish as they would with room, both with the output of a
+/// server that caches nothing.
+#[tokio::test]
+async fn a_latent_cache_serves_prefix_hits_and_preemption_unchanged() {
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/tiny/deepseek-chat"
+    );
+    let system = "The quick brown fox jumps over the lazy dog. ".repeat(4);
+    let body = |q: &str| {
+        json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+               "temperature": 0, "max_tokens": 8, "ignore_eos": true})
+    };
+    let s = Server::start_model(model, &[]).await;
+    let (_, _) = s.post("/v1/chat/completions", &body("Hi there")).await;
+    let hits_before = s.metric("strata_prefix_cache_hit_tokens_total").await;
+    let (_, warm) = s.post("/v1/chat/completions", &body("How are you?")).await;
+    let hits = s.metric("strata_prefix_cache_hit_tokens_total").await - hits_before;
+    assert!(
+        hits >= 32,
+        "the shared system prompt should hit the cache, got {hits}"
+    );
+    let cold = Server::start_model(model, &["--enable-prefix-caching", "false"]).await;
+    let (_, want) = cold
+        .post("/v1/chat/completions", &body("How are you?"))
+        .await;
+    assert_eq!(warm["choices"][0]["message"], want["choices"][0]["message"]);
+
+    // 3 layers x (32 + 16) values x 4 bytes x 16 tokens = 9 KiB a block:
+    // 120 KiB holds 13 blocks, fewer than four requests of ~100 tokens need.
+    let small = Server::start_model(
+        model,
+        &["--kv-cache-memory", "120KiB", "--max-model-len", "160"],
+    )
+    .await;
+    let ps: Vec<String> = (0..4)
+        .map(|i| format!("Tell me about the cat number {i}."))
+        .collect();
+    let tight = run_all(&small, &ps).await;
+    assert!(
+        small.metric("strata_preemptions_total").await > 0,
+        "the budget was meant to force preemption"
+    );
+    assert_eq!(tight, run_all(&cold, &ps).await);
+}
