@@ -398,6 +398,8 @@ impl Architecture for DeepseekConfig {
     }
 }
 
+const LATENT_NORM_EPS: f64 = 1e-6;
+
 /// How a layer makes its queries.
 #[derive(Debug)]
 enum QueryProj {
@@ -437,7 +439,9 @@ impl Mla {
     ) -> Result<Self> {
         let ws = comm.world_size();
         let whole: &dyn Communicator = &SingleRank;
-        let eps = c.rms_norm_eps;
+        // The latent norms keep RMSNorm's default epsilon whatever
+        // `rms_norm_eps` says, in transformers and in DeepSeek's reference.
+        let eps = LATENT_NORM_EPS;
         let bias = c.attention_bias;
         let q = match c.q_lora_rank {
             None => QueryProj::Direct(ColumnParallelLinear::load(

@@ -1,5 +1,5 @@
 //! strata's Llama against Hugging Face transformers on tiny random-weight
-//! checkpoints (tests/fixtures/make_golden.py): f32 logits within 1e-4 and
+//! checkpoints (tests/fixtures/make_golden.py): f32 logits within 2e-5 and
 //! identical greedy tokens, through the paged KV cache.
 
 use std::path::PathBuf;
@@ -10,7 +10,10 @@ use strata_comm::SingleRank;
 use strata_model::{BatchInput, KvCache, SeqInfo, StageModel, StageOutput, Weights};
 use strata_types::{LayerRange, BLOCK_SIZE};
 
-const TOL: f32 = 1e-4;
+/// Observed differences are at most 3e-6 (summation order); a wrong
+/// epsilon in one norm of DeepSeek's attention gave 3e-5, so the bound sits
+/// between.
+const TOL: f32 = 2e-5;
 
 fn fixture(variant: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
