@@ -319,6 +319,13 @@ fn byte_level_byte(c: char) -> Option<u8> {
         .map(|b| b as u8)
 }
 
+/// A regex split, then bytes mapped to GPT-2's printable characters.
+fn split_then_bytes(pattern: &str) -> Json {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+}
+
 /// The pre-tokenizer llama.cpp uses for a byte-level BPE vocabulary.
 fn byte_level_pre_tokenizer(pre: &str) -> Json {
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
@@ -326,9 +333,9 @@ fn byte_level_pre_tokenizer(pre: &str) -> Json {
         // llama.cpp's `smollm`: digits one by one, then GPT-2's split.
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level]}),
-        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        "llama-bpe" | "llama3" => split_then_bytes(LLAMA3_SPLIT),
+        // Qwen2/2.5/3: Llama 3's split with digits one by one.
+        "qwen2" => split_then_bytes(QWEN2_SPLIT),
         "gpt2" | "default" => byte_level,
         other => {
             tracing::warn!("GGUF pre-tokenizer `{other}` is unknown; using GPT-2's split");
@@ -364,6 +371,7 @@ fn merges_from_scores(tokens: &[String], scores: &[f64]) -> Vec<(String, String)
 }
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Reads an optional JSON file: `Ok(None)` when it does not exist.
 pub(crate) fn read_json(path: &Path) -> Result<Option<Json>> {
@@ -373,5 +381,33 @@ pub(crate) fn read_json(path: &Path) -> Result<Option<Json>> {
             .map_err(|e| EngineError::Model(format!("{}: invalid JSON: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(EngineError::Model(format!("{}: {e}", path.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{PreTokenizedString, PreTokenizer, PreTokenizerWrapper};
+
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        let p: PreTokenizerWrapper = serde_json::from_value(byte_level_pre_tokenizer(pre)).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        p.pre_tokenize(&mut s).unwrap();
+        s.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        )
+        .into_iter()
+        .map(|(piece, _, _)| piece.to_string())
+        .collect()
+    }
+
+    #[test]
+    fn qwen_splits_digits_one_by_one_where_llama3_takes_three() {
+        assert_eq!(pieces("llama-bpe", "12345 ok"), ["123", "45", "Ġok"]);
+        assert_eq!(
+            pieces("qwen2", "12345 ok"),
+            ["1", "2", "3", "4", "5", "Ġok"]
+        );
     }
 }

@@ -735,8 +735,9 @@ fn fp8_block(path: &Path) -> Result<Option<[usize; 2]>> {
     }
 }
 
-/// The GGUF spelling of a Hugging Face Llama weight name.
-fn gguf_name(hf: &str) -> Option<String> {
+/// The GGUF spelling (llama.cpp's) of a Hugging Face weight name of the
+/// Llama family (Qwen's norms and biases included).
+pub fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
         "model.norm.weight" => Some("output_norm.weight"),
