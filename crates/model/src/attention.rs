@@ -211,6 +211,7 @@ pub fn write_latent(
 /// rotated rope query, already scaled. Every head attends to the same rows
 /// (keys: the whole row; values: the latent). `out` is `[tokens, num_heads,
 /// rank]`, still to go through `W_UV`.
+#[allow(clippy::too_many_arguments)]
 pub fn latent_attention(
     q: &[f32],
     cache: &LayerKv,

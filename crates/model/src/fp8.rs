@@ -216,6 +216,7 @@ mod tests {
         assert!(t[0x7F].is_nan() && t[0xFF].is_nan());
     }
 
+    #[allow(clippy::needless_range_loop)] // indices name rows and columns
     /// A [5, 7] matrix in 2 × 3 blocks (partial at both edges), whole and
     /// as a slice starting inside a block, against a plain dequantized matmul.
     #[test]
