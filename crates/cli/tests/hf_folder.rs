@@ -59,16 +59,7 @@ async fn a_transformers_folder_serves_chat_like_transformers() {
     // Streaming gives the same text, lone invalid byte included.
     let mut sb = body.clone();
     sb["stream"] = json!(true);
-    let events = s.stream("/v1/chat/completions", &sb).await;
-    let text: String = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let text = streamed_content(&s, &sb).await;
     assert_eq!(text, want["prompt"].as_str().unwrap());
 }
 
@@ -102,8 +93,14 @@ async fn a_deepseek_folder_serves_chat_like_transformers() {
     assert_eq!(v["usage"]["completion_tokens"], 8);
     let mut sb = body.clone();
     sb["stream"] = json!(true);
-    let events = s.stream("/v1/chat/completions", &sb).await;
-    let text: String = events[..events.len() - 1]
+    let text = streamed_content(&s, &sb).await;
+    assert_eq!(text, want["prompt"].as_str().unwrap());
+}
+
+/// The content a streamed chat completion's deltas add up to.
+async fn streamed_content(s: &Server, body: &Value) -> String {
+    let events = s.stream("/v1/chat/completions", body).await;
+    events[..events.len() - 1]
         .iter()
         .map(|e| serde_json::from_str::<Value>(e).unwrap())
         .filter_map(|c| {
@@ -111,6 +108,5 @@ async fn a_deepseek_folder_serves_chat_like_transformers() {
                 .as_str()
                 .map(str::to_string)
         })
-        .collect();
-    assert_eq!(text, want["prompt"].as_str().unwrap());
+        .collect()
 }

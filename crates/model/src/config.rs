@@ -128,3 +128,13 @@ impl GgufKeys<'_> {
         })
     }
 }
+
+/// The largest size that divides both (tensor-parallel sizes a model's
+/// dimensions split evenly by).
+pub(crate) fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}

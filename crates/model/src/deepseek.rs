@@ -20,7 +20,7 @@ use strata_types::{KvLayout, LayerRange, ModelConfig, RopeStyle};
 use crate::arch::{Architecture, StageModel};
 use crate::attention::{latent_attention, with_f32, write_latent};
 use crate::batch::Batch;
-use crate::config::HfRopeFields;
+use crate::config::{gcd, HfRopeFields};
 use crate::decoder::{DecoderStage, Layer, StageSpec};
 use crate::error::{Error, Result};
 use crate::kv_cache::LayerCache;
@@ -336,14 +336,6 @@ impl DeepseekConfig {
             head_cost_in_layers: (self.vocab_size * h) as f64 / layer.max(1) as f64,
             tensor_parallel_unit: unit,
         }
-    }
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
     }
 }
 

@@ -12,7 +12,7 @@ use strata_types::{KvLayout, LayerRange, ModelConfig, RopeStyle};
 use crate::arch::{Architecture, GgufMetadata, StageModel};
 use crate::attention::{HeadAttention, Heads};
 use crate::batch::Batch;
-use crate::config::{GgufKeys, HfRopeFields};
+use crate::config::{gcd, GgufKeys, HfRopeFields};
 use crate::decoder::{DecoderStage, Layer, StageSpec};
 use crate::error::{Error, Result};
 use crate::kv_cache::LayerCache;
@@ -307,14 +307,6 @@ impl LlamaConfig {
             tensor_parallel_unit: unit,
         };
         Ok(Arc::new(c))
-    }
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
     }
 }
 

@@ -357,6 +357,37 @@ fn fp8_weights_are_counted_as_stored() {
     );
 }
 
+/// DeepSeek's multi-token-prediction layer (`num_nextn_predict_layers`,
+/// stored as layer `num_hidden_layers`) is never read.
+#[test]
+fn deepseek_mtp_layers_are_skipped_on_load() {
+    let src = fixture("deepseek-v3");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("deepseek-mtp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mtp: Vec<(String, candle_core::Tensor)> = tensors
+        .iter()
+        .filter_map(|(n, t)| Some((n.strip_prefix("model.layers.2.")?, t)))
+        .map(|(rest, t)| (format!("model.layers.3.{rest}"), t.clone()))
+        .collect();
+    assert!(!mtp.is_empty());
+    tensors.extend(mtp);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replace(
+            "\"num_nextn_predict_layers\": 0",
+            "\"num_nextn_predict_layers\": 1",
+        );
+    assert!(cfg.contains("\"num_nextn_predict_layers\": 1"));
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let w = Weights::open(&dir, &Device::Cpu).unwrap();
+    let m = strata_model::load_whole(&w, Arc::new(SingleRank), 64).unwrap();
+    assert_eq!(m.layer_range(), LayerRange::new(0, 3));
+    assert!(!w.names_read().iter().any(|n| n.contains("layers.3.")));
+}
+
 fn stages_chained(variant: &str) {
     let r = reference(variant);
     let (a, _) = load(variant, Some(LayerRange::new(0, 2)));
