@@ -9,8 +9,14 @@ use std::process::Command;
 
 use common::Server;
 
-/// A python with `openai` importable, installing it into a venv if needed.
+/// A python with `openai` importable, installing it into a venv if needed
+/// (once per test process: the tests here run at the same time).
 fn python_with_openai() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(install_openai).clone()
+}
+
+fn install_openai() -> PathBuf {
     let works = |py: &Path| {
         Command::new(py)
             .args(["-c", "import openai"])
