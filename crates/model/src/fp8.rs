@@ -221,11 +221,6 @@ impl Fp8Matrix {
         // The same code, compiled with 8-wide vectors.
         self.strip(rows, xs, tokens)
     }
-
-    /// Bytes held: one per weight, four per scale.
-    pub fn bytes(&self) -> usize {
-        self.data.len() + 4 * self.scales.len()
-    }
 }
 
 #[inline(always)]

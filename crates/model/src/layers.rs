@@ -184,10 +184,6 @@ impl RowParallelLinear {
         self.weight.forward(x)
     }
 
-    pub fn communicator(&self) -> &Arc<dyn Communicator> {
-        &self.comm
-    }
-
     pub fn load(
         w: &Weights,
         prefix: &str,

@@ -454,10 +454,8 @@ fn load_stage(
     max_positions: usize,
     on_layer: &mut dyn FnMut(usize, LayerRange),
 ) -> Result<Llama> {
+    // DecoderStage::load refuses a size that does not divide, before any layer.
     let ws = comm.world_size();
-    cfg.summary
-        .check_tensor_parallel(ws)
-        .map_err(Error::Config)?;
     let heads = Heads {
         num_heads: cfg.num_heads / ws,
         num_kv_heads: cfg.num_kv_heads / ws,
