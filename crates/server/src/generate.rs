@@ -7,6 +7,7 @@ use strata_types::{FinishReason, Logprobs, TokenId};
 
 use crate::error::ApiError;
 use crate::protocol::Resolved;
+use crate::response::Usage;
 
 /// One choice's engine request.
 pub struct Choice {
@@ -59,24 +60,6 @@ pub struct Finished {
     pub usage: Usage,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Usage {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub cached_tokens: usize,
-}
-
-impl Usage {
-    pub fn to_json(self) -> serde_json::Value {
-        serde_json::json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        })
-    }
-}
-
 /// Usage of a whole call from `(choice, prompt, usage)`: completions summed,
 /// each prompt counted once, from its lowest-numbered choice (later choices
 /// of the same prompt find its blocks in the prefix cache).
@@ -84,23 +67,19 @@ pub fn total_usage(per_choice: impl Iterator<Item = (usize, usize, Usage)>) -> U
     let mut all: Vec<_> = per_choice.collect();
     all.sort_by_key(|(choice, _, _)| *choice);
     let mut seen = std::collections::HashSet::new();
-    let mut total = Usage::default();
+    let (mut prompt, mut completion, mut cached) = (0, 0, 0);
     for (_, prompt_index, u) in all {
         if seen.insert(prompt_index) {
-            total.prompt_tokens += u.prompt_tokens;
-            total.cached_tokens += u.cached_tokens;
+            prompt += u.prompt_tokens;
+            cached += u.prompt_tokens_details.cached_tokens;
         }
-        total.completion_tokens += u.completion_tokens;
+        completion += u.completion_tokens;
     }
-    total
+    Usage::new(prompt, completion, cached)
 }
 
 fn usage_of(o: &RequestOutput) -> Usage {
-    Usage {
-        prompt_tokens: o.prompt_tokens,
-        completion_tokens: o.completion_tokens,
-        cached_tokens: o.cached_tokens,
-    }
+    Usage::new(o.prompt_tokens, o.completion_tokens, o.cached_tokens)
 }
 
 /// Waits for every choice to finish.

@@ -4,7 +4,9 @@ mod error;
 mod generate;
 mod metrics;
 mod protocol;
+mod response;
 mod routes;
+mod sse;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;

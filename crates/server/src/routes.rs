@@ -1,34 +1,30 @@
 //! The HTTP handlers.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 
-use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use strata_engine::{EngineError, Tokenizer};
+use strata_engine::{RequestOutput, Tokenizer};
 use strata_types::{Logprobs, TokenId};
 
 use crate::error::ApiError;
-use crate::generate::{self, total_usage, Delta, Usage};
+use crate::generate::{self, total_usage};
 use crate::protocol::{
     normalize_messages, parse, ChatRequest, CommonParams, CompletionRequest, Prompt, MAX_LOGPROBS,
 };
+use crate::response::{
+    finish_str, ChatChoice, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessage,
+    CompletionChoice, CompletionLogprobs,
+};
+use crate::sse::Frame;
 use crate::AppState;
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| ApiError {
@@ -49,158 +45,6 @@ fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
         Some(m) if m != state.served_model_name => Err(ApiError::model_not_found(m)),
         _ => Ok(()),
     }
-}
-
-fn token_text(tok: &Tokenizer, id: TokenId) -> String {
-    String::from_utf8_lossy(&tok.token_bytes(id)).into_owned()
-}
-
-/// Chat logprobs entries (`choices[].logprobs.content`).
-fn chat_logprobs(tok: &Tokenizer, ids: &[TokenId], lps: &[Logprobs], top_n: usize) -> Value {
-    let entry = |id: TokenId, lp: f32| {
-        let bytes = tok.token_bytes(id);
-        json!({"token": String::from_utf8_lossy(&bytes), "logprob": lp, "bytes": bytes})
-    };
-    let content: Vec<Value> = ids
-        .iter()
-        .zip(lps)
-        .map(|(&id, lp)| {
-            let mut e = entry(id, lp.logprob);
-            e["top_logprobs"] = lp
-                .top
-                .iter()
-                .take(top_n)
-                .map(|&(t, l)| entry(t, l))
-                .collect();
-            e
-        })
-        .collect();
-    json!({ "content": content })
-}
-
-/// Completions logprobs (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
-fn completion_logprobs(
-    tok: &Tokenizer,
-    ids: &[TokenId],
-    lps: &[Logprobs],
-    top_n: usize,
-    offset: usize,
-) -> Value {
-    let mut tokens = Vec::new();
-    let mut token_logprobs = Vec::new();
-    let mut top = Vec::new();
-    let mut text_offset = Vec::new();
-    let mut at = offset;
-    for (&id, lp) in ids.iter().zip(lps) {
-        let t = token_text(tok, id);
-        text_offset.push(at);
-        at += t.len();
-        tokens.push(t);
-        token_logprobs.push(lp.logprob);
-        let m: serde_json::Map<String, Value> = lp
-            .top
-            .iter()
-            .take(top_n)
-            .map(|&(t, l)| (token_text(tok, t), json!(l)))
-            .collect();
-        top.push(Value::Object(m));
-    }
-    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset})
-}
-
-fn sse_data(v: &Value) -> Result<Event, Infallible> {
-    Ok(Event::default().data(v.to_string()))
-}
-
-/// The SSE tail: an error chunk if a choice failed, the usage chunk when
-/// asked, then `[DONE]`.
-fn sse_response<S>(chunks: S) -> Response
-where
-    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
-{
-    let done = stream::once(async { Ok::<_, Infallible>(Event::default().data("[DONE]")) });
-    Sse::new(chunks.chain(done)).into_response()
-}
-
-/// The framing streamed chat and completion responses share: every chunk
-/// carries the id, object, creation time and model (and `usage: null` when
-/// usage was asked for); the usage chunk follows the last choice to finish.
-struct StreamFrame {
-    id: String,
-    object: &'static str,
-    created: u64,
-    model: String,
-    include_usage: bool,
-    num_choices: usize,
-    finished: usize,
-    usage: HashMap<usize, (usize, Usage)>,
-}
-
-impl StreamFrame {
-    fn new(
-        id: String,
-        object: &'static str,
-        created: u64,
-        model: String,
-        include_usage: bool,
-        num_choices: usize,
-    ) -> Self {
-        Self {
-            id,
-            object,
-            created,
-            model,
-            include_usage,
-            num_choices,
-            finished: 0,
-            usage: HashMap::new(),
-        }
-    }
-
-    fn chunk(&self, choices: Value, usage: Value) -> Value {
-        let mut c = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": choices});
-        if self.include_usage {
-            c["usage"] = usage;
-        }
-        c
-    }
-
-    fn event(&self, choices: Value) -> Result<Event, Infallible> {
-        sse_data(&self.chunk(choices, Value::Null))
-    }
-
-    /// Notes a choice's latest counts; returns the usage chunk once every
-    /// choice has finished, if the client asked for it.
-    fn record(&mut self, d: &Delta, finished: bool) -> Option<Result<Event, Infallible>> {
-        self.usage.insert(d.index, (d.prompt_index, d.usage));
-        self.finished += usize::from(finished);
-        (self.include_usage && finished && self.finished == self.num_choices).then(|| {
-            let total = total_usage(self.usage.iter().map(|(&c, &(p, u))| (c, p, u)));
-            sse_data(&self.chunk(json!([]), total.to_json()))
-        })
-    }
-}
-
-/// A non-streamed response: every choice at once, with the usage.
-fn whole_response(
-    id: &str,
-    object: &str,
-    created: u64,
-    model: &str,
-    choices: Vec<Value>,
-    usage: Usage,
-) -> Response {
-    axum::Json(json!({
-        "id": id, "object": object, "created": created, "model": model,
-        "choices": choices, "usage": usage.to_json(),
-    }))
-    .into_response()
-}
-
-/// An error in the middle of a stream, shaped as OpenAI's error body; the
-/// stream then ends with `[DONE]`.
-fn error_event(e: &EngineError) -> Result<Event, Infallible> {
-    sse_data(&ApiError::from(e).to_json())
 }
 
 pub async fn chat_completions(
@@ -241,71 +85,73 @@ pub async fn chat_completions(
     let prompt = template.render(&messages, req.add_generation_prompt.unwrap_or(true))?;
     let ids = tok.encode(&prompt, false)?;
     let choices = generate::start(&state.engine, &[ids], &r)?;
-    let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
-    let created = now();
-    let model = state.served_model_name.clone();
+    let frame = Frame::new("chatcmpl", state.served_model_name.clone());
     let top_n = top_logprobs.unwrap_or(0);
+    let logprobs = move |tok: &Tokenizer, ids: &[TokenId], lps: &[Logprobs]| {
+        top_logprobs.map(|_| ChatLogprobs::new(tok, ids, lps, top_n))
+    };
 
     if !r.stream {
         let done = generate::collect(choices).await?;
         let usage = total_usage(done.iter().map(|f| (f.index, f.prompt_index, f.usage)));
-        let choices: Vec<Value> = done
-            .iter()
-            .map(|f| {
-                json!({
-                    "index": f.index,
-                    "message": {"role": "assistant", "content": f.text},
-                    "logprobs": top_logprobs.map(|_| chat_logprobs(tok, &f.token_ids, &f.logprobs, top_n)),
-                    "finish_reason": f.finish.map(|r| r.as_str()),
-                })
+        let choices = done
+            .into_iter()
+            .map(|f| ChatChoice {
+                index: f.index,
+                logprobs: logprobs(tok, &f.token_ids, &f.logprobs),
+                message: ChatMessage {
+                    role: "assistant",
+                    content: Some(f.text),
+                },
+                finish_reason: finish_str(f.finish),
             })
             .collect();
-        return Ok(whole_response(
-            &id,
-            "chat.completion",
-            created,
-            &model,
-            choices,
-            usage,
-        ));
+        return Ok(frame.whole("chat.completion", choices, usage));
     }
 
-    let mut frame = StreamFrame::new(
-        id,
-        "chat.completion.chunk",
-        created,
-        model,
-        r.include_usage,
-        choices.len(),
-    );
-    let first: Vec<Result<Event, Infallible>> = (0..choices.len())
-        .map(|i| {
-            frame.event(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]))
+    // Every choice opens with the assistant's role.
+    let opening = (0..choices.len())
+        .map(|index| ChatChunkChoice {
+            index,
+            delta: ChatDelta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            },
+            logprobs: None,
+            finish_reason: None,
         })
         .collect();
     let engine = state.engine.clone();
-    let body = generate::merge(choices).flat_map(move |d: Delta| {
-        let mut events = Vec::new();
-        match &d.output {
-            Err(e) => events.push(error_event(e)),
-            Ok(o) => {
-                if !o.text.is_empty() || !o.logprobs.is_empty() {
-                    let lp = top_logprobs.map(|_| chat_logprobs(engine.tokenizer(), &o.token_ids, &o.logprobs, top_n));
-                    events.push(frame.event(
-                        json!([{"index": d.index, "delta": {"content": o.text}, "logprobs": lp, "finish_reason": null}]),
-                    ));
-                }
-                if let Some(f) = o.finish {
-                    events.push(frame.event(
-                        json!([{"index": d.index, "delta": {}, "logprobs": null, "finish_reason": f.as_str()}]),
-                    ));
-                }
-                events.extend(frame.record(&d, o.finish.is_some()));
-            }
+    let render = move |index: usize, _prompt: usize, o: &RequestOutput| {
+        let mut chunks = Vec::new();
+        if !o.text.is_empty() || !o.logprobs.is_empty() {
+            chunks.push(ChatChunkChoice {
+                index,
+                delta: ChatDelta {
+                    content: Some(o.text.clone()),
+                    ..Default::default()
+                },
+                logprobs: logprobs(engine.tokenizer(), &o.token_ids, &o.logprobs),
+                finish_reason: None,
+            });
         }
-        stream::iter(events)
-    });
-    Ok(sse_response(stream::iter(first).chain(body)))
+        if o.finish.is_some() {
+            chunks.push(ChatChunkChoice {
+                index,
+                delta: ChatDelta::default(),
+                logprobs: None,
+                finish_reason: finish_str(o.finish),
+            });
+        }
+        chunks
+    };
+    Ok(frame.stream(
+        "chat.completion.chunk",
+        r.include_usage,
+        choices,
+        opening,
+        render,
+    ))
 }
 
 pub async fn completions(
@@ -365,71 +211,63 @@ pub async fn completions(
         vec![String::new(); prompts.len()]
     };
     let choices = generate::start(&state.engine, &prompts, &r)?;
-    let id = format!("cmpl-{:032x}", rand::random::<u128>());
-    let created = now();
-    let model = state.served_model_name.clone();
+    let frame = Frame::new("cmpl", state.served_model_name.clone());
     let top_n = logprobs.unwrap_or(0);
+    let logprobs = move |tok: &Tokenizer, ids: &[TokenId], lps: &[Logprobs], offset| {
+        logprobs.map(|_| CompletionLogprobs::new(tok, ids, lps, top_n, offset))
+    };
 
     if !r.stream {
         let done = generate::collect(choices).await?;
         let usage = total_usage(done.iter().map(|f| (f.index, f.prompt_index, f.usage)));
-        let choices: Vec<Value> = done
-            .iter()
+        let choices = done
+            .into_iter()
             .map(|f| {
                 let prefix = &prompt_texts[f.prompt_index];
-                json!({
-                    "index": f.index,
-                    "text": format!("{prefix}{}", f.text),
-                    "logprobs": logprobs.map(|_| completion_logprobs(tok, &f.token_ids, &f.logprobs, top_n, prefix.len())),
-                    "finish_reason": f.finish.map(|r| r.as_str()),
-                })
+                CompletionChoice {
+                    index: f.index,
+                    logprobs: logprobs(tok, &f.token_ids, &f.logprobs, prefix.len()),
+                    text: format!("{prefix}{}", f.text),
+                    finish_reason: finish_str(f.finish),
+                }
             })
             .collect();
-        return Ok(whole_response(
-            &id,
-            "text_completion",
-            created,
-            &model,
-            choices,
-            usage,
-        ));
+        return Ok(frame.whole("text_completion", choices, usage));
     }
 
-    let mut frame = StreamFrame::new(
-        id,
-        "text_completion",
-        created,
-        model,
-        r.include_usage,
-        choices.len(),
-    );
     let engine = state.engine.clone();
+    // Each choice's text so far, for the logprobs' offsets.
     let mut offsets: HashMap<usize, usize> = HashMap::new();
-    let body = generate::merge(choices).flat_map(move |d: Delta| {
-        let mut events = Vec::new();
-        match &d.output {
-            Err(e) => events.push(error_event(e)),
-            Ok(o) => {
-                let offset = offsets.entry(d.index).or_insert(0);
-                let mut text = o.text.clone();
-                if *offset == 0 && echo {
-                    text.insert_str(0, &prompt_texts[d.prompt_index]);
-                }
-                let lp = logprobs.map(|_| {
-                    completion_logprobs(engine.tokenizer(), &o.token_ids, &o.logprobs, top_n, *offset + text.len() - o.text.len())
-                });
-                *offset += text.len();
-                if !text.is_empty() || o.finish.is_some() || !o.logprobs.is_empty() {
-                    events.push(frame.event(
-                        json!([{"index": d.index, "text": text, "logprobs": lp, "finish_reason": o.finish.map(|f| f.as_str())}]),
-                    ));
-                }
-                events.extend(frame.record(&d, o.finish.is_some()));
-            }
+    let render = move |index: usize, prompt_index: usize, o: &RequestOutput| {
+        let offset = offsets.entry(index).or_insert(0);
+        let mut text = o.text.clone();
+        if *offset == 0 && echo {
+            text.insert_str(0, &prompt_texts[prompt_index]);
         }
-        stream::iter(events)
-    });
-    Ok(sse_response(body))
+        let lps = logprobs(
+            engine.tokenizer(),
+            &o.token_ids,
+            &o.logprobs,
+            *offset + text.len() - o.text.len(),
+        );
+        *offset += text.len();
+        if text.is_empty() && o.finish.is_none() && o.logprobs.is_empty() {
+            return Vec::new();
+        }
+        vec![CompletionChoice {
+            index,
+            text,
+            logprobs: lps,
+            finish_reason: finish_str(o.finish),
+        }]
+    };
+    Ok(frame.stream(
+        "text_completion",
+        r.include_usage,
+        choices,
+        Vec::new(),
+        render,
+    ))
 }
 
 pub async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
