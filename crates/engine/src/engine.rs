@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use strata_sched::{Request, Scheduler, SchedulerConfig, SchedulerStats};
 use strata_types::{
-    FinishReason, Logprobs, RequestId, SamplingParams, SchedulerOutput, StepResult, TokenId,
-    BLOCK_SIZE,
+    FinishReason, Logprobs, RequestId, SamplingParams, SchedulerOutput, StepMasks, StepResult,
+    TokenId, BLOCK_SIZE,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -18,6 +18,7 @@ use crate::detokenizer::IncrementalDetokenizer;
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::metrics::{RequestMetrics, RequestTimes};
+use crate::structured::Guide;
 use crate::tokenizer::Tokenizer;
 
 /// Limits the engine is started with.
@@ -46,6 +47,8 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<TokenId>,
     pub ignore_eos: bool,
     pub skip_special_tokens: bool,
+    /// A structured output's matcher, fresh for this sequence.
+    pub guide: Option<Guide>,
 }
 
 /// What a request produced in one step. The last one has `finish` set.
@@ -118,6 +121,10 @@ pub struct EngineHandle {
 impl EngineHandle {
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    pub fn shared_tokenizer(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -277,6 +284,8 @@ struct Live {
     tx: OutputSender,
     detok: IncrementalDetokenizer,
     want_logprobs: bool,
+    /// The structured output's matcher, advanced by every sampled token.
+    guide: Option<Guide>,
     prompt_tokens: usize,
     completion_tokens: usize,
     times: RequestTimes,
@@ -345,7 +354,7 @@ impl EngineCore {
             }
             self.drop_disconnected();
             while in_flight.len() < depth {
-                let out = self.sched.schedule();
+                let mut out = self.sched.schedule();
                 if out.is_empty() {
                     if in_flight.is_empty()
                         && self.sched.num_running() == 0
@@ -359,7 +368,16 @@ impl EngineCore {
                     }
                     break;
                 }
-                match self.executor.submit(&out) {
+                out.structured_req_ids = self.constrained(&out);
+                // The masks are computed while the step's forward pass runs.
+                let submitted = self.executor.submit(&out).and_then(|()| {
+                    if out.structured_req_ids.is_empty() {
+                        return Ok(());
+                    }
+                    let masks = self.masks(&out);
+                    self.executor.post_masks(masks)
+                });
+                match submitted {
                     Ok(()) => {
                         self.mark_scheduled(&out);
                         in_flight.push_back(out);
@@ -385,10 +403,14 @@ impl EngineCore {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Add(id, r, tx) => {
+            Command::Add(id, mut r, tx) => {
                 let mut stop_ids = r.stop_token_ids.clone();
                 if !r.ignore_eos {
                     stop_ids.extend(&self.tokenizer.eos_token_ids);
+                }
+                if r.sampling.min_tokens > 0 {
+                    // The sampler holds these back until min_tokens.
+                    r.sampling.stop_token_ids = stop_ids.clone();
                 }
                 self.live.insert(
                     id,
@@ -400,6 +422,7 @@ impl EngineCore {
                             r.skip_special_tokens,
                         ),
                         want_logprobs: r.sampling.logprobs.is_some(),
+                        guide: r.guide,
                         prompt_tokens: r.prompt_token_ids.len(),
                         completion_tokens: 0,
                         times: RequestTimes::new(Instant::now()),
@@ -423,6 +446,31 @@ impl EngineCore {
                     );
                 }
             }
+        }
+    }
+
+    /// The step's requests whose output follows a structured output.
+    fn constrained(&self, out: &SchedulerOutput) -> Vec<RequestId> {
+        out.num_scheduled_tokens
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| self.live.get(id).is_some_and(|l| l.guide.is_some()))
+            .collect()
+    }
+
+    /// The token masks of the step's constrained requests.
+    fn masks(&mut self, out: &SchedulerOutput) -> StepMasks {
+        let masks = out
+            .structured_req_ids
+            .iter()
+            .filter_map(|id| {
+                let guide = self.live.get_mut(id)?.guide.as_mut()?;
+                Some((*id, guide.mask()))
+            })
+            .collect();
+        StepMasks {
+            step_id: out.step_id,
+            masks,
         }
     }
 
@@ -550,6 +598,12 @@ impl EngineCore {
             let is_stop_token = finish == Some(FinishReason::Stop);
             let mut output = RequestOutput::default();
             if !is_stop_token {
+                // A complete structured output ends the sequence.
+                let complete = live.guide.as_mut().is_some_and(|g| g.advance(u.token_id));
+                if complete && finish.is_none() {
+                    finish = Some(FinishReason::Stop);
+                    self.sched.finish_requests(&[u.req_id]);
+                }
                 match live.detok.push(&self.tokenizer, u.token_id) {
                     Ok(true) => {
                         finish = Some(FinishReason::Stop);

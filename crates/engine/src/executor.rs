@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::{self as pb, execute_request::Kind};
-use strata_types::{SchedulerOutput, StepResult};
+use strata_types::{SchedulerOutput, StepMasks, StepResult};
 use strata_worker::{NodeRuntime, RunnerError, StepOutcome};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -31,6 +31,9 @@ pub trait Executor: Send {
         1
     }
     fn submit(&mut self, out: &SchedulerOutput) -> Result<()>;
+    /// Sends the token masks of a submitted step's constrained requests
+    /// (its `structured_req_ids`), which its sampling stage waits for.
+    fn post_masks(&mut self, masks: StepMasks) -> Result<()>;
     fn collect(&mut self) -> Result<StepResult>;
     /// Activation bytes this node has sent to the next pipeline node.
     fn activation_bytes_sent(&self) -> u64 {
@@ -175,6 +178,24 @@ impl Executor for PipelineExecutor {
             step_id: out.step_id,
             local: rx,
         });
+        Ok(())
+    }
+
+    /// Every node gets them: whichever holds ranks of the last stage samples.
+    fn post_masks(&mut self, masks: StepMasks) -> Result<()> {
+        if !self.remotes.is_empty() {
+            let msg = pb::StepMasks::from(&masks);
+            for r in &self.remotes {
+                r.tx.send(pb::ExecuteRequest {
+                    kind: Some(Kind::Masks(msg.clone())),
+                })
+                .map_err(|_| EngineError::NodeLost {
+                    node: Some(r.rank),
+                    reason: "its step stream is closed".into(),
+                })?;
+            }
+        }
+        self.local.post_masks(masks);
         Ok(())
     }
 

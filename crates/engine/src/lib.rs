@@ -12,6 +12,7 @@ mod executor;
 mod load;
 mod membership;
 mod metrics;
+mod structured;
 mod tokenizer;
 
 pub use chat::ChatTemplate;
@@ -27,4 +28,5 @@ pub use executor::{Executor, PipelineExecutor};
 pub use load::{load_engine, GenerationDefaults, LoadOptions, ModelInfo};
 pub use membership::{ClusterState, NodePhase, HEARTBEAT_LOST};
 pub use metrics::{Histogram, RequestMetrics, FINISHED_REASONS};
+pub use structured::{Constraint, Guide, JsonStyle, StructuredOutputs};
 pub use tokenizer::Tokenizer;

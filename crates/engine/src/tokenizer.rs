@@ -87,6 +87,24 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Ids of the special tokens (control tokens that text never spells).
+    pub fn special_token_ids(&self) -> Vec<TokenId> {
+        let mut ids: Vec<TokenId> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The text of a token as the vocabulary spells it (`<|im_end|>`).
+    pub fn id_to_token(&self, id: TokenId) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<TokenId> {
         self.inner.token_to_id(token)
     }

@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 use strata_engine::{
-    ensure_demo_model, load_engine, EngineHandle, GenerateRequest, LoadOptions, RequestOutput,
-    Tokenizer,
+    ensure_demo_model, load_engine, Constraint, EngineHandle, GenerateRequest, Guide, JsonStyle,
+    LoadOptions, RequestOutput, StructuredOutputs, Tokenizer,
 };
 use strata_types::SamplingParams;
 
@@ -141,6 +141,7 @@ fn logprobs_and_greedy_tokens_match_transformers() {
             stop_token_ids: vec![],
             ignore_eos: true,
             skip_special_tokens: true,
+            guide: None,
         });
         let ours: Vec<u32> = outs.iter().flat_map(|o| o.token_ids.clone()).collect();
         let lps: Vec<_> = outs.iter().flat_map(|o| o.logprobs.clone()).collect();
@@ -234,4 +235,106 @@ fn token_bytes_rebuild_the_text_even_inside_a_character() {
     assert!(ids
         .iter()
         .any(|&i| std::str::from_utf8(&tok().token_bytes(i)).is_err()));
+}
+
+/// Generates from a chat prompt with `guide`, sampling at temperature 1 so
+/// the mask, not the model's habits, must keep the output in shape.
+fn constrained(prompt: &str, guide: Guide, seed: u64) -> String {
+    let text = tok()
+        .chat_template
+        .as_ref()
+        .unwrap()
+        .render(
+            &[serde_json::json!({"role": "user", "content": prompt})],
+            true,
+        )
+        .unwrap();
+    let outs = run(GenerateRequest {
+        prompt_token_ids: tok().encode(&text, false).unwrap(),
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed,
+            ..SamplingParams::default()
+        },
+        max_tokens: Some(200),
+        stop: vec![],
+        stop_token_ids: vec![],
+        ignore_eos: false,
+        skip_special_tokens: true,
+        guide: Some(guide),
+    });
+    assert_eq!(
+        outs.last().unwrap().finish,
+        Some(strata_types::FinishReason::Stop)
+    );
+    outs.iter().map(|o| o.text.as_str()).collect()
+}
+
+#[test]
+fn structured_outputs_follow_their_schema_regex_and_choices() {
+    let so = StructuredOutputs::new(engine().shared_tokenizer(), JsonStyle::default());
+    let compact = JsonStyle {
+        any_whitespace: false,
+    };
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": false
+    });
+    let guide = so
+        .compile(&Constraint::JsonSchema(schema), compact)
+        .unwrap();
+    for seed in 0..3 {
+        let out = constrained("Describe a person as JSON.", guide.clone(), seed);
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+        let obj = v.as_object().unwrap();
+        assert_eq!(obj.len(), 3, "{out}");
+        assert!(obj["name"].as_str().unwrap().chars().count() <= 12, "{out}");
+        assert!((0..=120).contains(&obj["age"].as_i64().unwrap()), "{out}");
+        let tags = obj["tags"].as_array().unwrap();
+        assert!(
+            tags.len() <= 3 && tags.iter().all(|t| t == "a" || t == "b"),
+            "{out}"
+        );
+    }
+    let rx = so
+        .compile(&Constraint::Regex(r"[0-9]{3}-[a-z]{2,4}".into()), compact)
+        .unwrap();
+    let out = constrained("Give me a code.", rx, 1);
+    let ok = out.len() >= 6
+        && out[..3].bytes().all(|b| b.is_ascii_digit())
+        && out.as_bytes()[3] == b'-'
+        && out[4..].bytes().all(|b| b.is_ascii_lowercase())
+        && (2..=4).contains(&(out.len() - 4));
+    assert!(ok, "{out:?}");
+    let choices = vec!["red pill".to_string(), "blue (pill)?".to_string()];
+    let pick = so
+        .compile(&Constraint::Choice(choices.clone()), compact)
+        .unwrap();
+    for seed in 0..2 {
+        let out = constrained("Pick one.", pick.clone(), seed);
+        assert!(choices.contains(&out), "{out:?}");
+    }
+}
+
+#[test]
+fn invalid_constraints_are_refused_with_the_reason() {
+    let so = StructuredOutputs::new(engine().shared_tokenizer(), JsonStyle::default());
+    let style = JsonStyle::default();
+    for (c, what) in [
+        (Constraint::Regex("(unclosed".into()), "regex"),
+        (Constraint::Lark("start: undefined_rule".into()), "grammar"),
+        (
+            Constraint::JsonSchema(serde_json::json!({"type": "no-such-type"})),
+            "schema",
+        ),
+    ] {
+        let e = so.compile(&c, style).unwrap_err();
+        assert!(!e.is_empty(), "{what}");
+    }
 }

@@ -51,6 +51,7 @@ fn run(e: &EngineHandle, prompts: &[Vec<u32>], temperature: f32) -> Vec<(Vec<u32
                 stop_token_ids: vec![],
                 ignore_eos: true,
                 skip_special_tokens: true,
+                guide: None,
             })
             .unwrap()
             .1

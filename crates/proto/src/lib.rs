@@ -23,6 +23,22 @@ impl From<&t::SamplingParams> for p::SamplingParams {
             repetition_penalty: s.repetition_penalty,
             seed: s.seed,
             logprobs: s.logprobs.map(|n| n as u32),
+            logit_bias: s
+                .logit_bias
+                .iter()
+                .map(|&(token_id, bias)| p::LogitBias { token_id, bias })
+                .collect(),
+            allowed_token_ids: s
+                .allowed_token_ids
+                .as_ref()
+                .map(|ids| p::TokenList { ids: ids.clone() }),
+            bad_words: s
+                .bad_words
+                .iter()
+                .map(|ids| p::TokenList { ids: ids.clone() })
+                .collect(),
+            min_tokens: s.min_tokens as u32,
+            stop_token_ids: s.stop_token_ids.clone(),
         }
     }
 }
@@ -39,6 +55,15 @@ impl From<p::SamplingParams> for t::SamplingParams {
             repetition_penalty: s.repetition_penalty,
             seed: s.seed,
             logprobs: s.logprobs.map(|n| n as usize),
+            logit_bias: s
+                .logit_bias
+                .into_iter()
+                .map(|b| (b.token_id, b.bias))
+                .collect(),
+            allowed_token_ids: s.allowed_token_ids.map(|l| l.ids),
+            bad_words: s.bad_words.into_iter().map(|l| l.ids).collect(),
+            min_tokens: s.min_tokens as usize,
+            stop_token_ids: s.stop_token_ids,
         }
     }
 }
@@ -79,6 +104,7 @@ impl From<&t::SchedulerOutput> for p::SchedulerOutput {
                 .collect(),
             total_num_scheduled_tokens: o.total_num_scheduled_tokens as u32,
             finished_req_ids: o.finished_req_ids.clone(),
+            structured_req_ids: o.structured_req_ids.clone(),
         }
     }
 }
@@ -116,6 +142,36 @@ impl From<p::SchedulerOutput> for t::SchedulerOutput {
                 .collect(),
             total_num_scheduled_tokens: o.total_num_scheduled_tokens as usize,
             finished_req_ids: o.finished_req_ids,
+            structured_req_ids: o.structured_req_ids,
+        }
+    }
+}
+
+impl From<&t::StepMasks> for p::StepMasks {
+    fn from(m: &t::StepMasks) -> Self {
+        Self {
+            step_id: m.step_id,
+            masks: m
+                .masks
+                .iter()
+                .map(|(req_id, mask)| p::RequestMask {
+                    req_id: *req_id,
+                    words: mask.words().to_vec(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<p::StepMasks> for t::StepMasks {
+    fn from(m: p::StepMasks) -> Self {
+        Self {
+            step_id: m.step_id,
+            masks: m
+                .masks
+                .into_iter()
+                .map(|r| (r.req_id, t::TokenMask::from_words(r.words)))
+                .collect(),
         }
     }
 }
@@ -181,6 +237,11 @@ mod tests {
                     top_k: 20,
                     seed: u64::MAX,
                     logprobs: Some(5),
+                    logit_bias: vec![(5, -100.0), (9, 2.5)],
+                    allowed_token_ids: Some(vec![]),
+                    bad_words: vec![vec![1, 2], vec![3]],
+                    min_tokens: 4,
+                    stop_token_ids: vec![0, 2],
                     ..Default::default()
                 },
                 block_ids: vec![9, 4],
@@ -195,6 +256,7 @@ mod tests {
             num_scheduled_tokens: vec![(3, 4), (1, 1)],
             total_num_scheduled_tokens: 5,
             finished_req_ids: vec![2],
+            structured_req_ids: vec![3],
         };
         let wire = prost::Message::encode_to_vec(&p::SchedulerOutput::from(&out));
         let back: p::SchedulerOutput = prost::Message::decode(wire.as_slice()).unwrap();
@@ -221,6 +283,14 @@ mod tests {
         let wire = prost::Message::encode_to_vec(&p::StepResult::from(&res));
         let back: p::StepResult = prost::Message::decode(wire.as_slice()).unwrap();
         assert_eq!(t::StepResult::from(back), res);
+
+        let masks = t::StepMasks {
+            step_id: 7,
+            masks: vec![(3, t::TokenMask::from_words(vec![u32::MAX, 0, 5]))],
+        };
+        let wire = prost::Message::encode_to_vec(&p::StepMasks::from(&masks));
+        let back: p::StepMasks = prost::Message::decode(wire.as_slice()).unwrap();
+        assert_eq!(t::StepMasks::from(back), masks);
     }
 }
 

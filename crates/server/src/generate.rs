@@ -37,6 +37,7 @@ pub fn start(
                 stop_token_ids: r.stop_token_ids.clone(),
                 ignore_eos: r.ignore_eos,
                 skip_special_tokens: r.skip_special_tokens,
+                guide: r.guide.clone(),
             })?;
             choices.push(Choice {
                 index: choices.len(),

@@ -6,12 +6,14 @@
 
 mod config;
 mod layout;
+mod mask;
 pub mod plan;
 mod sampling;
 mod step;
 
 pub use config::{KvLayout, LayerRange, ModelConfig, RopeStyle};
 pub use layout::{ClusterLayout, NodePlan, StageSlot};
+pub use mask::{StepMasks, TokenMask};
 pub use sampling::SamplingParams;
 pub use step::{
     CachedRequestData, Logprobs, NewRequestData, SampledToken, SchedulerOutput, StepResult,

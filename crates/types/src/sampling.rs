@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use crate::TokenId;
+
 /// What the sampler of the last stage needs to turn logits into a token.
 ///
 /// Stop conditions (stop strings, max tokens, eos) are not here: the leader
@@ -23,6 +25,18 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Return the sampled token's logprob plus this many top alternatives.
     pub logprobs: Option<usize>,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(TokenId, f32)>,
+    /// When set, only these tokens may be sampled.
+    pub allowed_token_ids: Option<Vec<TokenId>>,
+    /// Token sequences the output must never complete: where the output
+    /// ends with all but the last token of one, that last token is banned.
+    pub bad_words: Vec<Vec<TokenId>>,
+    /// Until this many tokens are generated, `stop_token_ids` cannot be sampled.
+    pub min_tokens: usize,
+    /// The tokens that end the sequence (eos and the request's stop tokens),
+    /// for `min_tokens`.
+    pub stop_token_ids: Vec<TokenId>,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +51,11 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             seed: 0,
             logprobs: None,
+            logit_bias: Vec::new(),
+            allowed_token_ids: None,
+            bad_words: Vec::new(),
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
         }
     }
 }
@@ -51,6 +70,14 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
+    /// Whether anything but the logits themselves shapes the choice.
+    pub fn has_logit_rules(&self) -> bool {
+        !self.logit_bias.is_empty()
+            || self.allowed_token_ids.is_some()
+            || !self.bad_words.is_empty()
+            || self.min_tokens > 0
+    }
+
     pub fn has_penalties(&self) -> bool {
         self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0

@@ -40,6 +40,8 @@ pub struct SchedulerOutput {
     pub total_num_scheduled_tokens: usize,
     /// Requests that ended or were preempted: stages drop their state.
     pub finished_req_ids: Vec<RequestId>,
+    /// Requests whose sampling waits for a token mask ([`crate::StepMasks`]).
+    pub structured_req_ids: Vec<RequestId>,
 }
 
 impl SchedulerOutput {

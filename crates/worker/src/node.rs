@@ -16,9 +16,10 @@ use std::time::Duration;
 use candle_core::DType;
 use strata_comm::TcpTransport;
 use strata_model::{Architecture, DeviceRequest, Placement, Weights};
-use strata_types::{SchedulerOutput, StageSlot, StepResult};
+use strata_types::{SchedulerOutput, StageSlot, StepMasks, StepResult};
 use tokio::sync::oneshot;
 
+use crate::masks::MaskBoard;
 use crate::runner::RunnerError;
 use crate::stage::{KvBudget, Links, LoadedNode, NodeStages};
 
@@ -105,6 +106,7 @@ struct Shared {
     bytes_sent: AtomicU64,
     /// The running data plane's connections, for `interrupt`.
     links: Mutex<Vec<TcpStream>>,
+    masks: Arc<MaskBoard>,
 }
 
 impl NodeRuntime {
@@ -160,6 +162,12 @@ impl NodeRuntime {
         self.send(Command::Step(run, out, Box::new(reply)));
     }
 
+    /// Posts a step's token masks for the stage that samples it (sent after
+    /// the step: the sampler waits for them once its logits are ready).
+    pub fn post_masks(&self, masks: StepMasks) {
+        self.shared.masks.post(masks);
+    }
+
     /// Drops every request's state.
     pub fn reset(&self) {
         self.send(Command::Reset);
@@ -168,6 +176,7 @@ impl NodeRuntime {
     /// Shuts the data plane down, so a step waiting on a lost neighbour
     /// fails now instead of at a timeout.
     pub fn interrupt(&self) {
+        self.shared.masks.interrupt();
         for s in self.shared.links.lock().expect("poisoned").drain(..) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -375,7 +384,9 @@ impl Runtime {
         }
         let links = self.links(&spec)?;
         self.stages = match std::mem::replace(&mut self.stages, State::Empty) {
-            State::Loaded(node) => State::Running(node.start(spec.num_blocks, links)?),
+            State::Loaded(node) => {
+                State::Running(node.start(spec.num_blocks, links, &self.shared.masks)?)
+            }
             State::Running(mut s) => {
                 s.relink(links);
                 State::Running(s)

@@ -1,6 +1,8 @@
 //! Applies step messages to per-request state and runs one forward pass.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::Tensor;
 use strata_model::{BatchInput, KvCache, SeqInfo, StageModel, StageOutput};
@@ -9,7 +11,13 @@ use strata_types::{
     BLOCK_SIZE,
 };
 
+use crate::masks::MaskBoard;
 use crate::sampler::sample;
+
+/// How long the sampling stage waits for a step's token masks. The leader
+/// posts them moments after the step, so only a leader that is gone makes
+/// this wait run out.
+const MASK_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -51,15 +59,22 @@ pub struct ModelRunner {
     model: Box<dyn StageModel>,
     kv: KvCache,
     requests: HashMap<RequestId, CachedRequest>,
+    /// The token masks of constrained requests, posted beside each step.
+    masks: Arc<MaskBoard>,
 }
 
 impl ModelRunner {
-    pub fn new(model: Box<dyn StageModel>, num_blocks: usize) -> Result<Self, RunnerError> {
+    pub fn new(
+        model: Box<dyn StageModel>,
+        num_blocks: usize,
+        masks: Arc<MaskBoard>,
+    ) -> Result<Self, RunnerError> {
         let kv = model.new_kv_cache(num_blocks)?;
         Ok(Self {
             model,
             kv,
             requests: HashMap::new(),
+            masks,
         })
     }
 
@@ -184,20 +199,34 @@ impl ModelRunner {
         }
         let vocab = logits.dim(1)?;
         let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
-        let sampled = sampled_ids
-            .iter()
-            .zip(logits.chunks_mut(vocab))
-            .map(|(id, row)| {
-                let r = &self.requests[id];
-                let (token_id, logprobs) =
-                    sample(row, &r.sampling, &r.token_ids, r.num_prompt_tokens);
-                SampledToken {
-                    req_id: *id,
-                    token_id,
-                    logprobs,
-                }
-            })
-            .collect();
+        // The masks were computed while the forward pass ran.
+        let constrained = |id: &RequestId| out.structured_req_ids.contains(id);
+        let masks = if sampled_ids.iter().any(constrained) {
+            Some(self.masks.wait(step, MASK_TIMEOUT).map_err(protocol)?)
+        } else {
+            None
+        };
+        let mut sampled = Vec::with_capacity(sampled_ids.len());
+        for (id, row) in sampled_ids.iter().zip(logits.chunks_mut(vocab)) {
+            let mask = match &masks {
+                Some(m) if constrained(id) => Some(
+                    m.masks
+                        .iter()
+                        .find(|(r, _)| r == id)
+                        .map(|(_, mask)| mask)
+                        .ok_or_else(|| protocol(format!("no token mask for request {id}")))?,
+                ),
+                _ => None,
+            };
+            let r = &self.requests[id];
+            let (token_id, logprobs) =
+                sample(row, &r.sampling, &r.token_ids, r.num_prompt_tokens, mask);
+            sampled.push(SampledToken {
+                req_id: *id,
+                token_id,
+                logprobs,
+            });
+        }
         Ok(StageResult::Sampled(StepResult {
             step_id: step,
             sampled,

@@ -1,7 +1,7 @@
 //! Logits → token, with OpenAI/vLLM semantics for every knob.
 
 use rand::{Rng, SeedableRng};
-use strata_types::{Logprobs, SamplingParams, TokenId};
+use strata_types::{Logprobs, SamplingParams, TokenId, TokenMask};
 
 /// Tokens more than this many nats (after temperature) below the best cannot
 /// change the outcome in f32 (relative weight < 1e-13), so they are dropped
@@ -11,8 +11,9 @@ const NEGLIGIBLE_NATS: f32 = 30.0;
 /// Picks the next token from one row of logits (modified in place).
 ///
 /// `history` is the prompt followed by the output so far; `num_prompt` says
-/// where the output starts. Logprobs come from the raw logits, before
-/// penalties and temperature (vLLM's default). The random draw depends only
+/// where the output starts; `mask`, a structured output's allowed tokens.
+/// Logprobs come from the raw logits, before penalties, logit rules, the
+/// mask and temperature (vLLM's default). The random draw depends only
 /// on the seed and the output position, so a request recomputed after
 /// preemption samples exactly what it would have.
 pub fn sample(
@@ -20,6 +21,7 @@ pub fn sample(
     params: &SamplingParams,
     history: &[TokenId],
     num_prompt: usize,
+    mask: Option<&TokenMask>,
 ) -> (TokenId, Option<Logprobs>) {
     // A NaN (an overflow upstream) must not poison the choice.
     for l in logits.iter_mut() {
@@ -27,12 +29,17 @@ pub fn sample(
             *l = f32::NEG_INFINITY;
         }
     }
-    // Penalties change `logits`; keep the raw row only when both are asked for.
+    // The rest changes `logits`; keep the raw row only when logprobs are asked for.
+    let changes = params.has_penalties() || params.has_logit_rules() || mask.is_some();
     let raw = params.logprobs.map(|n| {
         let (lse, top) = top_logprobs(logits, n);
-        (lse, top, params.has_penalties().then(|| logits.to_vec()))
+        (lse, top, changes.then(|| logits.to_vec()))
     });
     apply_penalties(logits, params, history, num_prompt);
+    apply_logit_rules(logits, params, &history[num_prompt..]);
+    if let Some(mask) = mask {
+        mask.apply(logits);
+    }
     let token = if params.is_greedy() {
         argmax(logits)
     } else {
@@ -93,6 +100,46 @@ fn apply_penalties(logits: &mut [f32], p: &SamplingParams, history: &[TokenId], 
         for (t, c) in counts {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l -= c as f32 * p.frequency_penalty + p.presence_penalty;
+            }
+        }
+    }
+}
+
+/// `logit_bias`, `allowed_token_ids`, `bad_words` and `min_tokens`.
+fn apply_logit_rules(logits: &mut [f32], p: &SamplingParams, output: &[TokenId]) {
+    if !p.has_logit_rules() {
+        return;
+    }
+    for &(t, bias) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += bias;
+        }
+    }
+    let mut ban = |t: TokenId| {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    };
+    for words in &p.bad_words {
+        if let Some((&last, prefix)) = words.split_last() {
+            if output.ends_with(prefix) {
+                ban(last);
+            }
+        }
+    }
+    if output.len() < p.min_tokens {
+        p.stop_token_ids.iter().for_each(|&t| ban(t));
+    }
+    if let Some(allowed) = &p.allowed_token_ids {
+        let mut keep = vec![false; logits.len()];
+        for &t in allowed {
+            if let Some(k) = keep.get_mut(t as usize) {
+                *k = true;
+            }
+        }
+        for (l, k) in logits.iter_mut().zip(keep) {
+            if !k {
+                *l = f32::NEG_INFINITY;
             }
         }
     }
@@ -183,7 +230,7 @@ mod tests {
             logprobs: Some(2),
             ..SamplingParams::greedy()
         };
-        let (t, lp) = sample(&mut l, &p, &[0], 1);
+        let (t, lp) = sample(&mut l, &p, &[0], 1, None);
         assert_eq!(t, 1);
         let lp = lp.unwrap();
         let lse = (0f32.exp() + 3f32.exp() + 1f32.exp() + 2f32.exp()).ln();
@@ -203,6 +250,7 @@ mod tests {
                         &SamplingParams { seed, ..params() },
                         &hist,
                         1,
+                        None,
                     )
                     .0
                 })
@@ -231,7 +279,7 @@ mod tests {
         ] {
             for seed in 0..20 {
                 let p = SamplingParams { seed, ..p.clone() };
-                assert_eq!(sample(&mut row.clone(), &p, &[0], 1).0, 2);
+                assert_eq!(sample(&mut row.clone(), &p, &[0], 1, None).0, 2);
             }
         }
     }
@@ -246,7 +294,7 @@ mod tests {
                 seed,
                 ..params()
             };
-            assert!(sample(&mut row.clone(), &p, &[0], 1).0 >= 47);
+            assert!(sample(&mut row.clone(), &p, &[0], 1, None).0 >= 47);
         }
     }
 
@@ -269,11 +317,11 @@ mod tests {
                 ..SamplingParams::greedy()
             },
         ] {
-            assert_eq!(sample(&mut row.clone(), &p, &hist, 1).0, 1, "{p:?}");
+            assert_eq!(sample(&mut row.clone(), &p, &hist, 1, None).0, 1, "{p:?}");
         }
         // Without penalties the leader wins.
         assert_eq!(
-            sample(&mut row.clone(), &SamplingParams::greedy(), &hist, 1).0,
+            sample(&mut row.clone(), &SamplingParams::greedy(), &hist, 1, None).0,
             0
         );
     }
@@ -285,14 +333,20 @@ mod tests {
             top_p: 0.9,
             ..params()
         };
-        assert_eq!(sample(&mut [f32::NEG_INFINITY; 4], &p, &[0], 1).0, 0);
-        assert_eq!(sample(&mut [0.0, f32::INFINITY, 1.0], &p, &[0], 1).0, 1);
-        assert_eq!(sample(&mut [f32::NAN, 2.0, f32::NAN], &p, &[0], 1).0, 1);
+        assert_eq!(sample(&mut [f32::NEG_INFINITY; 4], &p, &[0], 1, None).0, 0);
+        assert_eq!(
+            sample(&mut [0.0, f32::INFINITY, 1.0], &p, &[0], 1, None).0,
+            1
+        );
+        assert_eq!(
+            sample(&mut [f32::NAN, 2.0, f32::NAN], &p, &[0], 1, None).0,
+            1
+        );
         let g = SamplingParams {
             logprobs: Some(2),
             ..SamplingParams::greedy()
         };
-        assert_eq!(sample(&mut [f32::NAN, 1.0, 0.5], &g, &[0], 1).0, 1);
+        assert_eq!(sample(&mut [f32::NAN, 1.0, 0.5], &g, &[0], 1, None).0, 1);
     }
 
     #[test]
@@ -310,11 +364,63 @@ mod tests {
                     },
                     &[0],
                     1,
+                    None,
                 )
                 .0 == 0
             })
             .count();
         let frac = zeros as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.03, "{frac}");
+    }
+
+    #[test]
+    fn logit_rules_bias_allow_and_ban() {
+        let row = vec![1.0, 0.5, 0.0, -1.0];
+        let greedy =
+            |p: SamplingParams, hist: &[u32]| sample(&mut row.clone(), &p, hist, 1, None).0;
+        let with = |f: fn(&mut SamplingParams)| {
+            let mut p = SamplingParams::greedy();
+            f(&mut p);
+            p
+        };
+        // +100 makes the worst token the choice; -100 keeps the best out.
+        assert_eq!(greedy(with(|p| p.logit_bias = vec![(3, 100.0)]), &[0]), 3);
+        assert_eq!(greedy(with(|p| p.logit_bias = vec![(0, -100.0)]), &[0]), 1);
+        assert_eq!(
+            greedy(with(|p| p.allowed_token_ids = Some(vec![2, 3])), &[0]),
+            2
+        );
+        // A one-token bad word is always banned; a longer one only after its prefix.
+        assert_eq!(greedy(with(|p| p.bad_words = vec![vec![0]]), &[0]), 1);
+        let two = with(|p| p.bad_words = vec![vec![2, 0]]);
+        assert_eq!(greedy(two.clone(), &[9]), 0);
+        assert_eq!(greedy(two, &[9, 2]), 1);
+        // min_tokens holds the stop token back until enough output exists.
+        let min = with(|p| {
+            p.min_tokens = 2;
+            p.stop_token_ids = vec![0];
+        });
+        assert_eq!(greedy(min.clone(), &[9, 5]), 1);
+        assert_eq!(greedy(min, &[9, 5, 5]), 0);
+    }
+
+    #[test]
+    fn a_mask_limits_the_choice_but_not_the_raw_logprobs() {
+        let row = vec![1.0, 0.5, 0.0, -1.0];
+        let mask = TokenMask::from_words(vec![0b1100]);
+        let p = SamplingParams {
+            logprobs: Some(1),
+            ..SamplingParams::greedy()
+        };
+        let (t, lp) = sample(&mut row.clone(), &p, &[0], 1, Some(&mask));
+        assert_eq!(t, 2);
+        let lse = row.iter().map(|l: &f32| l.exp()).sum::<f32>().ln();
+        let lp = lp.unwrap();
+        assert!((lp.logprob - (0.0 - lse)).abs() < 1e-6);
+        assert_eq!(lp.top[0].0, 0, "top alternatives come from the raw logits");
+        for seed in 0..50 {
+            let p = SamplingParams { seed, ..params() };
+            assert!(sample(&mut row.clone(), &p, &[0], 1, Some(&mask)).0 >= 2);
+        }
     }
 }

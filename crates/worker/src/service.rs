@@ -444,6 +444,9 @@ impl Worker for WorkerService {
                             let _ = tx.send(Ok(step_reply(step_id, r)));
                         });
                     }
+                    Ok(pb::ExecuteRequest {
+                        kind: Some(Kind::Masks(m)),
+                    }) => runtime.post_masks(m.into()),
                     Ok(_) => tracing::warn!("node {rank}: ignoring a second Start"),
                     Err(e) => {
                         tracing::info!("node {rank}: the step stream of run {run} broke: {e}");

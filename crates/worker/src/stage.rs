@@ -9,6 +9,7 @@ use strata_comm::{Communicator, SingleRank, TcpComm, TcpTransport, ThreadComm};
 use strata_model::{Architecture, Placement, StageModel, Weights};
 use strata_types::{SchedulerOutput, StageSlot, StepResult};
 
+use crate::masks::MaskBoard;
 use crate::runner::{ModelRunner, RunnerError, StageResult};
 
 /// A node's models, loaded but without a KV cache: the leader first learns
@@ -133,12 +134,18 @@ impl LoadedNode {
     }
 
     /// Allocates `num_blocks` of KV cache per rank and starts the rank threads.
-    pub fn start(self, num_blocks: usize, links: Links) -> Result<NodeStages, RunnerError> {
+    /// `masks`: where the leader posts token masks for the sampling stage.
+    pub fn start(
+        self,
+        num_blocks: usize,
+        links: Links,
+        masks: &Arc<MaskBoard>,
+    ) -> Result<NodeStages, RunnerError> {
         let mut stages = Vec::with_capacity(self.stages.len());
         for models in self.stages {
             let mut runners = models
                 .into_iter()
-                .map(|m| ModelRunner::new(m, num_blocks))
+                .map(|m| ModelRunner::new(m, num_blocks, masks.clone()))
                 .collect::<Result<Vec<_>, _>>()?;
             stages.push(if runners.len() == 1 {
                 LocalStage::Single(Box::new(runners.remove(0)))
