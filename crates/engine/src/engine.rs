@@ -96,7 +96,7 @@ pub struct RecoveryStats {
 }
 
 enum Command {
-    Add(RequestId, GenerateRequest, OutputSender),
+    Add(RequestId, Box<GenerateRequest>, OutputSender),
     Abort(RequestId),
 }
 
@@ -207,7 +207,7 @@ impl EngineHandle {
             max_tokens: Some(max_tokens),
             ..req
         };
-        if self.tx.send(Command::Add(id, req, tx)).is_err() {
+        if self.tx.send(Command::Add(id, Box::new(req), tx)).is_err() {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Stopped("the engine thread has exited".into()));
         }
@@ -403,7 +403,8 @@ impl EngineCore {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Add(id, mut r, tx) => {
+            Command::Add(id, r, tx) => {
+                let mut r = *r;
                 let mut stop_ids = r.stop_token_ids.clone();
                 if !r.ignore_eos {
                     stop_ids.extend(&self.tokenizer.eos_token_ids);
