@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use strata_engine::{
-    ensure_demo_model, load_engine, ClusterOptions, ClusterState, LoadOptions, DEMO_MODEL_NAME,
+    ensure_demo_model, load_engine, ClusterOptions, ClusterState, JsonStyle, LoadOptions,
+    StructuredOutputs, DEMO_MODEL_NAME,
 };
 use strata_model::{parse_dtype, DeviceRequest};
 use strata_server::AppState;
@@ -151,6 +152,46 @@ struct ServeArgs {
     /// collectors).
     #[arg(long, env = "STRATA_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Structured outputs' server defaults, as vLLM spells them:
+    /// '{"backend": "guidance", "disable_any_whitespace": true}'.
+    /// llguidance is the one backend.
+    #[arg(long, value_parser = parse_structured_outputs_config, default_value = "{}")]
+    structured_outputs_config: JsonStyle,
+}
+
+/// vLLM's `--structured-outputs-config` JSON.
+fn parse_structured_outputs_config(s: &str) -> Result<JsonStyle, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(s).map_err(|e| format!("not a JSON object: {e}"))?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let mut style = JsonStyle::default();
+    for (k, v) in obj {
+        match (k.as_str(), v) {
+            ("backend", serde_json::Value::String(b)) => {
+                if ![
+                    "auto",
+                    "guidance",
+                    "xgrammar",
+                    "outlines",
+                    "lm-format-enforcer",
+                ]
+                .contains(&b.as_str())
+                {
+                    return Err(format!("unknown backend `{b}`"));
+                }
+            }
+            ("disable_any_whitespace", serde_json::Value::Bool(d)) => style.any_whitespace = !d,
+            // vLLM's knobs that have nothing to choose here.
+            ("disable_fallback" | "disable_additional_properties" | "enable_in_reasoning", _) => {}
+            ("reasoning_parser", serde_json::Value::String(_)) => {}
+            (k, v) => {
+                return Err(format!(
+                    "`{k}: {v}` is not a structured-outputs setting strata knows"
+                ))
+            }
+        }
+    }
+    Ok(style)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -371,6 +412,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         cluster,
     };
     let served_model_name = args.served_model_name.unwrap_or(default_name);
+    let json_style = args.structured_outputs_config;
     let api_key = args.api_key.filter(|k| !k.is_empty());
     let state = cluster_state.clone();
     let ready = async move {
@@ -385,9 +427,11 @@ fn serve(args: ServeArgs) -> Result<()> {
             state.set_all_ready();
         }
         tracing::info!("serving model `{served_model_name}`");
+        let structured = StructuredOutputs::new(engine.shared_tokenizer(), json_style);
         Ok(AppState {
             engine,
             info,
+            structured,
             cluster: state,
             served_model_name,
             api_key,

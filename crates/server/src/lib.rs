@@ -7,6 +7,7 @@ mod protocol;
 mod response;
 mod routes;
 mod sse;
+mod structured;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use strata_engine::{ClusterState, EngineHandle, ModelInfo};
+use strata_engine::{ClusterState, EngineHandle, ModelInfo, StructuredOutputs};
 
 pub use error::ApiError;
 
@@ -37,6 +38,8 @@ pub struct AppState {
     /// Every node's readiness, for `/health`.
     pub cluster: Arc<ClusterState>,
     pub info: ModelInfo,
+    /// Compiles the requests' structured outputs against the tokenizer.
+    pub structured: StructuredOutputs,
     pub served_model_name: String,
     pub api_key: Option<String>,
     pub started: u64,

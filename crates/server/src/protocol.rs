@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 use serde_json::Value as Json;
-use strata_engine::GenerationDefaults;
+use strata_engine::{GenerationDefaults, Guide};
 use strata_types::SamplingParams;
 
 use crate::error::ApiError;
@@ -105,6 +105,8 @@ pub struct Resolved {
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub skip_special_tokens: bool,
+    /// The structured output's matcher, cloned fresh for each choice.
+    pub guide: Option<Guide>,
 }
 
 pub const MAX_N: usize = 64;
@@ -191,6 +193,8 @@ impl CommonParams {
             // Every request is seeded so a recomputed one samples the same.
             seed: self.seed.map(|s| s as u64).unwrap_or_else(rand::random),
             logprobs,
+            // The token rules come from `structured::ConstraintFields`.
+            ..SamplingParams::default()
         };
         Ok(Resolved {
             sampling,
@@ -205,6 +209,7 @@ impl CommonParams {
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
+            guide: None,
         })
     }
 }

@@ -17,13 +17,15 @@ use strata_types::{Logprobs, TokenId};
 use crate::error::ApiError;
 use crate::generate::{self, total_usage};
 use crate::protocol::{
-    normalize_messages, parse, ChatRequest, CommonParams, CompletionRequest, Prompt, MAX_LOGPROBS,
+    normalize_messages, parse, ChatRequest, CommonParams, CompletionRequest, Prompt, Resolved,
+    MAX_LOGPROBS,
 };
 use crate::response::{
     finish_str, ChatChoice, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessage,
     CompletionChoice, CompletionLogprobs,
 };
 use crate::sse::Frame;
+use crate::structured::ConstraintFields;
 use crate::AppState;
 
 fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -45,6 +47,29 @@ fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
         Some(m) if m != state.served_model_name => Err(ApiError::model_not_found(m)),
         _ => Ok(()),
     }
+}
+
+/// Reads the body's sampling constraints into `r`: token rules, and the
+/// structured output compiled (a 400 naming the field if it is invalid).
+fn constrain(state: &AppState, body: &[u8], mut r: Resolved) -> Result<Resolved, ApiError> {
+    let fields: ConstraintFields = parse(body)?;
+    let tok = state.engine.tokenizer();
+    fields.apply_token_rules(&mut r.sampling, tok, state.info.config.vocab_size)?;
+    if let Some(max) = r.max_tokens {
+        if r.sampling.min_tokens > max {
+            return Err(ApiError::param(
+                "min_tokens",
+                format!(
+                    "`min_tokens` ({}) must not exceed `max_tokens` ({max})",
+                    r.sampling.min_tokens
+                ),
+            ));
+        }
+    }
+    // Compiling a schema (and, the first time, indexing the vocabulary)
+    // is CPU work: keep it off the threads that serve other connections.
+    r.guide = tokio::task::block_in_place(|| fields.guide(&state.structured))?;
+    Ok(r)
 }
 
 pub async fn chat_completions(
@@ -76,6 +101,7 @@ pub async fn chat_completions(
         top_logprobs,
         &state.info.defaults,
     )?;
+    let r = constrain(&state, &body, r)?;
     let messages = normalize_messages(&req.messages)?;
     let tok = state.engine.tokenizer();
     let template = tok
@@ -188,6 +214,7 @@ pub async fn completions(
         logprobs,
         &state.info.defaults,
     )?;
+    let r = constrain(&state, &body, r)?;
     let tok = state.engine.tokenizer();
     let prompts: Vec<Vec<TokenId>> = match &req.prompt {
         Prompt::Text(t) => vec![tok.encode(t, true)?],
