@@ -473,3 +473,122 @@ async fn a_disconnected_client_frees_its_blocks() {
         "the request was aborted, not run to the end ({generated} tokens)"
     );
 }
+
+/// The token texts of a greedy completion (from its logprobs).
+async fn greedy_tokens(s: &Server, extra: Value) -> Vec<String> {
+    let mut body = json!({"model": "demo", "prompt": "The capital of France is", "max_tokens": 8,
+        "temperature": 0, "logprobs": 0, "ignore_eos": true});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let (st, v) = s.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    let tokens = v["choices"][0]["logprobs"]["tokens"].as_array().unwrap();
+    tokens
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn token_id(s: &Server, text: &str) -> u64 {
+    let (_, v) = s
+        .post(
+            "/tokenize",
+            &json!({"prompt": text, "add_special_tokens": false}),
+        )
+        .await;
+    assert_eq!(v["count"], 1, "`{text}` is one token: {v}");
+    v["tokens"][0].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn logit_bias_and_token_rules_steer_every_step() {
+    let s = Server::start(&[]).await;
+    let plain = greedy_tokens(&s, json!({})).await;
+    // +100 makes a token the greedy choice at every step.
+    let bang = token_id(&s, "!").await;
+    let forced = greedy_tokens(&s, json!({"logit_bias": {bang.to_string(): 100}})).await;
+    assert!(forced.iter().all(|t| t == "!"), "{forced:?}");
+    // -100 keeps the first greedy token out of the whole output.
+    let first = token_id(&s, &plain[0]).await;
+    let banned = greedy_tokens(&s, json!({"logit_bias": {first.to_string(): -100}})).await;
+    assert!(!banned.contains(&plain[0]), "{:?} in {banned:?}", plain[0]);
+    // allowed_token_ids: nothing outside the set.
+    let (a, b) = (token_id(&s, " Paris").await, token_id(&s, ".").await);
+    let only = greedy_tokens(&s, json!({"allowed_token_ids": [a, b]})).await;
+    assert!(only.iter().all(|t| t == " Paris" || t == "."), "{only:?}");
+    // bad_words: the word never appears.
+    let clean = greedy_tokens(&s, json!({"bad_words": [plain[0].trim()]})).await;
+    assert!(!clean.contains(&plain[0]), "{clean:?}");
+}
+
+#[tokio::test]
+async fn structured_outputs_follow_their_constraint_and_bad_ones_are_400s() {
+    let s = Server::start(&[]).await;
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"], "additionalProperties": false});
+    let body = chat(
+        "Where is the Eiffel tower? Answer in JSON.",
+        json!({"max_tokens": 60, "n": 2, "temperature": 0.8, "seed": 1,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}}),
+    );
+    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    for c in v["choices"].as_array().unwrap() {
+        let text = c["message"]["content"].as_str().unwrap();
+        let out: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        let keys: Vec<&String> = out.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["city"], "{text}");
+        assert!(out["city"].as_str().unwrap().chars().count() <= 20);
+        assert_eq!(c["finish_reason"], "stop");
+    }
+    // A generation cut by max_tokens says so.
+    let long = json!({"type": "array", "items": {"type": "integer"}, "minItems": 50});
+    let body = chat(
+        "Count.",
+        json!({"max_tokens": 5, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": long}}}),
+    );
+    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    for (extra, field) in [
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "xml"}}),
+            "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}}),
+            "response_format",
+        ),
+        (json!({"guided_regex": "[a-"}), "guided_regex"),
+        (
+            json!({"guided_grammar": "start: nowhere"}),
+            "guided_grammar",
+        ),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (
+            json!({"structured_outputs": {"json": {"type": "object"}, "regex": "a"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"structured_outputs": {"regex": "a"}, "guided_regex": "b"}),
+            "guided_regex",
+        ),
+        (json!({"logit_bias": {"1": 100.5}}), "logit_bias"),
+        (json!({"logit_bias": {"x1": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
+        (json!({"allowed_token_ids": []}), "allowed_token_ids"),
+        (json!({"min_tokens": 50}), "min_tokens"),
+    ] {
+        let (st, v) = s
+            .post("/v1/chat/completions", &chat("Hi", extra.clone()))
+            .await;
+        assert_eq!(st, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], field, "{extra}: {v}");
+    }
+}

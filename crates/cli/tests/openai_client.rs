@@ -1,6 +1,7 @@
 //! The official `openai` Python client against the real server
-//! (tests/openai_client.py). The client is installed into a virtualenv under
-//! the target folder on first use.
+//! (tests/openai_client.py, tests/openai_structured.py). The client and the
+//! `jsonschema` validator are installed into a virtualenv under the target
+//! folder on first use.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::process::Command;
 
 use common::Server;
 
-/// A python with `openai` importable, installing it into a venv if needed
+/// A python with `openai` and `jsonschema` importable, installing it into a venv if needed
 /// (once per test process: the tests here run at the same time).
 fn python_with_openai() -> PathBuf {
     static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -19,7 +20,7 @@ fn python_with_openai() -> PathBuf {
 fn install_openai() -> PathBuf {
     let works = |py: &Path| {
         Command::new(py)
-            .args(["-c", "import openai"])
+            .args(["-c", "import openai, jsonschema"])
             .output()
             .is_ok_and(|o| o.status.success())
     };
@@ -44,6 +45,7 @@ fn install_openai() -> PathBuf {
                 "--quiet",
                 "--disable-pip-version-check",
                 "openai",
+                "jsonschema",
             ])
             .status()
             .expect("pip runs");
@@ -54,9 +56,16 @@ fn install_openai() -> PathBuf {
 
 /// Runs tests/openai_client.py against a server of `model`.
 async fn client_checks(model: &str) {
+    run_script("openai_client.py", model).await;
+}
+
+/// Runs `tests/<script>` against a server of `model`.
+async fn run_script(script: &str, model: &str) {
     let py = python_with_openai();
     let s = Server::start_model(model, &[]).await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_client.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests")
+        .join(script);
     let out = tokio::process::Command::new(py)
         .arg(script)
         .arg(&s.base)
@@ -71,7 +80,8 @@ async fn client_checks(model: &str) {
     );
     assert!(
         out.status.success(),
-        "tests/openai_client.py on {model} failed:\n{log}"
+        "{} on {model} failed:\n{log}",
+        script.display()
     );
     assert!(log.contains("all checks passed"), "{log}");
 }
@@ -89,4 +99,12 @@ async fn the_openai_client_drives_a_deepseek_model() {
         "/../../tests/fixtures/tiny/deepseek-chat"
     );
     client_checks(dir).await;
+}
+
+/// ≥ 20 JSON schemas, pydantic models through `parse()`, json_object,
+/// regex, choice and a Lark grammar on the demo model: every output
+/// validates (whole, streamed, n = 2), and bad constraints are 400s.
+#[tokio::test]
+async fn structured_outputs_validate_through_the_openai_client() {
+    run_script("openai_structured.py", &common::demo_model()).await;
 }

@@ -29,10 +29,16 @@ pub enum Constraint {
 /// How JSON may be spelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JsonStyle {
-    /// Whitespace between tokens (vLLM's default); off: compact JSON only,
-    /// which small models follow more reliably (`disable_any_whitespace`).
+    /// Whitespace between tokens (vLLM's default), as [`JSON_WHITESPACE`]
+    /// allows it; off: compact JSON only (`disable_any_whitespace`).
     pub any_whitespace: bool,
 }
+
+/// The whitespace JSON may have between tokens: a space, or one or two line
+/// breaks and up to 20 spaces or tabs of indent (llama.cpp's JSON grammar
+/// allows the same). Unbounded whitespace lets a small model emit line
+/// breaks until max_tokens cuts the JSON short.
+pub const JSON_WHITESPACE: &str = r"(?: |\n{1,2}[ \t]{0,20})";
 
 impl Default for JsonStyle {
     fn default() -> Self {
@@ -54,9 +60,12 @@ impl Constraint {
                 let mut schema = schema.clone();
                 if let Some(obj) = schema.as_object_mut() {
                     // llguidance reads its JSON options from the schema itself.
-                    obj.entry("x-guidance").or_insert_with(
-                        || serde_json::json!({"whitespace_flexible": style.any_whitespace}),
-                    );
+                    obj.entry("x-guidance").or_insert_with(|| {
+                        serde_json::json!({
+                            "whitespace_flexible": style.any_whitespace,
+                            "whitespace_pattern": style.any_whitespace.then_some(JSON_WHITESPACE),
+                        })
+                    });
                 }
                 TopLevelGrammar::from_json_schema(schema)
             }
