@@ -67,7 +67,7 @@ async fn run_script(script: &str, model: &str) {
         .join("../../tests")
         .join(script);
     let out = tokio::process::Command::new(py)
-        .arg(script)
+        .arg(&script)
         .arg(&s.base)
         .arg("demo")
         .output()
