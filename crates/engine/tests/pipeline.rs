@@ -3,7 +3,10 @@
 //! two tensor-parallel ranks (threads) of an f32 model give what one rank
 //! gives, for concurrent requests mixing prefill chunks and decodes.
 
-use strata_engine::{ensure_demo_model, load_engine, EngineHandle, GenerateRequest, LoadOptions};
+use strata_engine::{
+    ensure_demo_model, load_engine, Constraint, EngineHandle, GenerateRequest, JsonStyle,
+    LoadOptions, StructuredOutputs,
+};
 use strata_types::SamplingParams;
 
 fn engine(
@@ -31,8 +34,15 @@ fn engine(
     load_engine(&opts).unwrap().0
 }
 
-/// Token ids and sampled-token logprobs of each prompt, run concurrently.
-fn run(e: &EngineHandle, prompts: &[Vec<u32>], temperature: f32) -> Vec<(Vec<u32>, Vec<f32>)> {
+/// Token ids and sampled-token logprobs of each prompt, run concurrently;
+/// the odd ones follow `constraint` when one is given.
+fn run(
+    e: &EngineHandle,
+    prompts: &[Vec<u32>],
+    temperature: f32,
+    constraint: Option<&Constraint>,
+) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let so = StructuredOutputs::new(e.shared_tokenizer(), JsonStyle::default());
     let streams: Vec<_> = prompts
         .iter()
         .enumerate()
@@ -51,7 +61,9 @@ fn run(e: &EngineHandle, prompts: &[Vec<u32>], temperature: f32) -> Vec<(Vec<u32
                 stop_token_ids: vec![],
                 ignore_eos: true,
                 skip_special_tokens: true,
-                guide: None,
+                guide: constraint
+                    .filter(|_| i % 2 == 1)
+                    .map(|c| so.compile(c, JsonStyle::default()).unwrap()),
             })
             .unwrap()
             .1
@@ -85,12 +97,26 @@ fn three_stages_equal_the_whole_model() {
     .iter()
     .map(|t| whole.tokenizer().encode(&t.repeat(6), false).unwrap())
     .collect();
-    let want = run(&whole, &prompts, 0.8);
-    let staged = run(&engine(ensure_demo_model().unwrap(), 3, 1), &prompts, 0.8);
+    let want = run(&whole, &prompts, 0.8, None);
+    let staged_engine = engine(ensure_demo_model().unwrap(), 3, 1);
+    let staged = run(&staged_engine, &prompts, 0.8, None);
     assert_eq!(staged, want);
     assert!(want
         .iter()
         .all(|(ids, lps)| ids.len() == 20 && lps.len() == 20));
+    // The last stage applies the token masks: constrained requests beside
+    // free ones sample the same as on the whole model.
+    let words = Constraint::Regex("[a-z]+( [a-z]+){2,5}\\.".into());
+    let want = run(&whole, &prompts, 0.8, Some(&words));
+    assert_eq!(run(&staged_engine, &prompts, 0.8, Some(&words)), want);
+    let text = whole.tokenizer().decode(&want[1].0, false).unwrap();
+    // Words of letters, at most six (max_tokens may cut the last short).
+    let words_only = text.trim_end_matches('.').split(' ');
+    let ok = words_only.clone().count() <= 6
+        && words_only
+            .into_iter()
+            .all(|w| w.bytes().all(|b| b.is_ascii_lowercase()));
+    assert!(ok, "{text:?}");
 }
 
 #[test]
@@ -124,9 +150,10 @@ fn two_tensor_parallel_ranks_serve_like_one() {
         .iter()
         .map(|t| one.tokenizer().encode(&t.repeat(4), false).unwrap())
         .collect();
-    let want = run(&one, &prompts, 0.0);
+    let choice = Constraint::Choice(vec!["yes".into(), "no".into(), "maybe so".into()]);
+    let want = run(&one, &prompts, 0.0, Some(&choice));
     for (tp, pp) in [(2, 1), (2, 3)] {
-        let got = run(&engine(dir.clone(), pp, tp), &prompts, 0.0);
+        let got = run(&engine(dir.clone(), pp, tp), &prompts, 0.0, Some(&choice));
         for ((gi, gl), (wi, wl)) in got.iter().zip(&want) {
             assert_eq!(gi, wi, "TP={tp} PP={pp}: greedy tokens");
             for (a, b) in gl.iter().zip(wl) {
