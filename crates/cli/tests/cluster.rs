@@ -29,15 +29,16 @@ fn sizes(pp: usize, tp: usize, kv: &str) -> Vec<String> {
     flags.iter().map(|f| f.to_string()).collect()
 }
 
-/// Greedy completions of several prompts at once, with top-5 logprobs.
+/// Greedy completions of several prompts at once, with top-5 logprobs;
+/// every other one follows a regex (its token masks travel to whichever
+/// node samples).
 async fn completions(server: &Server, prompts: &[&str], max_tokens: usize) -> Vec<Value> {
-    join_all(prompts.iter().map(|p| async move {
-        let (s, v) = server
-            .post(
-                "/v1/completions",
-                &json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "logprobs": 5, "ignore_eos": true}),
-            )
-            .await;
+    join_all(prompts.iter().enumerate().map(|(i, p)| async move {
+        let mut body = json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "logprobs": 5, "ignore_eos": true});
+        if i % 2 == 1 {
+            body["structured_outputs"] = json!({"regex": "[a-z]{1,6}( [a-z]{1,6})*"});
+        }
+        let (s, v) = server.post("/v1/completions", &body).await;
         assert_eq!(s, 200, "{v}");
         v["choices"][0]["logprobs"].clone()
     }))
