@@ -80,6 +80,9 @@ pub struct EngineStats {
     pub activation_bytes_sent: u64,
     /// Recoveries from a lost node, and what they cost.
     pub recovery: RecoveryStats,
+    /// Token masks of structured outputs computed, and the seconds spent.
+    pub masks_computed: u64,
+    pub mask_seconds: f64,
 }
 
 /// What recovering from lost nodes has cost so far.
@@ -259,6 +262,8 @@ pub fn start_engine(
         recovery: None,
         recovered: RecoveryStats::default(),
         unavailable: handle.unavailable.clone(),
+        masks_computed: 0,
+        mask_seconds: 0.0,
     };
     core.publish_stats();
     let alive = handle.alive.clone();
@@ -324,6 +329,8 @@ struct EngineCore {
     recovery: Option<Recovery>,
     recovered: RecoveryStats,
     unavailable: Arc<Mutex<Option<String>>>,
+    masks_computed: u64,
+    mask_seconds: f64,
 }
 
 /// How often a paused engine looks for its lost node.
@@ -461,7 +468,8 @@ impl EngineCore {
 
     /// The token masks of the step's constrained requests.
     fn masks(&mut self, out: &SchedulerOutput) -> StepMasks {
-        let masks = out
+        let started = Instant::now();
+        let masks: Vec<_> = out
             .structured_req_ids
             .iter()
             .filter_map(|id| {
@@ -469,6 +477,8 @@ impl EngineCore {
                 Some((*id, guide.mask()))
             })
             .collect();
+        self.masks_computed += masks.len() as u64;
+        self.mask_seconds += started.elapsed().as_secs_f64();
         StepMasks {
             step_id: out.step_id,
             masks,
@@ -668,6 +678,8 @@ impl EngineCore {
             num_pending: self.pending.load(Ordering::SeqCst),
             activation_bytes_sent: self.executor.activation_bytes_sent(),
             recovery: self.recovered.clone(),
+            masks_computed: self.masks_computed,
+            mask_seconds: self.mask_seconds,
         };
     }
 }

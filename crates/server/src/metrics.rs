@@ -75,7 +75,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let mut out = String::new();
     let mut f = Family { out: &mut out };
     let r = &s.recovery;
-    let counters: [(&str, &str, u64); 10] = [
+    let counters: [(&str, &str, u64); 11] = [
         (
             "strata_recoveries_total",
             "Times the cluster came back after a node was lost.",
@@ -126,6 +126,11 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "Engine steps that ran the model.",
             s.sched.steps,
         ),
+        (
+            "strata_structured_output_masks_total",
+            "Token masks computed for structured outputs (one per constrained sequence per step).",
+            s.masks_computed,
+        ),
     ];
     for (name, help, v) in counters {
         f.one(name, "counter", help, "", v);
@@ -162,6 +167,13 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         "Seconds the engine waited for lost nodes to come back.",
         "",
         r.seconds,
+    );
+    f.one(
+        "strata_structured_output_mask_seconds_total",
+        "counter",
+        "Seconds the leader spent computing those masks (while the steps' forward passes ran).",
+        "",
+        s.mask_seconds,
     );
     let up = state.cluster.node_up().into_iter().map(u8::from);
     f.per_node(
