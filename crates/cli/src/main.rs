@@ -10,7 +10,7 @@ use strata_engine::{
     StructuredOutputs, DEMO_MODEL_NAME,
 };
 use strata_model::{parse_dtype, DeviceRequest};
-use strata_server::AppState;
+use strata_server::{AppState, ReasoningParser};
 use strata_worker::{run_worker, Phase, WorkerOptions, WorkerStatus};
 
 mod check;
@@ -157,6 +157,10 @@ struct ServeArgs {
     /// llguidance is the one backend.
     #[arg(long, value_parser = parse_structured_outputs_config, default_value = "{}")]
     structured_outputs_config: JsonStyle,
+    /// Split the model's `<think>…</think>` into `reasoning_content`:
+    /// `deepseek_r1` or `qwen3` (vLLM's names).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ReasoningParser::NAMES))]
+    reasoning_parser: Option<String>,
 }
 
 /// vLLM's `--structured-outputs-config` JSON.
@@ -413,6 +417,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let served_model_name = args.served_model_name.unwrap_or(default_name);
     let json_style = args.structured_outputs_config;
+    let reasoning = args
+        .reasoning_parser
+        .as_deref()
+        .and_then(ReasoningParser::from_name);
     let api_key = args.api_key.filter(|k| !k.is_empty());
     let state = cluster_state.clone();
     let ready = async move {
@@ -432,6 +440,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             engine,
             info,
             structured,
+            reasoning,
             cluster: state,
             served_model_name,
             api_key,

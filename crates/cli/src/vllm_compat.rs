@@ -63,11 +63,6 @@ const IGNORED: &[(&str, Takes, &str)] = &[
         "tool-call parsing is not supported yet",
     ),
     (
-        "reasoning-parser",
-        Takes::Value,
-        "reasoning parsing is not supported yet",
-    ),
-    (
         "chat-template",
         Takes::Value,
         "the model's own chat template is used",

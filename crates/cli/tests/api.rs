@@ -592,3 +592,45 @@ async fn structured_outputs_follow_their_constraint_and_bad_ones_are_400s() {
         assert_eq!(v["error"]["param"], field, "{extra}: {v}");
     }
 }
+
+/// The demo model does not think, so a regex makes it write a
+/// `<think>…</think>` block; the reasoning parser must split it off, whole
+/// and streamed alike.
+#[tokio::test]
+async fn the_reasoning_parser_splits_thinking_from_the_answer() {
+    let s = Server::start(&["--reasoning-parser", "deepseek_r1"]).await;
+    let body = chat(
+        "Think, then answer.",
+        json!({"max_tokens": 60, "structured_outputs": {"regex": "<think>[a-z ]{3,30}</think>[A-Z][a-z]{1,10}"}}),
+    );
+    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    let m = &v["choices"][0]["message"];
+    let (reasoning, content) = (
+        m["reasoning_content"].as_str().unwrap(),
+        m["content"].as_str().unwrap(),
+    );
+    assert!(
+        reasoning.len() >= 3
+            && reasoning
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b' '),
+        "{m}"
+    );
+    assert!(
+        content.starts_with(|c: char| c.is_ascii_uppercase()) && !content.contains('<'),
+        "{m}"
+    );
+
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let events = s.stream("/v1/chat/completions", &sb).await;
+    let (mut r, mut c) = (String::new(), String::new());
+    for e in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(e).unwrap();
+        let d = &chunk["choices"][0]["delta"];
+        r += d["reasoning_content"].as_str().unwrap_or("");
+        c += d["content"].as_str().unwrap_or("");
+    }
+    assert_eq!((r.as_str(), c.as_str()), (reasoning, content));
+}

@@ -42,12 +42,25 @@ impl ChatTemplate {
 
     /// Renders `messages` (OpenAI shape, content already flattened to text).
     pub fn render(&self, messages: &[Json], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &Json::Null)
+    }
+
+    /// Renders with more variables for the template (`chat_template_kwargs`
+    /// such as Qwen3's `enable_thinking`); they never replace the messages
+    /// or the special tokens.
+    pub fn render_with(
+        &self,
+        messages: &[Json],
+        add_generation_prompt: bool,
+        extra: &Json,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("added in new");
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
+            ..minijinja::Value::from_serialize(extra)
         })
         .map_err(|e| {
             // `raise_exception` messages are the template telling the user what is wrong.
@@ -78,6 +91,21 @@ mod tests {
             .unwrap();
         // What Jinja2 (trim_blocks, lstrip_blocks) renders for the same input.
         assert_eq!(out, "  USER: hi\nA:");
+    }
+
+    #[test]
+    fn template_kwargs_reach_the_template_but_not_over_the_messages() {
+        let t = ChatTemplate::new(
+            "{{ messages[0].content }}{% if enable_thinking is false %}<think></think>{% endif %}"
+                .into(),
+            None,
+            None,
+        )
+        .unwrap();
+        let m = [json!({"role": "user", "content": "hi"})];
+        let off = json!({"enable_thinking": false, "messages": []});
+        assert_eq!(t.render_with(&m, true, &off).unwrap(), "hi<think></think>");
+        assert_eq!(t.render(&m, true).unwrap(), "hi");
     }
 
     #[test]

@@ -462,7 +462,10 @@ impl EngineCore {
         out.num_scheduled_tokens
             .iter()
             .map(|(id, _)| *id)
-            .filter(|id| self.live.get(id).is_some_and(|l| l.guide.is_some()))
+            .filter(|id| {
+                let guide = self.live.get(id).and_then(|l| l.guide.as_ref());
+                guide.is_some_and(Guide::is_active)
+            })
             .collect()
     }
 

@@ -146,6 +146,7 @@ impl StructuredOutputs {
         }
         Ok(Guide {
             matcher: Box::new(matcher),
+            gate: None,
         })
     }
 }
@@ -189,12 +190,16 @@ fn build_factory(tokenizer: &Arc<Tokenizer>) -> Result<ParserFactory, String> {
 pub struct Guide {
     /// Boxed: a matcher is large, and requests move through channels.
     matcher: Box<Matcher>,
+    /// The token that must be sampled before the constraint applies (the
+    /// end of a reasoning model's thinking).
+    gate: Option<TokenId>,
 }
 
 impl Clone for Guide {
     fn clone(&self) -> Self {
         Self {
             matcher: Box::new(self.matcher.deep_clone()),
+            gate: self.gate,
         }
     }
 }
@@ -208,6 +213,18 @@ impl std::fmt::Debug for Guide {
 }
 
 impl Guide {
+    /// Leaves the output free until `token` is sampled: structured outputs
+    /// apply to a reasoning model's answer, after its thinking.
+    pub fn after(mut self, token: TokenId) -> Self {
+        self.gate = Some(token);
+        self
+    }
+
+    /// Whether the constraint applies to the next token.
+    pub fn is_active(&self) -> bool {
+        self.gate.is_none()
+    }
+
     /// The tokens allowed next; only end-of-sequence once the grammar is
     /// complete. A matcher in error allows only end-of-sequence too, so the
     /// sequence ends rather than wanders.
@@ -225,6 +242,12 @@ impl Guide {
     /// Takes the sampled token; true once the output is complete (nothing
     /// but end-of-sequence may follow).
     pub fn advance(&mut self, token: TokenId) -> bool {
+        if let Some(gate) = self.gate {
+            if token == gate {
+                self.gate = None;
+            }
+            return false;
+        }
         if let Err(e) = self.matcher.consume_token(token) {
             tracing::warn!("structured output matcher refused token {token}: {e}");
             return true;

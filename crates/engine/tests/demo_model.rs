@@ -338,3 +338,21 @@ fn invalid_constraints_are_refused_with_the_reason() {
         assert!(!e.is_empty(), "{what}");
     }
 }
+
+#[test]
+fn a_gated_guide_constrains_only_after_its_gate_token() {
+    let so = StructuredOutputs::new(engine().shared_tokenizer(), JsonStyle::default());
+    let digits = Constraint::Regex("[0-9]{3}".into());
+    let gate = tok().encode("!", false).unwrap()[0];
+    let word = tok().encode("hello", false).unwrap()[0];
+    let mut g = so.compile(&digits, JsonStyle::default()).unwrap().after(gate);
+    assert!(!g.is_active());
+    assert!(!g.advance(word), "free text before the gate");
+    assert!(!g.is_active());
+    assert!(!g.advance(gate));
+    assert!(g.is_active());
+    let mask = g.mask();
+    assert!(!mask.allows(word));
+    let seven = tok().encode("7", false).unwrap()[0];
+    assert!(mask.allows(seven));
+}

@@ -4,6 +4,7 @@ mod error;
 mod generate;
 mod metrics;
 mod protocol;
+mod reasoning;
 mod response;
 mod routes;
 mod sse;
@@ -23,6 +24,7 @@ use axum::Router;
 use strata_engine::{ClusterState, EngineHandle, ModelInfo, StructuredOutputs};
 
 pub use error::ApiError;
+pub use reasoning::ReasoningParser;
 
 /// Request bodies above this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 16 << 20;
@@ -40,6 +42,8 @@ pub struct AppState {
     pub info: ModelInfo,
     /// Compiles the requests' structured outputs against the tokenizer.
     pub structured: StructuredOutputs,
+    /// `--reasoning-parser`: splits `<think>…</think>` off chat answers.
+    pub reasoning: Option<ReasoningParser>,
     pub served_model_name: String,
     pub api_key: Option<String>,
     pub started: u64,

@@ -52,6 +52,8 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub add_generation_prompt: Option<bool>,
+    /// More variables for the chat template (vLLM's; e.g. `enable_thinking`).
+    pub chat_template_kwargs: Option<serde_json::Map<String, Json>>,
 }
 
 /// `prompt`: text, texts, token ids, or lists of token ids.

@@ -62,6 +62,9 @@ pub struct ChatChoice {
 pub struct ChatMessage {
     pub role: &'static str,
     pub content: Option<String>,
+    /// The model's thinking, split off by `--reasoning-parser`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 /// A chat choice of a stream chunk.
@@ -80,6 +83,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 /// A completion choice, of a whole response or of a chunk (the same shape).

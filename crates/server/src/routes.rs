@@ -20,6 +20,7 @@ use crate::protocol::{
     normalize_messages, parse, ChatRequest, CommonParams, CompletionRequest, Prompt, Resolved,
     MAX_LOGPROBS,
 };
+use crate::reasoning::{ReasoningSplitter, THINK_END};
 use crate::response::{
     finish_str, ChatChoice, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessage,
     CompletionChoice, CompletionLogprobs,
@@ -101,15 +102,28 @@ pub async fn chat_completions(
         top_logprobs,
         &state.info.defaults,
     )?;
-    let r = constrain(&state, &body, r)?;
+    let mut r = constrain(&state, &body, r)?;
     let messages = normalize_messages(&req.messages)?;
     let tok = state.engine.tokenizer();
     let template = tok
         .chat_template
         .as_ref()
         .ok_or(strata_engine::EngineError::NoChatTemplate)?;
-    let prompt = template.render(&messages, req.add_generation_prompt.unwrap_or(true))?;
+    let kwargs = Value::Object(req.chat_template_kwargs.clone().unwrap_or_default());
+    let prompt = template.render_with(
+        &messages,
+        req.add_generation_prompt.unwrap_or(true),
+        &kwargs,
+    )?;
     let ids = tok.encode(&prompt, false)?;
+    // The reasoning parser starts in the answer when the template already
+    // closed the thinking (Qwen3 with thinking off).
+    let closed = prompt.trim_end().ends_with(THINK_END);
+    let splitter = state.reasoning.map(|p| ReasoningSplitter::new(p, closed));
+    if let (Some(_), false, Some(end)) = (splitter.as_ref(), closed, tok.token_to_id(THINK_END)) {
+        // A structured output constrains the answer, after the thinking.
+        r.guide = r.guide.map(|g| g.after(end));
+    }
     let choices = generate::start(&state.engine, &[ids], &r)?;
     let frame = Frame::new("chatcmpl", state.served_model_name.clone());
     let top_n = top_logprobs.unwrap_or(0);
@@ -122,14 +136,24 @@ pub async fn chat_completions(
         let usage = total_usage(done.iter().map(|f| (f.index, f.prompt_index, f.usage)));
         let choices = done
             .into_iter()
-            .map(|f| ChatChoice {
-                index: f.index,
-                logprobs: logprobs(tok, &f.token_ids, &f.logprobs),
-                message: ChatMessage {
-                    role: "assistant",
-                    content: Some(f.text),
-                },
-                finish_reason: finish_str(f.finish),
+            .map(|f| {
+                let (reasoning, content) = match &splitter {
+                    None => (None, Some(f.text)),
+                    Some(s) => {
+                        let parts = s.clone().split_all(&f.text);
+                        (non_empty(parts.reasoning), non_empty(parts.content))
+                    }
+                };
+                ChatChoice {
+                    index: f.index,
+                    logprobs: logprobs(tok, &f.token_ids, &f.logprobs),
+                    message: ChatMessage {
+                        role: "assistant",
+                        content,
+                        reasoning_content: reasoning,
+                    },
+                    finish_reason: finish_str(f.finish),
+                }
             })
             .collect();
         return Ok(frame.whole("chat.completion", choices, usage));
@@ -142,19 +166,33 @@ pub async fn chat_completions(
             delta: ChatDelta {
                 role: Some("assistant"),
                 content: Some(String::new()),
+                ..Default::default()
             },
             logprobs: None,
             finish_reason: None,
         })
         .collect();
     let engine = state.engine.clone();
+    let mut splitters: HashMap<usize, ReasoningSplitter> = HashMap::new();
     let render = move |index: usize, _prompt: usize, o: &RequestOutput| {
         let mut chunks = Vec::new();
-        if !o.text.is_empty() || !o.logprobs.is_empty() {
+        let (reasoning, content) = match &splitter {
+            None => (None, Some(o.text.clone())),
+            Some(s) => {
+                let parts = splitters
+                    .entry(index)
+                    .or_insert_with(|| s.clone())
+                    .push(&o.text, o.finish.is_some());
+                (non_empty(parts.reasoning), non_empty(parts.content))
+            }
+        };
+        let has_text = reasoning.is_some() || content.as_deref().is_some_and(|c| !c.is_empty());
+        if has_text || !o.logprobs.is_empty() {
             chunks.push(ChatChunkChoice {
                 index,
                 delta: ChatDelta {
-                    content: Some(o.text.clone()),
+                    content,
+                    reasoning_content: reasoning,
                     ..Default::default()
                 },
                 logprobs: logprobs(engine.tokenizer(), &o.token_ids, &o.logprobs),
@@ -178,6 +216,10 @@ pub async fn chat_completions(
         opening,
         render,
     ))
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
 }
 
 pub async fn completions(
