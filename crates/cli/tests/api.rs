@@ -634,3 +634,164 @@ async fn the_reasoning_parser_splits_thinking_from_the_answer() {
     }
     assert_eq!((r.as_str(), c.as_str()), (reasoning, content));
 }
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+            "parameters": {"type": "object", "additionalProperties": false, "required": ["city", "unit"],
+                "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}}}}},
+        {"type": "function", "function": {"name": "get_time", "description": "The time in a timezone.",
+            "parameters": {"type": "object", "additionalProperties": false, "required": ["tz"],
+                "properties": {"tz": {"type": "string", "maxLength": 20}}}}}
+    ])
+}
+
+/// Checks a call against `weather_tools`' parameters.
+fn assert_valid_call(call: &Value) {
+    assert_eq!(call["type"], "function", "{call}");
+    assert!(
+        call["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{call}"
+    );
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    match call["function"]["name"].as_str().unwrap() {
+        "get_weather" => {
+            assert!(
+                args["city"].as_str().unwrap().chars().count() <= 20,
+                "{call}"
+            );
+            assert!(
+                ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+                "{call}"
+            );
+        }
+        "get_time" => assert!(args["tz"].is_string(), "{call}"),
+        other => panic!("unknown tool {other}"),
+    }
+}
+
+/// Joins a stream's tool-call deltas into calls, by index.
+fn streamed_calls(events: &[String]) -> (Vec<Value>, String) {
+    let mut calls: Vec<Value> = Vec::new();
+    let mut finish = String::new();
+    for e in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(e).unwrap();
+        let c = &chunk["choices"][0];
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+        for d in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let i = d["index"].as_u64().unwrap() as usize;
+            if i == calls.len() {
+                calls.push(json!({"id": d["id"], "type": d["type"],
+                    "function": {"name": d["function"]["name"], "arguments": ""}}));
+            }
+            let args = calls[i]["function"]["arguments"]
+                .as_str()
+                .unwrap()
+                .to_string()
+                + d["function"]["arguments"].as_str().unwrap_or("");
+            calls[i]["function"]["arguments"] = json!(args);
+        }
+    }
+    (calls, finish)
+}
+
+#[tokio::test]
+async fn named_and_required_tool_choices_give_valid_calls_whole_and_streamed() {
+    let s = Server::start(&[]).await;
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    for (choice, content) in [
+        (named, "What is the weather in Paris?"),
+        (
+            json!("required"),
+            "What time is it in Tokyo, and the weather in Oslo?",
+        ),
+    ] {
+        let body = chat(
+            content,
+            json!({"tools": weather_tools(), "tool_choice": choice, "max_tokens": 120}),
+        );
+        let (st, v) = s.post("/v1/chat/completions", &body).await;
+        assert_eq!(st, 200, "{v}");
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        assert!(c["message"]["content"].is_null(), "{v}");
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert!(!calls.is_empty());
+        calls.iter().for_each(assert_valid_call);
+        if choice.is_object() {
+            assert_eq!(calls.len(), 1);
+            assert_eq!(calls[0]["function"]["name"], "get_weather");
+        }
+
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        let (streamed, finish) = streamed_calls(&s.stream("/v1/chat/completions", &sb).await);
+        assert_eq!(finish, "tool_calls");
+        // Greedy: the same calls, ids aside.
+        assert_eq!(streamed.len(), calls.len());
+        for (a, b) in streamed.iter().zip(calls) {
+            assert_eq!(a["function"], b["function"]);
+            assert_valid_call(a);
+        }
+    }
+    // Without parallel calls, `required` gives exactly one.
+    let body = chat(
+        "Weather in Oslo and Rome?",
+        json!({"tools": weather_tools(), "tool_choice": "required", "parallel_tool_calls": false, "max_tokens": 120}),
+    );
+    let (_, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "{v}"
+    );
+    // `none`: text, with the tools still accepted.
+    let body = chat(
+        "Hi!",
+        json!({"tools": weather_tools(), "tool_choice": "none"}),
+    );
+    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v["choices"][0]["message"]["content"].is_string()
+            && v["choices"][0]["message"]["tool_calls"].is_null()
+    );
+    // A conversation with a call and its result renders and continues.
+    let history = json!({"model": "demo", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\", \"unit\": \"celsius\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 4}"}],
+        "tools": weather_tools(), "tool_choice": "none"});
+    let (st, v) = s.post("/v1/chat/completions", &history).await;
+    assert_eq!(st, 200, "{v}");
+
+    for (extra, field) in [
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (json!({"tools": weather_tools()}), "tool_choice"),
+        (
+            json!({"tools": [{"type": "function"}], "tool_choice": "required"}),
+            "tools",
+        ),
+        (
+            json!({"tools": weather_tools(), "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "tool_choice",
+        ),
+    ] {
+        let (st, v) = s
+            .post("/v1/chat/completions", &chat("Hi", extra.clone()))
+            .await;
+        assert_eq!(st, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], field, "{extra}: {v}");
+    }
+}

@@ -24,6 +24,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, Error> {
@@ -73,6 +74,68 @@ impl ChatTemplate {
     }
 }
 
+/// transformers' `tojson`: Python's `json.dumps` (`", "` and `": "` between
+/// items, keys in their order, non-ASCII as is, no HTML escaping), so tool
+/// schemas and call arguments reach the model spelled as in training.
+fn tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<minijinja::Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let written = match indent {
+        Some(n) => {
+            let spaces = vec![b' '; n];
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(&spaces);
+            serde::Serialize::serialize(
+                &value,
+                &mut serde_json::Serializer::with_formatter(&mut out, fmt),
+            )
+        }
+        None => serde::Serialize::serialize(
+            &value,
+            &mut serde_json::Serializer::with_formatter(&mut out, PythonJson),
+        ),
+    };
+    written.map_err(|e| Error::new(ErrorKind::BadSerialization, e.to_string()))?;
+    let text = String::from_utf8(out).expect("serde_json writes UTF-8");
+    Ok(minijinja::Value::from_safe_string(text))
+}
+
+/// `json.dumps`' default separators.
+struct PythonJson;
+
+impl serde_json::ser::Formatter for PythonJson {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +169,44 @@ mod tests {
         let off = json!({"enable_thinking": false, "messages": []});
         assert_eq!(t.render_with(&m, true, &off).unwrap(), "hi<think></think>");
         assert_eq!(t.render(&m, true).unwrap(), "hi");
+    }
+
+    /// A multi-turn tool conversation through a Qwen-style tools template,
+    /// against transformers' rendering (tests/fixtures/make_template_reference.py).
+    #[test]
+    fn tool_conversations_render_as_transformers_renders_them() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/templates");
+        let cases: Json =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        for case in cases.as_array().unwrap() {
+            let source =
+                std::fs::read_to_string(dir.join(case["template"].as_str().unwrap())).unwrap();
+            let t = ChatTemplate::new(source, None, None).unwrap();
+            let extra = match &case["tools"] {
+                Json::Null => Json::Null,
+                tools => json!({ "tools": tools }),
+            };
+            let got = t
+                .render_with(case["messages"].as_array().unwrap(), true, &extra)
+                .unwrap();
+            assert_eq!(got, case["rendered"].as_str().unwrap());
+        }
+    }
+
+    #[test]
+    fn tojson_spells_like_python() {
+        let t = ChatTemplate::new(
+            "{{ x | tojson }}|{{ x | tojson(indent=2) }}".into(),
+            None,
+            None,
+        )
+        .unwrap();
+        let out = t
+            .render_with(&[], false, &json!({"x": {"b": [1, "é<"], "a": {}}}))
+            .unwrap();
+        assert_eq!(out, "{\"b\": [1, \"é<\"], \"a\": {}}|{\n  \"b\": [\n    1,\n    \"é<\"\n  ],\n  \"a\": {}\n}");
     }
 
     #[test]

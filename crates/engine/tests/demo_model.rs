@@ -345,7 +345,10 @@ fn a_gated_guide_constrains_only_after_its_gate_token() {
     let digits = Constraint::Regex("[0-9]{3}".into());
     let gate = tok().encode("!", false).unwrap()[0];
     let word = tok().encode("hello", false).unwrap()[0];
-    let mut g = so.compile(&digits, JsonStyle::default()).unwrap().after(gate);
+    let mut g = so
+        .compile(&digits, JsonStyle::default())
+        .unwrap()
+        .after(gate);
     assert!(!g.is_active());
     assert!(!g.advance(word), "free text before the gate");
     assert!(!g.is_active());

@@ -1,5 +1,6 @@
 //! strata's OpenAI-compatible HTTP API.
 
+mod chat_output;
 mod error;
 mod generate;
 mod metrics;
@@ -9,6 +10,7 @@ mod response;
 mod routes;
 mod sse;
 mod structured;
+mod tools;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;

@@ -122,11 +122,6 @@ impl ReasoningSplitter {
             }
         }
     }
-
-    /// Splits a whole output at once.
-    pub fn split_all(mut self, text: &str) -> Split {
-        self.push(text, true)
-    }
 }
 
 #[cfg(test)]
@@ -158,7 +153,7 @@ mod tests {
         // R1's template opens <think> in the prompt.
         let want = split("Let me add: 2+2=4.\n", "\n\nThe answer is 4.");
         let text = "Let me add: 2+2=4.\n</think>\n\nThe answer is 4.";
-        assert_eq!(ReasoningSplitter::new(R1, false).split_all(text), want);
+        assert_eq!(ReasoningSplitter::new(R1, false).push(text, true), want);
         // The same with the start tag, and with the end tag cut in three.
         assert_eq!(
             streamed(
@@ -181,7 +176,7 @@ mod tests {
         use ReasoningParser::Qwen3;
         let text = "<think>\nThe user greets me.\n</think>\n\nHello!";
         let want = split("\nThe user greets me.\n", "\n\nHello!");
-        assert_eq!(ReasoningSplitter::new(Qwen3, false).split_all(text), want);
+        assert_eq!(ReasoningSplitter::new(Qwen3, false).push(text, true), want);
         let pieces: Vec<String> = text.chars().map(String::from).collect();
         let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
         assert_eq!(streamed(Qwen3, &pieces), want, "one character per piece");

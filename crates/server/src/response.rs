@@ -65,6 +65,71 @@ pub struct ChatMessage {
     /// The model's thinking, split off by `--reasoning-parser`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON string, as OpenAI sends them.
+    pub arguments: String,
+}
+
+/// A piece of a streamed tool call: the first carries its id and name,
+/// the rest add to its arguments.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+impl ToolCallDelta {
+    /// A call's opening piece.
+    pub fn open(index: usize, call: &ToolCall) -> Self {
+        Self {
+            index,
+            id: Some(call.id.clone()),
+            kind: Some(call.kind),
+            function: FunctionCallDelta {
+                name: Some(call.function.name.clone()),
+                arguments: Some(call.function.arguments.clone()),
+            },
+        }
+    }
+
+    /// More arguments for call `index`.
+    pub fn arguments(index: usize, arguments: String) -> Self {
+        Self {
+            index,
+            id: None,
+            kind: None,
+            function: FunctionCallDelta {
+                name: None,
+                arguments: Some(arguments),
+            },
+        }
+    }
 }
 
 /// A chat choice of a stream chunk.
@@ -85,6 +150,8 @@ pub struct ChatDelta {
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 /// A completion choice, of a whole response or of a chunk (the same shape).

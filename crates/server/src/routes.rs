@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use strata_engine::{RequestOutput, Tokenizer};
 use strata_types::{Logprobs, TokenId};
 
+use crate::chat_output::ChatOutput;
 use crate::error::ApiError;
 use crate::generate::{self, total_usage};
 use crate::protocol::{
@@ -22,11 +23,12 @@ use crate::protocol::{
 };
 use crate::reasoning::{ReasoningSplitter, THINK_END};
 use crate::response::{
-    finish_str, ChatChoice, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessage,
-    CompletionChoice, CompletionLogprobs,
+    finish_str, ChatChoice, ChatChunkChoice, ChatDelta, ChatLogprobs, CompletionChoice,
+    CompletionLogprobs,
 };
 use crate::sse::Frame;
 use crate::structured::ConstraintFields;
+use crate::tools::{arguments_as_objects, ToolFields};
 use crate::AppState;
 
 fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -103,17 +105,38 @@ pub async fn chat_completions(
         &state.info.defaults,
     )?;
     let mut r = constrain(&state, &body, r)?;
-    let messages = normalize_messages(&req.messages)?;
+    let tools = ToolFields::resolve(&parse(&body)?)?.map(Arc::new);
+    if let Some(c) = tools.as_ref().and_then(|t| t.constraint()) {
+        if r.guide.is_some() {
+            return Err(ApiError::param(
+                "tool_choice",
+                "a required or named `tool_choice` is itself a structured output: leave out `response_format` and the like",
+            ));
+        }
+        let style = state.structured.default_style();
+        let guide = tokio::task::block_in_place(|| state.structured.compile(&c, style));
+        r.guide = Some(guide.map_err(|e| {
+            ApiError::param(
+                "tools",
+                format!("a tool's parameters are not a usable JSON schema: {e}"),
+            )
+        })?);
+    }
+    let mut messages = normalize_messages(&req.messages)?;
+    arguments_as_objects(&mut messages);
     let tok = state.engine.tokenizer();
     let template = tok
         .chat_template
         .as_ref()
         .ok_or(strata_engine::EngineError::NoChatTemplate)?;
-    let kwargs = Value::Object(req.chat_template_kwargs.clone().unwrap_or_default());
+    let mut kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
+    if let Some(t) = &tools {
+        kwargs.insert("tools".into(), Value::Array(t.raw.clone()));
+    }
     let prompt = template.render_with(
         &messages,
         req.add_generation_prompt.unwrap_or(true),
-        &kwargs,
+        &Value::Object(kwargs),
     )?;
     let ids = tok.encode(&prompt, false)?;
     // The reasoning parser starts in the answer when the template already
@@ -124,6 +147,7 @@ pub async fn chat_completions(
         // A structured output constrains the answer, after the thinking.
         r.guide = r.guide.map(|g| g.after(end));
     }
+    let shape = ChatOutput::new(splitter, tools);
     let choices = generate::start(&state.engine, &[ids], &r)?;
     let frame = Frame::new("chatcmpl", state.served_model_name.clone());
     let top_n = top_logprobs.unwrap_or(0);
@@ -137,22 +161,12 @@ pub async fn chat_completions(
         let choices = done
             .into_iter()
             .map(|f| {
-                let (reasoning, content) = match &splitter {
-                    None => (None, Some(f.text)),
-                    Some(s) => {
-                        let parts = s.clone().split_all(&f.text);
-                        (non_empty(parts.reasoning), non_empty(parts.content))
-                    }
-                };
+                let (message, finish_reason) = shape.clone().whole(&f.text, f.finish);
                 ChatChoice {
                     index: f.index,
                     logprobs: logprobs(tok, &f.token_ids, &f.logprobs),
-                    message: ChatMessage {
-                        role: "assistant",
-                        content,
-                        reasoning_content: reasoning,
-                    },
-                    finish_reason: finish_str(f.finish),
+                    message,
+                    finish_reason,
                 }
             })
             .collect();
@@ -173,38 +187,29 @@ pub async fn chat_completions(
         })
         .collect();
     let engine = state.engine.clone();
-    let mut splitters: HashMap<usize, ReasoningSplitter> = HashMap::new();
+    let mut shapes: HashMap<usize, ChatOutput> = HashMap::new();
     let render = move |index: usize, _prompt: usize, o: &RequestOutput| {
         let mut chunks = Vec::new();
-        let (reasoning, content) = match &splitter {
-            None => (None, Some(o.text.clone())),
-            Some(s) => {
-                let parts = splitters
-                    .entry(index)
-                    .or_insert_with(|| s.clone())
-                    .push(&o.text, o.finish.is_some());
-                (non_empty(parts.reasoning), non_empty(parts.content))
-            }
-        };
-        let has_text = reasoning.is_some() || content.as_deref().is_some_and(|c| !c.is_empty());
-        if has_text || !o.logprobs.is_empty() {
+        let shape = shapes.entry(index).or_insert_with(|| shape.clone());
+        let (delta, finish_reason) = shape.delta(&o.text, o.finish);
+        let lps = logprobs(engine.tokenizer(), &o.token_ids, &o.logprobs);
+        if delta.is_some() || lps.is_some() && !o.logprobs.is_empty() {
             chunks.push(ChatChunkChoice {
                 index,
-                delta: ChatDelta {
-                    content,
-                    reasoning_content: reasoning,
+                delta: delta.unwrap_or(ChatDelta {
+                    content: Some(String::new()),
                     ..Default::default()
-                },
-                logprobs: logprobs(engine.tokenizer(), &o.token_ids, &o.logprobs),
+                }),
+                logprobs: lps,
                 finish_reason: None,
             });
         }
-        if o.finish.is_some() {
+        if finish_reason.is_some() {
             chunks.push(ChatChunkChoice {
                 index,
                 delta: ChatDelta::default(),
                 logprobs: None,
-                finish_reason: finish_str(o.finish),
+                finish_reason,
             });
         }
         chunks
@@ -216,10 +221,6 @@ pub async fn chat_completions(
         opening,
         render,
     ))
-}
-
-fn non_empty(s: String) -> Option<String> {
-    (!s.is_empty()).then_some(s)
 }
 
 pub async fn completions(
