@@ -10,7 +10,7 @@ use strata_engine::{
     StructuredOutputs, DEMO_MODEL_NAME,
 };
 use strata_model::{parse_dtype, DeviceRequest};
-use strata_server::{AppState, ReasoningParser};
+use strata_server::{AppState, ReasoningParser, ToolParser};
 use strata_worker::{run_worker, Phase, WorkerOptions, WorkerStatus};
 
 mod check;
@@ -161,6 +161,14 @@ struct ServeArgs {
     /// `deepseek_r1` or `qwen3` (vLLM's names).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ReasoningParser::NAMES))]
     reasoning_parser: Option<String>,
+    /// Let the model decide when to call tools (`tool_choice: "auto"`, the
+    /// default with `tools`); needs --tool-call-parser.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    enable_auto_tool_choice: bool,
+    /// How `auto` tool calls are written: `hermes` (Qwen), `llama3_json`,
+    /// `mistral`, `deepseek_v3` (vLLM's names).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ToolParser::NAMES))]
+    tool_call_parser: Option<String>,
 }
 
 /// vLLM's `--structured-outputs-config` JSON.
@@ -417,6 +425,14 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let served_model_name = args.served_model_name.unwrap_or(default_name);
     let json_style = args.structured_outputs_config;
+    if args.enable_auto_tool_choice && args.tool_call_parser.is_none() {
+        bail!("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral or deepseek_v3)");
+    }
+    let tool_parser = args
+        .tool_call_parser
+        .as_deref()
+        .filter(|_| args.enable_auto_tool_choice)
+        .and_then(ToolParser::from_name);
     let reasoning = args
         .reasoning_parser
         .as_deref()
@@ -441,6 +457,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             info,
             structured,
             reasoning,
+            tool_parser,
             cluster: state,
             served_model_name,
             api_key,

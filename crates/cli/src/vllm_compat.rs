@@ -53,16 +53,6 @@ const IGNORED: &[(&str, Takes, &str)] = &[
     ("download-dir", Takes::Value, "used only to find --model"),
     ("code-revision", Takes::Value, "no model code is run"),
     (
-        "tool-call-parser",
-        Takes::Value,
-        "tool-call parsing is not supported yet",
-    ),
-    (
-        "enable-auto-tool-choice",
-        Takes::Switch,
-        "tool-call parsing is not supported yet",
-    ),
-    (
         "chat-template",
         Takes::Value,
         "the model's own chat template is used",

@@ -795,3 +795,54 @@ async fn named_and_required_tool_choices_give_valid_calls_whole_and_streamed() {
         assert_eq!(v["error"]["param"], field, "{extra}: {v}");
     }
 }
+
+/// `auto` reads calls in the model family's format: a regex makes the demo
+/// model write one in Hermes' (Qwen's), and the parser turns it into
+/// `tool_calls`, whole and streamed, with the text before it as content.
+#[tokio::test]
+async fn auto_tool_choice_parses_the_models_own_call_format() {
+    let (ok, log) = common::run_strata(&["serve", "--enable-auto-tool-choice"]);
+    assert!(!ok && log.contains("--tool-call-parser"), "{log}");
+
+    let s = Server::start(&["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]).await;
+    let call = r#"Checking\.\n<tool_call>\n\{"name": "get_time", "arguments": \{"tz": "[A-Z]{3}"\}\}\n</tool_call>"#;
+    let body = chat(
+        "What time is it in Tokyo?",
+        json!({"tools": weather_tools(), "max_tokens": 60, "structured_outputs": {"regex": call}}),
+    );
+    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(c["message"]["content"], "Checking.\n");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_valid_call(&calls[0]);
+
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let events = s.stream("/v1/chat/completions", &sb).await;
+    let (streamed, finish) = streamed_calls(&events);
+    assert_eq!(finish, "tool_calls");
+    assert_eq!(streamed[0]["function"], calls[0]["function"]);
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, "Checking.\n");
+    // Plain text stays text.
+    let (_, v) = s
+        .post(
+            "/v1/chat/completions",
+            &chat("Hi!", json!({"tools": weather_tools()})),
+        )
+        .await;
+    assert!(v["choices"][0]["message"]["tool_calls"].is_null(), "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    assert_ne!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+}

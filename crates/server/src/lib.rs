@@ -10,6 +10,7 @@ mod response;
 mod routes;
 mod sse;
 mod structured;
+mod tool_parsers;
 mod tools;
 
 use std::future::IntoFuture;
@@ -27,6 +28,7 @@ use strata_engine::{ClusterState, EngineHandle, ModelInfo, StructuredOutputs};
 
 pub use error::ApiError;
 pub use reasoning::ReasoningParser;
+pub use tool_parsers::ToolParser;
 
 /// Request bodies above this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 16 << 20;
@@ -46,6 +48,8 @@ pub struct AppState {
     pub structured: StructuredOutputs,
     /// `--reasoning-parser`: splits `<think>…</think>` off chat answers.
     pub reasoning: Option<ReasoningParser>,
+    /// `--enable-auto-tool-choice --tool-call-parser`: reads `auto` calls.
+    pub tool_parser: Option<ToolParser>,
     pub served_model_name: String,
     pub api_key: Option<String>,
     pub started: u64,

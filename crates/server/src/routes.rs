@@ -28,7 +28,7 @@ use crate::response::{
 };
 use crate::sse::Frame;
 use crate::structured::ConstraintFields;
-use crate::tools::{arguments_as_objects, ToolFields};
+use crate::tools::{arguments_as_objects, ToolChoice, ToolFields};
 use crate::AppState;
 
 fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -105,7 +105,14 @@ pub async fn chat_completions(
         &state.info.defaults,
     )?;
     let mut r = constrain(&state, &body, r)?;
-    let tools = ToolFields::resolve(&parse(&body)?)?.map(Arc::new);
+    let tools = ToolFields::resolve(&parse(&body)?, state.tool_parser)?.map(Arc::new);
+    if tools
+        .as_ref()
+        .is_some_and(|t| matches!(t.choice, ToolChoice::Auto(_)))
+    {
+        // The parsers read markers that may be special tokens.
+        r.skip_special_tokens = false;
+    }
     if let Some(c) = tools.as_ref().and_then(|t| t.constraint()) {
         if r.guide.is_some() {
             return Err(ApiError::param(

@@ -9,6 +9,7 @@ use strata_engine::Constraint;
 
 use crate::error::ApiError;
 use crate::response::{FunctionCall, ToolCall};
+use crate::tool_parsers::ToolParser;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ToolFields {
@@ -34,6 +35,8 @@ pub enum ToolChoice {
     Required,
     /// One call of this function.
     Named(String),
+    /// Text or calls, as the model decides, read by this parser.
+    Auto(ToolParser),
 }
 
 /// A request's tools, checked.
@@ -52,8 +55,9 @@ fn bad(field: &str, msg: impl Into<String>) -> ApiError {
 
 impl ToolFields {
     /// The request's tools, or `None` without any. `auto` (the default when
-    /// tools are given) needs a tool-call parser, which this server has not.
-    pub fn resolve(&self) -> Result<Option<Tools>, ApiError> {
+    /// tools are given) needs the server's tool-call parser (`auto_parser`,
+    /// from `--enable-auto-tool-choice --tool-call-parser`).
+    pub fn resolve(&self, auto_parser: Option<ToolParser>) -> Result<Option<Tools>, ApiError> {
         let Some(raw) = &self.tools else {
             if self.tool_choice.as_ref().is_some_and(|c| c != "none") {
                 return Err(bad("tool_choice", "`tool_choice` needs `tools`"));
@@ -83,18 +87,20 @@ impl ToolFields {
         let choice = match &self.tool_choice {
             Some(Json::String(s)) if s == "none" => ToolChoice::None,
             Some(Json::String(s)) if s == "required" => ToolChoice::Required,
-            None => {
-                return Err(bad(
+            None => match auto_parser {
+                Some(p) => ToolChoice::Auto(p),
+                None => return Err(bad(
                     "tool_choice",
-                    "`tool_choice` `auto` (the default with `tools`) needs a tool-call parser, which is not available yet; use `required`, `none` or a named function",
-                ))
-            }
-            Some(Json::String(s)) if s == "auto" => {
-                return Err(bad(
+                    "`tool_choice` `auto` (the default with `tools`) needs the server started with --enable-auto-tool-choice and --tool-call-parser; or give `required`, `none` or a named function",
+                )),
+            },
+            Some(Json::String(s)) if s == "auto" => match auto_parser {
+                Some(p) => ToolChoice::Auto(p),
+                None => return Err(bad(
                     "tool_choice",
-                    "`tool_choice` `auto` needs a tool-call parser, which is not available yet; use `required`, `none` or a named function",
-                ))
-            }
+                    "`tool_choice` `auto` needs the server started with --enable-auto-tool-choice and --tool-call-parser",
+                )),
+            },
             Some(c) => {
                 let name = c
                     .get("function")
@@ -133,7 +139,7 @@ impl Tools {
     /// arguments, or a list of `{name, parameters}` calls.
     pub fn constraint(&self) -> Option<Constraint> {
         match &self.choice {
-            ToolChoice::None => None,
+            ToolChoice::None | ToolChoice::Auto(_) => None,
             ToolChoice::Named(name) => {
                 let f = self.functions.iter().find(|f| &f.name == name)?;
                 Some(Constraint::JsonSchema(parameters(f)))
@@ -157,29 +163,29 @@ impl Tools {
         }
     }
 
-    /// Whether the output is calls rather than text.
-    pub fn calls(&self) -> bool {
-        self.choice != ToolChoice::None
-    }
-
-    /// The calls in a complete output (`None`: it does not parse, as when
-    /// max_tokens cut it short).
-    pub fn parse(&self, text: &str) -> Option<Vec<ToolCall>> {
-        match &self.choice {
+    /// A complete output's text (before its calls) and calls. Calls that
+    /// do not parse (as when max_tokens cut them short) leave it all text.
+    pub fn parse(&self, text: &str) -> (String, Vec<ToolCall>) {
+        let calls = match &self.choice {
             ToolChoice::None => None,
-            ToolChoice::Named(name) => {
-                serde_json::from_str::<Json>(text).ok()?;
-                Some(vec![ToolCall::new(name.clone(), text.to_string())])
-            }
-            ToolChoice::Required => {
-                let list: Vec<Json> = serde_json::from_str(text).ok()?;
-                list.into_iter()
-                    .map(|c| {
-                        let name = c.get("name")?.as_str()?.to_string();
-                        Some(ToolCall::new(name, c.get("parameters")?.to_string()))
-                    })
-                    .collect()
-            }
+            ToolChoice::Auto(p) => return p.parse(text),
+            ToolChoice::Named(name) => serde_json::from_str::<Json>(text)
+                .ok()
+                .map(|_| vec![ToolCall::new(name.clone(), text.to_string())]),
+            ToolChoice::Required => serde_json::from_str::<Vec<Json>>(text)
+                .ok()
+                .and_then(|list| {
+                    list.into_iter()
+                        .map(|c| {
+                            let name = c.get("name")?.as_str()?.to_string();
+                            Some(ToolCall::new(name, c.get("parameters")?.to_string()))
+                        })
+                        .collect()
+                }),
+        };
+        match calls {
+            Some(calls) => (String::new(), calls),
+            None => (text.to_string(), Vec::new()),
         }
     }
 }
@@ -232,7 +238,7 @@ mod tests {
     fn choices_resolve_and_bad_ones_name_the_field() {
         let named = json!({"type": "function", "function": {"name": "get_weather"}});
         let t = fields(json!({"tools": weather(), "tool_choice": named}))
-            .resolve()
+            .resolve(None)
             .unwrap()
             .unwrap();
         assert_eq!(t.choice, ToolChoice::Named("get_weather".into()));
@@ -252,30 +258,37 @@ mod tests {
             ),
             (json!({"tools": weather()}), "tool_choice"),
         ] {
-            let e = fields(v.clone()).resolve().unwrap_err();
+            let e = fields(v.clone()).resolve(None).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(field), "{v}: {}", e.message);
         }
         assert!(fields(json!({"tool_choice": "none"}))
-            .resolve()
+            .resolve(None)
             .unwrap()
             .is_none());
+        // With a parser, `auto` is the default.
+        let auto = fields(json!({"tools": weather()}))
+            .resolve(Some(ToolParser::Hermes))
+            .unwrap()
+            .unwrap();
+        assert_eq!(auto.choice, ToolChoice::Auto(ToolParser::Hermes));
+        assert!(auto.constraint().is_none());
     }
 
     #[test]
     fn outputs_become_calls() {
         let required = fields(json!({"tools": weather(), "tool_choice": "required"}))
-            .resolve()
+            .resolve(None)
             .unwrap()
             .unwrap();
-        let calls = required
-            .parse(r#"[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_weather", "parameters": {"city": "Rome"}}]"#)
-            .unwrap();
+        let (text, calls) = required
+            .parse(r#"[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_weather", "parameters": {"city": "Rome"}}]"#);
+        assert_eq!(text, "");
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[1].function.name, "get_weather");
         assert_eq!(calls[1].function.arguments, r#"{"city":"Rome"}"#);
         assert_ne!(calls[0].id, calls[1].id);
         assert!(
-            required.parse(r#"[{"name": "get_weather""#).is_none(),
+            required.parse(r#"[{"name": "get_weather""#).1.is_empty(),
             "cut short"
         );
         let Some(Constraint::JsonSchema(s)) = required.constraint() else {
