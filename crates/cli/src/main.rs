@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use strata_engine::{
-    ensure_demo_model, load_engine, ClusterOptions, ClusterState, JsonStyle, LoadOptions,
-    StructuredOutputs, DEMO_MODEL_NAME,
+    ensure_demo_model, load_engine, ChatTemplate, ClusterOptions, ClusterState, JsonStyle,
+    LoadOptions, StructuredOutputs, DEMO_MODEL_NAME,
 };
 use strata_model::{parse_dtype, DeviceRequest};
 use strata_server::{AppState, ReasoningParser, ToolParser};
@@ -169,6 +169,10 @@ struct ServeArgs {
     /// `mistral`, `deepseek_v3` (vLLM's names).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ToolParser::NAMES))]
     tool_call_parser: Option<String>,
+    /// A chat template to use in place of the model's: a file, or the
+    /// template itself (vLLM's `--chat-template`).
+    #[arg(long)]
+    chat_template: Option<String>,
 }
 
 /// vLLM's `--structured-outputs-config` JSON.
@@ -428,6 +432,15 @@ fn serve(args: ServeArgs) -> Result<()> {
     if args.enable_auto_tool_choice && args.tool_call_parser.is_none() {
         bail!("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral or deepseek_v3)");
     }
+    // vLLM's reading: a file when one is there, else the template itself.
+    let chat_template_source = match args.chat_template {
+        Some(t) if std::path::Path::new(&t).is_file() => Some(
+            std::fs::read_to_string(&t).with_context(|| format!("reading --chat-template {t}"))?,
+        ),
+        Some(t) if t.contains("{{") || t.contains("{%") => Some(t),
+        Some(t) => bail!("--chat-template {t}: no such file, and not a template"),
+        None => None,
+    };
     let tool_parser = args
         .tool_call_parser
         .as_deref()
@@ -452,12 +465,20 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         tracing::info!("serving model `{served_model_name}`");
         let structured = StructuredOutputs::new(engine.shared_tokenizer(), json_style);
+        let chat_template = chat_template_source
+            .map(|source| {
+                let tok = engine.tokenizer();
+                ChatTemplate::new(source, tok.bos_token.clone(), tok.eos_token.clone())
+                    .map_err(|e| format!("--chat-template: {e}"))
+            })
+            .transpose()?;
         Ok(AppState {
             engine,
             info,
             structured,
             reasoning,
             tool_parser,
+            chat_template,
             cluster: state,
             served_model_name,
             api_key,

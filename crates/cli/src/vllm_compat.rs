@@ -53,11 +53,6 @@ const IGNORED: &[(&str, Takes, &str)] = &[
     ("download-dir", Takes::Value, "used only to find --model"),
     ("code-revision", Takes::Value, "no model code is run"),
     (
-        "chat-template",
-        Takes::Value,
-        "the model's own chat template is used",
-    ),
-    (
         "allow-remote-files",
         Takes::Switch,
         "models are read from local files",
@@ -155,6 +150,24 @@ fn ignored(name: &str) -> Option<(Takes, &'static str)> {
         .iter()
         .find(|(n, ..)| *n == base)
         .map(|(_, t, why)| (*t, *why))
+}
+
+fn yaml_to_json(v: &Yaml) -> Option<serde_json::Value> {
+    use serde_json::Value as J;
+    Some(match v {
+        Yaml::Boolean(b) => J::Bool(*b),
+        Yaml::Integer(n) => J::from(*n),
+        Yaml::Real(r) => J::from(r.parse::<f64>().ok()?),
+        Yaml::String(s) => J::String(s.clone()),
+        Yaml::Null => J::Null,
+        Yaml::Array(a) => J::Array(a.iter().map(yaml_to_json).collect::<Option<_>>()?),
+        Yaml::Hash(h) => J::Object(
+            h.iter()
+                .map(|(k, v)| Some((k.as_str()?.to_string(), yaml_to_json(v)?)))
+                .collect::<Option<_>>()?,
+        ),
+        _ => return None,
+    })
 }
 
 fn is_bool(s: &str) -> bool {
@@ -262,6 +275,17 @@ fn config_args(path: &Path, known: &[String]) -> Result<Vec<String>> {
                 Yaml::Boolean(b) => b.to_string(),
                 Yaml::Integer(n) => n.to_string(),
                 Yaml::Real(r) | Yaml::String(r) => r.clone(),
+                // A JSON-valued flag (`structured-outputs-config`) as a mapping.
+                Yaml::Hash(_) | Yaml::Array(_) => match yaml_to_json(v) {
+                    Some(json) => json.to_string(),
+                    None => {
+                        tracing::warn!(
+                            "{}: vllm.{name} has values JSON cannot hold, ignored",
+                            path.display()
+                        );
+                        continue;
+                    }
+                },
                 other => {
                     tracing::warn!(
                         "{}: vllm.{name} = {other:?} is not a plain value, ignored",

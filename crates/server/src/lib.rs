@@ -24,7 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use strata_engine::{ClusterState, EngineHandle, ModelInfo, StructuredOutputs};
+use strata_engine::{ChatTemplate, ClusterState, EngineHandle, ModelInfo, StructuredOutputs};
 
 pub use error::ApiError;
 pub use reasoning::ReasoningParser;
@@ -50,12 +50,24 @@ pub struct AppState {
     pub reasoning: Option<ReasoningParser>,
     /// `--enable-auto-tool-choice --tool-call-parser`: reads `auto` calls.
     pub tool_parser: Option<ToolParser>,
+    /// `--chat-template`: used in place of the model's own.
+    pub chat_template: Option<ChatTemplate>,
     pub served_model_name: String,
     pub api_key: Option<String>,
     pub started: u64,
     /// Set when a shutdown begins: `/health` says 503 and new requests are
     /// refused while those in flight finish.
     pub draining: AtomicBool,
+}
+
+impl AppState {
+    /// `--chat-template` if given, else the model's own.
+    pub fn chat_template(&self) -> Result<&ChatTemplate, ApiError> {
+        self.chat_template
+            .as_ref()
+            .or(self.engine.tokenizer().chat_template.as_ref())
+            .ok_or_else(|| strata_engine::EngineError::NoChatTemplate.into())
+    }
 }
 
 /// Every route; `/v1/*` behind the API key when one is set.

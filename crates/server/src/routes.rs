@@ -132,10 +132,7 @@ pub async fn chat_completions(
     let mut messages = normalize_messages(&req.messages)?;
     arguments_as_objects(&mut messages);
     let tok = state.engine.tokenizer();
-    let template = tok
-        .chat_template
-        .as_ref()
-        .ok_or(strata_engine::EngineError::NoChatTemplate)?;
+    let template = state.chat_template()?;
     let mut kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
     if let Some(t) = &tools {
         kwargs.insert("tools".into(), Value::Array(t.raw.clone()));
@@ -424,10 +421,7 @@ pub async fn tokenize(
     let ids = match (req.prompt, req.messages) {
         (Some(p), None) => tok.encode(&p, req.add_special_tokens.unwrap_or(true))?,
         (None, Some(m)) => {
-            let template = tok
-                .chat_template
-                .as_ref()
-                .ok_or(strata_engine::EngineError::NoChatTemplate)?;
+            let template = state.chat_template()?;
             let text = template.render(
                 &normalize_messages(&m)?,
                 req.add_generation_prompt.unwrap_or(true),
