@@ -474,6 +474,17 @@ async fn a_disconnected_client_frees_its_blocks() {
     );
 }
 
+/// Each chat request with `extra` is a 400 naming `field`.
+async fn assert_chat_400s(s: &Server, cases: &[(Value, &str)]) {
+    for (extra, field) in cases {
+        let (st, v) = s
+            .post("/v1/chat/completions", &chat("Hi", extra.clone()))
+            .await;
+        assert_eq!(st, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], *field, "{extra}: {v}");
+    }
+}
+
 /// The token texts of a greedy completion (from its logprobs).
 async fn greedy_tokens(s: &Server, extra: Value) -> Vec<String> {
     let mut body = json!({"model": "demo", "prompt": "The capital of France is", "max_tokens": 8,
@@ -552,7 +563,7 @@ async fn structured_outputs_follow_their_constraint_and_bad_ones_are_400s() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 
-    for (extra, field) in [
+    let cases = [
         (
             json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
             "response_format",
@@ -584,13 +595,8 @@ async fn structured_outputs_follow_their_constraint_and_bad_ones_are_400s() {
         (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
         (json!({"allowed_token_ids": []}), "allowed_token_ids"),
         (json!({"min_tokens": 50}), "min_tokens"),
-    ] {
-        let (st, v) = s
-            .post("/v1/chat/completions", &chat("Hi", extra.clone()))
-            .await;
-        assert_eq!(st, 400, "{extra}: {v}");
-        assert_eq!(v["error"]["param"], field, "{extra}: {v}");
-    }
+    ];
+    assert_chat_400s(&s, &cases).await;
 }
 
 /// The demo model does not think, so a regex makes it write a
@@ -772,7 +778,7 @@ async fn named_and_required_tool_choices_give_valid_calls_whole_and_streamed() {
     let (st, v) = s.post("/v1/chat/completions", &history).await;
     assert_eq!(st, 200, "{v}");
 
-    for (extra, field) in [
+    let cases = [
         (json!({"tool_choice": "required"}), "tool_choice"),
         (
             json!({"tools": weather_tools(), "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
@@ -787,13 +793,8 @@ async fn named_and_required_tool_choices_give_valid_calls_whole_and_streamed() {
             json!({"tools": weather_tools(), "tool_choice": "required", "response_format": {"type": "json_object"}}),
             "tool_choice",
         ),
-    ] {
-        let (st, v) = s
-            .post("/v1/chat/completions", &chat("Hi", extra.clone()))
-            .await;
-        assert_eq!(st, 400, "{extra}: {v}");
-        assert_eq!(v["error"]["param"], field, "{extra}: {v}");
-    }
+    ];
+    assert_chat_400s(&s, &cases).await;
 }
 
 /// `auto` reads calls in the model family's format: a regex makes the demo
