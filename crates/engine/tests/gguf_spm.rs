@@ -97,3 +97,36 @@ fn sentencepiece_token_bytes_spell_spaces_and_byte_fallback() {
     // The leading `▁` SentencePiece adds comes back as a space.
     assert_eq!(bytes, format!(" {text}").as_bytes());
 }
+
+/// Structured outputs index a SentencePiece vocabulary by its bytes (`▁` as
+/// a space, byte-fallback pieces as their byte): the tokens a regex allows
+/// first are exactly those whose bytes start a match.
+#[test]
+fn structured_outputs_read_a_sentencepiece_vocabulary_by_bytes() {
+    let tok = std::sync::Arc::new(Tokenizer::from_gguf(&metadata()).unwrap());
+    let so = strata_engine::StructuredOutputs::new(tok.clone(), Default::default());
+    let rx = strata_engine::Constraint::Regex(" ?[a-z]{1,3}".into());
+    let mut guide = so.compile(&rx, Default::default()).unwrap();
+    let mask = guide.mask();
+    let fits = |b: &[u8]| {
+        let word = b.strip_prefix(b" ").unwrap_or(b);
+        !b.is_empty() && word.len() <= 3 && word.iter().all(u8::is_ascii_lowercase)
+    };
+    let special = tok.special_token_ids();
+    let mut allowed = 0;
+    for id in 0..tok.vocab_size() as u32 {
+        if special.contains(&id) {
+            assert!(!mask.allows(id), "special token {id} allowed");
+            continue;
+        }
+        let bytes = tok.token_bytes(id);
+        assert_eq!(
+            mask.allows(id),
+            fits(&bytes),
+            "token {id} {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+        allowed += usize::from(mask.allows(id));
+    }
+    assert!(allowed > 10, "{allowed}");
+}
