@@ -171,6 +171,34 @@ grammar = 'start: "SELECT " col " FROM " table\ncol: "name" | "age"\ntable: /[a-
 r = client.completions.create(model=model, prompt="SQL:", max_tokens=40, extra_body={"structured_outputs": {"grammar": grammar}})
 assert re.fullmatch(r"SELECT (name|age) FROM [a-z]{1,10}", r.choices[0].text), r.choices[0].text
 
+# Tool calls through the SDK: pydantic function tools parsed back, and a
+# streamed named call whose deltas assemble to the whole one.
+class GetWeather(BaseModel):
+    city: str = Field(max_length=20)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+r = client.beta.chat.completions.parse(
+    model=model, messages=[{"role": "user", "content": "Weather in Oslo?"}], max_tokens=100, temperature=0,
+    tools=[openai.pydantic_function_tool(GetWeather)], tool_choice="required",
+)
+assert r.choices[0].finish_reason == "tool_calls", r
+call = r.choices[0].message.tool_calls[0]
+assert call.function.name == "GetWeather" and isinstance(call.function.parsed_arguments, GetWeather), call
+tools = [openai.pydantic_function_tool(GetWeather)]
+named = {"type": "function", "function": {"name": "GetWeather"}}
+whole = chat("Weather in Oslo?", tools=tools, tool_choice=named, temperature=0)
+args, name, reason = "", None, None
+for chunk in chat("Weather in Oslo?", tools=tools, tool_choice=named, temperature=0, stream=True):
+    for c in chunk.choices:
+        for d in c.delta.tool_calls or []:
+            name = name or d.function.name
+            args += d.function.arguments or ""
+        reason = c.finish_reason or reason
+w = whole.choices[0].message.tool_calls[0].function
+assert (name, args, reason) == (w.name, w.arguments, "tool_calls"), (name, args, reason, w)
+GetWeather.model_validate_json(args)
+
 # Bad input: a 400 naming the field.
 for kw, field in [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, "response_format"),
