@@ -90,6 +90,14 @@ async fn metric(client: &reqwest::Client, base: &str, name: &str) -> Result<f64>
         .ok_or_else(|| anyhow::anyhow!("{name} is not in /metrics"))
 }
 
+/// The server's mask count and mask seconds so far.
+async fn mask_counters(client: &reqwest::Client, base: &str) -> Result<(f64, f64)> {
+    Ok((
+        metric(client, base, "strata_structured_output_masks_total").await?,
+        metric(client, base, "strata_structured_output_mask_seconds_total").await?,
+    ))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -150,25 +158,12 @@ async fn main() -> Result<()> {
     for _ in 0..args.rounds {
         let (t, s) = round(&client, &base, &args, false).await?;
         free = free.max(t as f64 / s);
-        let (m0, s0) = (
-            metric(&client, &base, "strata_structured_output_masks_total").await?,
-            metric(
-                &client,
-                &base,
-                "strata_structured_output_mask_seconds_total",
-            )
-            .await?,
-        );
+        let (m0, s0) = mask_counters(&client, &base).await?;
         let (t, s) = round(&client, &base, &args, true).await?;
         guided = guided.max(t as f64 / s);
-        masks += metric(&client, &base, "strata_structured_output_masks_total").await? - m0;
-        mask_s += metric(
-            &client,
-            &base,
-            "strata_structured_output_mask_seconds_total",
-        )
-        .await?
-            - s0;
+        let (m1, s1) = mask_counters(&client, &base).await?;
+        masks += m1 - m0;
+        mask_s += s1 - s0;
     }
     println!(
         "{} streams x {} tokens, {} threads, best of {} rounds:",

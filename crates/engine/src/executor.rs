@@ -139,6 +139,27 @@ impl PipelineExecutor {
     }
 }
 
+impl PipelineExecutor {
+    /// Sends one message (made only when there are workers) down every
+    /// worker's step stream.
+    fn send_to_workers(&self, message: impl FnOnce() -> Kind) -> Result<()> {
+        if self.remotes.is_empty() {
+            return Ok(());
+        }
+        let kind = message();
+        for r in &self.remotes {
+            r.tx.send(pb::ExecuteRequest {
+                kind: Some(kind.clone()),
+            })
+            .map_err(|_| EngineError::NodeLost {
+                node: Some(r.rank),
+                reason: "its step stream is closed".into(),
+            })?;
+        }
+        Ok(())
+    }
+}
+
 fn exec_err(msg: impl Into<String>) -> EngineError {
     EngineError::Execution(msg.into())
 }
@@ -158,18 +179,7 @@ impl Executor for PipelineExecutor {
         if let Some(lost) = self.lost() {
             return Err(lost);
         }
-        if !self.remotes.is_empty() {
-            let msg = pb::SchedulerOutput::from(out);
-            for r in &self.remotes {
-                r.tx.send(pb::ExecuteRequest {
-                    kind: Some(Kind::Step(msg.clone())),
-                })
-                .map_err(|_| EngineError::NodeLost {
-                    node: Some(r.rank),
-                    reason: "its step stream is closed".into(),
-                })?;
-            }
-        }
+        self.send_to_workers(|| Kind::Step(out.into()))?;
         let (tx, rx) = mpsc::channel();
         self.local.step(self.run, out.clone(), move |r| {
             let _ = tx.send(r);
@@ -183,18 +193,7 @@ impl Executor for PipelineExecutor {
 
     /// Every node gets them: whichever holds ranks of the last stage samples.
     fn post_masks(&mut self, masks: StepMasks) -> Result<()> {
-        if !self.remotes.is_empty() {
-            let msg = pb::StepMasks::from(&masks);
-            for r in &self.remotes {
-                r.tx.send(pb::ExecuteRequest {
-                    kind: Some(Kind::Masks(msg.clone())),
-                })
-                .map_err(|_| EngineError::NodeLost {
-                    node: Some(r.rank),
-                    reason: "its step stream is closed".into(),
-                })?;
-            }
-        }
+        self.send_to_workers(|| Kind::Masks((&masks).into()))?;
         self.local.post_masks(masks);
         Ok(())
     }

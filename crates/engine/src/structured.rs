@@ -254,9 +254,4 @@ impl Guide {
         }
         self.matcher.is_stopped()
     }
-
-    /// Whether the text so far is a complete match (end-of-sequence allowed).
-    pub fn is_accepting(&mut self) -> bool {
-        self.matcher.is_accepting().unwrap_or(false)
-    }
 }
