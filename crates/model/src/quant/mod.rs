@@ -1,0 +1,743 @@
+//! strata's own CPU kernels for the GGUF formats candle has no fast path
+//! for (Q4_1) or a slow one at batch sizes above one (Q8_0).
+//!
+//! They follow ggml's AVX2 scheme: activations are quantized per 32-element
+//! block to 8 bits (with the block sum kept for Q4_1's offset term), and each
+//! block's dot product is a `maddubs` of weight bytes by activation bytes.
+//! Each unpacked weight block is multiplied with four tokens at once, and
+//! rows of the output are split across the rayon pool.
+//!
+//! Where the CPU has AVX-512 VNNI, [`avx512`] takes over: weights are
+//! repacked at load for `vpdpbusd` and multiplied a tile of tokens at a time.
+//! [`Isa`] is the run-time choice; `STRATA_CPU_ISA` caps it (benchmarks and
+//! tests compare the paths on one machine).
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+use candle_core::{Device, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+const QK: usize = 32;
+
+/// An activation block: `x[j] ≈ d * qs[j]`, `s = d * Σ qs`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(8))]
+pub struct BlockQ8_1 {
+    d: f32,
+    s: f32,
+    qs: [i8; 32],
+}
+
+const ZERO_Q8: BlockQ8_1 = BlockQ8_1 {
+    d: 0.0,
+    s: 0.0,
+    qs: [0; 32],
+};
+
+/// The instruction sets the quantized matmul has a path for, best last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    /// AVX2, FMA and F16C: ggml's scheme, one weight row by four tokens.
+    Avx2,
+    /// AVX-512 F/BW/VL with VNNI: repacked weights, tiles of rows × tokens.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best path this CPU supports.
+    pub fn supported() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if has!("avx512f")
+                && has!("avx512bw")
+                && has!("avx512vl")
+                && has!("avx512vnni")
+                && has_avx2()
+            {
+                return Isa::Avx512Vnni;
+            }
+        }
+        if has_avx2() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
+    }
+
+    /// The path matmuls take: [`Isa::supported`], capped by
+    /// `STRATA_CPU_ISA` (`scalar`, `avx2` or `avx512`; a path the CPU lacks
+    /// is never taken). Read once per process.
+    pub fn chosen() -> Isa {
+        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let cap = std::env::var("STRATA_CPU_ISA").ok();
+            Self::capped(cap.as_deref())
+        })
+    }
+
+    /// [`Isa::supported`] capped by a `STRATA_CPU_ISA` value; an unknown one
+    /// is logged and ignored.
+    pub fn capped(cap: Option<&str>) -> Isa {
+        let best = Self::supported();
+        let cap = match cap.map(str::trim) {
+            None | Some("") => return best,
+            Some("scalar") => Isa::Scalar,
+            Some("avx2") => Isa::Avx2,
+            Some("avx512") => Isa::Avx512Vnni,
+            Some(other) => {
+                tracing::warn!(
+                    "STRATA_CPU_ISA={other:?} is not one of scalar, avx2, avx512: using {best:?}"
+                );
+                return best;
+            }
+        };
+        best.min(cap)
+    }
+}
+
+/// A GGUF weight block type this module has kernels for.
+pub trait WeightBlock: Copy + Send + Sync + std::fmt::Debug + 'static {
+    const NAME: &'static str;
+    const BYTES: usize;
+    /// The block of zeros (pads odd block counts in the AVX-512 layout).
+    const ZERO: Self;
+    /// The same blocks two at a time, as the AVX-512 kernel reads them.
+    #[cfg(target_arch = "x86_64")]
+    type Pair: avx512::Pair<Block = Self>;
+    fn parse(b: &[u8]) -> Self;
+    /// The block's additive offset, for formats that have one.
+    fn min(&self) -> Option<f16>;
+    fn dequantize(&self, out: &mut Vec<f32>);
+    fn dot_scalar(w: &[Self], x: &[BlockQ8_1]) -> f32;
+    /// One weight row against `N` activation rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dot_avx2<const N: usize>(w: &[Self], x: [&[BlockQ8_1]; N]) -> [f32; N];
+}
+
+/// GGUF Q4_1: `x[j] = d * (qs[j] & 15) + m`, `x[j + 16] = d * (qs[j] >> 4) + m`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4_1 {
+    d: f16,
+    m: f16,
+    qs: [u8; 16],
+}
+
+/// GGUF Q8_0: `x[j] = d * qs[j]`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    d: f16,
+    qs: [i8; 32],
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
+impl WeightBlock for BlockQ4_1 {
+    const NAME: &'static str = "Q4_1";
+    const BYTES: usize = 20;
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        m: f16::ZERO,
+        qs: [0; 16],
+    };
+    #[cfg(target_arch = "x86_64")]
+    type Pair = avx512::Q4_1Pair;
+
+    fn min(&self) -> Option<f16> {
+        Some(self.m)
+    }
+
+    fn parse(b: &[u8]) -> Self {
+        Self {
+            d: f16::from_le_bytes([b[0], b[1]]),
+            m: f16::from_le_bytes([b[2], b[3]]),
+            qs: b[4..20].try_into().expect("16 bytes"),
+        }
+    }
+
+    fn dequantize(&self, out: &mut Vec<f32>) {
+        let (d, m) = (self.d.to_f32(), self.m.to_f32());
+        out.extend(self.qs.iter().map(|q| d * (q & 15) as f32 + m));
+        out.extend(self.qs.iter().map(|q| d * (q >> 4) as f32 + m));
+    }
+
+    fn dot_scalar(w: &[Self], x: &[BlockQ8_1]) -> f32 {
+        let mut total = 0f32;
+        for (a, b) in w.iter().zip(x) {
+            let mut acc = 0i32;
+            for j in 0..16 {
+                acc += (a.qs[j] & 15) as i32 * b.qs[j] as i32;
+                acc += (a.qs[j] >> 4) as i32 * b.qs[j + 16] as i32;
+            }
+            total += a.d.to_f32() * b.d * acc as f32 + a.m.to_f32() * b.s;
+        }
+        total
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_avx2<const N: usize>(w: &[Self], x: [&[BlockQ8_1]; N]) -> [f32; N] {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offsets = [0f32; N];
+        let low = _mm_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        for (i, a) in w.iter().enumerate() {
+            // d and m are adjacent f16s: convert both with one instruction.
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                (a as *const Self as *const i32).read_unaligned(),
+            ));
+            let d = _mm_cvtss_f32(dm);
+            let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+            let raw = _mm_loadu_si128(a.qs.as_ptr() as *const __m128i);
+            let lo = _mm_and_si128(raw, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+            let q = _mm256_set_m128i(hi, lo);
+            for j in 0..N {
+                let b = &x[j][i];
+                offsets[j] += m * b.s;
+                let y = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * b.d), _mm256_cvtepi32_ps(p), acc[j]);
+            }
+        }
+        let mut out = [0f32; N];
+        for j in 0..N {
+            out[j] = hsum(acc[j]) + offsets[j];
+        }
+        out
+    }
+}
+
+impl WeightBlock for BlockQ8_0 {
+    const NAME: &'static str = "Q8_0";
+    const BYTES: usize = 34;
+    const ZERO: Self = Self {
+        d: f16::ZERO,
+        qs: [0; 32],
+    };
+    #[cfg(target_arch = "x86_64")]
+    type Pair = avx512::Q8_0Pair;
+
+    fn min(&self) -> Option<f16> {
+        None
+    }
+
+    fn parse(b: &[u8]) -> Self {
+        let mut qs = [0i8; 32];
+        for (q, &v) in qs.iter_mut().zip(&b[2..34]) {
+            *q = v as i8;
+        }
+        Self {
+            d: f16::from_le_bytes([b[0], b[1]]),
+            qs,
+        }
+    }
+
+    fn dequantize(&self, out: &mut Vec<f32>) {
+        let d = self.d.to_f32();
+        out.extend(self.qs.iter().map(|&q| d * q as f32));
+    }
+
+    fn dot_scalar(w: &[Self], x: &[BlockQ8_1]) -> f32 {
+        w.iter()
+            .zip(x)
+            .map(|(a, b)| {
+                let acc: i32 =
+                    a.qs.iter()
+                        .zip(&b.qs)
+                        .map(|(&p, &q)| p as i32 * q as i32)
+                        .sum();
+                a.d.to_f32() * b.d * acc as f32
+            })
+            .sum()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_avx2<const N: usize>(w: &[Self], x: [&[BlockQ8_1]; N]) -> [f32; N] {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); N];
+        let ones = _mm256_set1_epi16(1);
+        for (i, a) in w.iter().enumerate() {
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(a.d.to_bits() as i32)));
+            let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            // maddubs multiplies unsigned by signed: move q's sign onto y.
+            let q_abs = _mm256_sign_epi8(q, q);
+            for j in 0..N {
+                let b = &x[j][i];
+                let y = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
+                let p =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(y, q)), ones);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * b.d), _mm256_cvtepi32_ps(p), acc[j]);
+            }
+        }
+        let mut out = [0f32; N];
+        for j in 0..N {
+            out[j] = hsum(acc[j]);
+        }
+        out
+    }
+}
+
+/// A `[rows, cols]` quantized weight matrix (rows = output features).
+#[derive(Debug)]
+pub struct QuantMatrix<B: WeightBlock> {
+    rows: usize,
+    cols: usize,
+    /// The path `store` is laid out for and forward takes.
+    isa: Isa,
+    store: Store<B>,
+}
+
+/// The blocks as the chosen [`Isa`] reads them.
+#[derive(Debug)]
+enum Store<B: WeightBlock> {
+    /// GGUF order (scalar and AVX2).
+    Blocks(Vec<B>),
+    #[cfg(target_arch = "x86_64")]
+    Pairs(avx512::Packed<B::Pair>),
+}
+
+pub type Q4_1Matrix = QuantMatrix<BlockQ4_1>;
+pub type Q8_0Matrix = QuantMatrix<BlockQ8_0>;
+
+impl<B: WeightBlock> QuantMatrix<B> {
+    /// Parses the GGUF bytes of a `[rows, cols]` tensor, laid out for
+    /// [`Isa::chosen`].
+    pub fn from_bytes(name: &str, bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        Self::from_bytes_for(Isa::chosen(), name, bytes, rows, cols)
+    }
+
+    /// As [`QuantMatrix::from_bytes`], for the path `isa` (capped by what
+    /// the CPU supports).
+    pub fn from_bytes_for(
+        isa: Isa,
+        name: &str,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        let bad = |msg: String| Error::BadWeight {
+            name: name.into(),
+            msg,
+        };
+        if !cols.is_multiple_of(QK) {
+            return Err(bad(format!("{cols} columns is not a multiple of {QK}")));
+        }
+        let n = rows * cols / QK;
+        if bytes.len() != n * B::BYTES {
+            return Err(bad(format!(
+                "{} bytes for {n} {} blocks",
+                bytes.len(),
+                B::NAME
+            )));
+        }
+        let blocks: Vec<B> = bytes.chunks_exact(B::BYTES).map(B::parse).collect();
+        let isa = isa.min(Isa::supported());
+        let store = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => Store::Pairs(avx512::Packed::new(&blocks, rows, cols / QK)),
+            _ => Store::Blocks(blocks),
+        };
+        Ok(Self {
+            rows,
+            cols,
+            isa,
+            store,
+        })
+    }
+
+    /// Stacks matrices with the same column count and layout (fused
+    /// projections).
+    pub fn concat_rows(parts: &[&Self]) -> Self {
+        let cols = parts[0].cols;
+        assert!(parts.iter().all(|p| p.cols == cols), "column counts differ");
+        assert!(
+            parts.iter().all(|p| p.isa == parts[0].isa),
+            "layouts differ"
+        );
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let store = match &parts[0].store {
+            Store::Blocks(_) => Store::Blocks(
+                parts
+                    .iter()
+                    .flat_map(|p| match &p.store {
+                        Store::Blocks(b) => b.iter().copied(),
+                        #[cfg(target_arch = "x86_64")]
+                        Store::Pairs(_) => panic!("layouts differ"),
+                    })
+                    .collect(),
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Store::Pairs(_) => Store::Pairs(avx512::Packed::concat(
+                &parts
+                    .iter()
+                    .map(|p| match &p.store {
+                        Store::Pairs(packed) => packed,
+                        Store::Blocks(_) => panic!("layouts differ"),
+                    })
+                    .collect::<Vec<_>>(),
+            )),
+        };
+        Self {
+            rows,
+            cols,
+            isa: parts[0].isa,
+            store,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The path this matrix's layout is for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// The blocks in GGUF order.
+    fn blocks(&self) -> std::borrow::Cow<'_, [B]> {
+        match &self.store {
+            Store::Blocks(b) => std::borrow::Cow::Borrowed(b),
+            #[cfg(target_arch = "x86_64")]
+            Store::Pairs(p) => std::borrow::Cow::Owned(p.blocks(self.cols / QK)),
+        }
+    }
+
+    /// The matrix as dense f32 (for an embedding stored quantized).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for b in self.blocks().iter() {
+            b.dequantize(&mut out);
+        }
+        Ok(Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)?)
+    }
+
+    /// `x [tokens, cols] → [tokens, rows]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.cols {
+            return Err(Error::Candle(candle_core::Error::Msg(format!(
+                "{} matmul: input has {k} features, weight expects {}",
+                B::NAME,
+                self.cols
+            ))));
+        }
+        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let n = self.rows;
+        let mut out = vec![0f32; m * n];
+        match &self.store {
+            Store::Blocks(blocks) => {
+                forward_blocks(blocks, self.isa == Isa::Avx2, &x, m, k, n, &mut out)
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Pairs` is only built where the CPU has AVX-512 VNNI.
+            Store::Pairs(packed) => unsafe { packed.forward(&x, m, k, n, &mut out) },
+        }
+        Ok(Tensor::from_vec(out, (m, n), &Device::Cpu)?)
+    }
+}
+
+/// The scalar and AVX2 paths: `x [m, k] → out [m, n]` over GGUF-order blocks.
+fn forward_blocks<B: WeightBlock>(
+    blocks: &[B],
+    simd: bool,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    let kb = k / QK;
+    let mut xq = vec![ZERO_Q8; m * kb];
+    xq.par_chunks_mut(kb)
+        .zip(x.par_chunks(k))
+        .for_each(|(q, row)| quantize_row(row, q));
+    // Work items are chunks of weight rows; each one reads its rows once
+    // and multiplies them with every token, writing a column strip of `out`.
+    const ROWS_PER_TASK: usize = 16;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..n.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
+            let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n);
+            let strip = Strip {
+                w: blocks,
+                kb,
+                xq: &xq,
+                m,
+                n,
+                out: &out_ptr,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` only where the CPU has the features; `strip`
+                // writes only the columns in `rows`, which no other task owns.
+                unsafe { strip.rows_avx2(rows) };
+                return;
+            }
+            let _ = simd;
+            // SAFETY: as above.
+            unsafe { strip.rows_scalar(rows) };
+        });
+}
+
+/// What one task needs to fill the output columns of its weight rows.
+struct Strip<'a, B> {
+    w: &'a [B],
+    /// Blocks per row.
+    kb: usize,
+    xq: &'a [BlockQ8_1],
+    m: usize,
+    n: usize,
+    out: &'a SendPtr,
+}
+
+impl<B: WeightBlock> Strip<'_, B> {
+    fn wrow(&self, r: usize) -> &[B] {
+        &self.w[r * self.kb..(r + 1) * self.kb]
+    }
+    fn xrow(&self, t: usize) -> &[BlockQ8_1] {
+        &self.xq[t * self.kb..(t + 1) * self.kb]
+    }
+
+    /// # Safety
+    /// Only one task may write the columns `rows` of the output.
+    unsafe fn rows_scalar(&self, rows: std::ops::Range<usize>) {
+        for r in rows {
+            for t in 0..self.m {
+                *self.out.0.add(t * self.n + r) = B::dot_scalar(self.wrow(r), self.xrow(t));
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be present; only one task may write `rows`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_avx2(&self, rows: std::ops::Range<usize>) {
+        for r in rows {
+            let w = self.wrow(r);
+            let mut t = 0;
+            while t + 4 <= self.m {
+                let x = [
+                    self.xrow(t),
+                    self.xrow(t + 1),
+                    self.xrow(t + 2),
+                    self.xrow(t + 3),
+                ];
+                for (i, v) in B::dot_avx2(w, x).into_iter().enumerate() {
+                    *self.out.0.add((t + i) * self.n + r) = v;
+                }
+                t += 4;
+            }
+            for t in t..self.m {
+                *self.out.0.add(t * self.n + r) = B::dot_avx2(w, [self.xrow(t)])[0];
+            }
+        }
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint elements through it (see `forward`).
+unsafe impl Sync for SendPtr {}
+
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+fn quantize_row(x: &[f32], out: &mut [BlockQ8_1]) {
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        *b = quantize_block(xs);
+    }
+}
+
+/// 32 activations to 8 bits with one scale (ggml's Q8_1).
+fn quantize_block(xs: &[f32]) -> BlockQ8_1 {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut b = ZERO_Q8;
+    let mut sum = 0i32;
+    for (q, v) in b.qs.iter_mut().zip(xs) {
+        let r = (v * id).round() as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    b.d = d;
+    b.s = d * sum as f32;
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GGUF bytes of a `[rows, cols]` matrix with varied blocks.
+    pub(super) fn bytes<B: WeightBlock>(rows: usize, cols: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for b in 0..rows * cols / QK {
+            out.extend(f16::from_f32(0.01 + (b % 7) as f32 * 0.003).to_le_bytes());
+            if B::BYTES == 20 {
+                out.extend(f16::from_f32(-0.05 + (b % 5) as f32 * 0.02).to_le_bytes());
+            }
+            let payload = B::BYTES - out.len() % B::BYTES;
+            out.extend((0..payload).map(|j| ((b * 31 + j * 17) % 256) as u8));
+        }
+        out
+    }
+
+    /// Every path the CPU supports against the dequantized product and the
+    /// scalar kernel, on a shape with odd rows, an odd block count and a
+    /// token count that leaves remainders in every tile size.
+    fn check<B: WeightBlock>() {
+        let (rows, cols, tokens) = (37, 96, 19);
+        let gguf = bytes::<B>(rows, cols);
+        let x: Vec<f32> = (0..tokens * cols)
+            .map(|i| ((i * 13) % 29) as f32 / 29.0 - 0.5)
+            .collect();
+        let input = Tensor::from_vec(x.clone(), (tokens, cols), &Device::Cpu).unwrap();
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni] {
+            if isa > Isa::supported() {
+                continue;
+            }
+            let w = QuantMatrix::<B>::from_bytes_for(isa, "w", &gguf, rows, cols).unwrap();
+            assert_eq!(w.isa(), isa);
+            let dense: Vec<f32> = w
+                .dequantize()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let blocks: Vec<B> = gguf.chunks_exact(B::BYTES).map(B::parse).collect();
+            let got: Vec<Vec<f32>> = w.forward(&input).unwrap().to_vec2().unwrap();
+            for t in 0..tokens {
+                let mut q = vec![ZERO_Q8; cols / QK];
+                quantize_row(&x[t * cols..(t + 1) * cols], &mut q);
+                for r in 0..rows {
+                    let exact: f32 = (0..cols)
+                        .map(|c| dense[r * cols + c] * x[t * cols + c])
+                        .sum();
+                    // 8-bit activations: each is off by at most half its block's step.
+                    let tol: f32 = (0..cols)
+                        .map(|c| dense[r * cols + c].abs() * q[c / QK].d / 2.0)
+                        .sum::<f32>()
+                        + 1e-4;
+                    assert!(
+                        (got[t][r] - exact).abs() < tol,
+                        "{} {isa:?}: {} vs {exact}",
+                        B::NAME,
+                        got[t][r]
+                    );
+                    let scalar = B::dot_scalar(&blocks[r * cols / QK..(r + 1) * cols / QK], &q);
+                    assert!(
+                        (got[t][r] - scalar).abs() < 1e-3,
+                        "{} {isa:?}: {} vs scalar {scalar}",
+                        B::NAME,
+                        got[t][r]
+                    );
+                }
+            }
+            // A token's outputs are the same bits whatever else is in the
+            // batch (speculative verification and batched greedy decoding
+            // rely on it).
+            for t in [0, 7, tokens - 1] {
+                let alone: Vec<f32> = w
+                    .forward(&input.narrow(0, t, 1).unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(alone, got[t], "{} {isa:?}: token {t} alone", B::NAME);
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx512_layout_gives_back_the_gguf_blocks() {
+        if Isa::supported() < Isa::Avx512Vnni {
+            return;
+        }
+        let (rows, cols) = (5, 96);
+        let gguf = bytes::<BlockQ4_1>(rows, cols);
+        let plain = Q4_1Matrix::from_bytes_for(Isa::Scalar, "w", &gguf, rows, cols).unwrap();
+        let packed = Q4_1Matrix::from_bytes_for(Isa::Avx512Vnni, "w", &gguf, rows, cols).unwrap();
+        let stacked = Q4_1Matrix::concat_rows(&[&packed, &packed]);
+        let dense = |m: &Q4_1Matrix| m.dequantize().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(dense(&packed), dense(&plain));
+        assert_eq!(dense(&stacked)[rows..], dense(&plain)[..]);
+        let gguf = bytes::<BlockQ8_0>(rows, cols);
+        let plain = Q8_0Matrix::from_bytes_for(Isa::Scalar, "w", &gguf, rows, cols).unwrap();
+        let packed = Q8_0Matrix::from_bytes_for(Isa::Avx512Vnni, "w", &gguf, rows, cols).unwrap();
+        assert_eq!(
+            packed.dequantize().unwrap().to_vec2::<f32>().unwrap(),
+            plain.dequantize().unwrap().to_vec2::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_chosen_path_is_the_best_the_cpu_has_unless_capped() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            let vnni = avx2
+                && has!("avx512f")
+                && has!("avx512bw")
+                && has!("avx512vl")
+                && has!("avx512vnni");
+            let want = match (avx2, vnni) {
+                (_, true) => Isa::Avx512Vnni,
+                (true, false) => Isa::Avx2,
+                _ => Isa::Scalar,
+            };
+            assert_eq!(Isa::supported(), want);
+        }
+        let best = Isa::supported();
+        assert_eq!(Isa::capped(None), best);
+        assert_eq!(Isa::capped(Some("scalar")), Isa::Scalar);
+        assert_eq!(Isa::capped(Some("avx2")), best.min(Isa::Avx2));
+        // Never a path the CPU lacks, and nonsense changes nothing.
+        assert_eq!(Isa::capped(Some("avx512")), best);
+        assert_eq!(Isa::capped(Some("sse9")), best);
+    }
+
+    #[test]
+    fn q4_1_matches_the_dequantized_product_and_the_scalar_kernel() {
+        check::<BlockQ4_1>();
+    }
+
+    #[test]
+    fn q8_0_matches_the_dequantized_product_and_the_scalar_kernel() {
+        check::<BlockQ8_0>();
+    }
+}
