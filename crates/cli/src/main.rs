@@ -76,10 +76,14 @@ struct ServeArgs {
     /// ranks of one process take one GPU each.
     #[arg(long, env = "STRATA_DEVICE", default_value = "auto")]
     device: DeviceRequest,
-    /// Activation and KV-cache dtype: auto (float32 on CPU, bfloat16 on GPU),
-    /// float32, bfloat16 or float16 (half precision on GPU only).
+    /// Activation dtype: auto (float32 on CPU, bfloat16 on GPU), float32,
+    /// bfloat16 or float16 (half precision on GPU only).
     #[arg(long, default_value = "auto", value_parser = |s: &str| parse_dtype(s).map(|_| s.to_string()))]
     dtype: String,
+    /// What the KV cache holds: auto (bfloat16 on the CPU, where it halves
+    /// the bytes attention reads; --dtype on a GPU), bfloat16 or float32.
+    #[arg(long, default_value = "auto", value_parser = parse_kv_cache_dtype)]
+    kv_cache_dtype: KvCacheDtype,
     /// Memory for the KV cache, e.g. 512MiB, 2GiB, or bytes. Default: 1GiB on
     /// the CPU; on a GPU, what --gpu-memory-utilization leaves.
     #[arg(long, value_parser = parse_size)]
@@ -246,6 +250,21 @@ fn tune_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
+}
+
+/// `--kv-cache-dtype`, parsed (`None`: auto).
+#[derive(Debug, Clone, Copy)]
+struct KvCacheDtype(Option<candle_core::DType>);
+
+/// vLLM's spellings; its fp8 caches have no CPU kernels here, so they are
+/// refused rather than silently kept at twice the memory.
+fn parse_kv_cache_dtype(s: &str) -> Result<KvCacheDtype, String> {
+    if s.to_ascii_lowercase().starts_with("fp8") {
+        return Err(format!(
+            "`{s}`: fp8 KV caches are not supported; use auto, bfloat16 or float32"
+        ));
+    }
+    parse_dtype(s).map(KvCacheDtype)
 }
 
 fn main() -> Result<()> {
@@ -420,6 +439,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .then_some(args.gpu_memory_utilization),
         device: args.device,
         dtype: parse_dtype(&args.dtype).map_err(anyhow::Error::msg)?,
+        kv_cache_dtype: args.kv_cache_dtype.0,
         enable_prefix_caching: args.enable_prefix_caching,
         max_pending_requests: args.max_pending_requests,
         recovery_timeout: std::time::Duration::from_secs(args.recovery_timeout),
@@ -562,5 +582,21 @@ mod tests {
         assert_eq!(parse_size("1024").unwrap(), 1024);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn kv_cache_dtypes_parse_in_vllms_spelling_and_fp8_is_refused() {
+        assert_eq!(parse_kv_cache_dtype("auto").unwrap().0, None);
+        assert_eq!(
+            parse_kv_cache_dtype("bfloat16").unwrap().0,
+            Some(candle_core::DType::BF16)
+        );
+        assert_eq!(
+            parse_kv_cache_dtype("float32").unwrap().0,
+            Some(candle_core::DType::F32)
+        );
+        let err = parse_kv_cache_dtype("fp8_e4m3").unwrap_err();
+        assert!(err.contains("fp8 KV caches are not supported"), "{err}");
+        assert!(parse_kv_cache_dtype("int3").is_err());
     }
 }

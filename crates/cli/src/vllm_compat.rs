@@ -79,11 +79,6 @@ const IGNORED: &[(&str, Takes, &str)] = &[
         "LoRA adapters are not supported yet",
     ),
     (
-        "kv-cache-dtype",
-        Takes::Value,
-        "the KV cache is kept in --dtype",
-    ),
-    (
         "swap-space",
         Takes::Value,
         "preempted requests are recomputed, not swapped",

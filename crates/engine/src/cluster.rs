@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use candle_core::DType;
 use strata_model::{Placement, Weights};
 use strata_proto::v1::leader_server::{Leader, LeaderServer};
 use strata_proto::v1::worker_client::WorkerClient;
@@ -212,6 +213,8 @@ fn cluster_err(msg: impl Into<String>) -> EngineError {
 pub(crate) struct NodeSetup<'a> {
     pub budget: KvBudget,
     pub placement: &'a Placement,
+    /// What every node's KV cache holds.
+    pub kv_dtype: DType,
     /// `--device`, for the leader's own node.
     pub device: strata_model::DeviceRequest,
     pub max_model_len: usize,
@@ -232,6 +235,7 @@ pub(crate) struct Cluster {
     budget: KvBudget,
     /// The leader's devices and dtype; workers compute in the same dtype.
     placement: Placement,
+    kv_dtype: DType,
     max_model_len: usize,
     /// Per stage whose ranks span nodes: its NCCL id (on GPUs).
     nccl_ids: BTreeMap<usize, Option<Vec<u8>>>,
@@ -314,6 +318,7 @@ impl Cluster {
             comm_port,
             budget: setup.budget,
             placement: setup.placement.clone(),
+            kv_dtype: setup.kv_dtype,
             max_model_len: setup.max_model_len,
             nccl_ids,
             loaded: BTreeMap::new(),
@@ -416,6 +421,7 @@ impl Cluster {
             budget: self.budget,
             max_model_len: self.max_model_len,
             dtype: self.placement.dtype(),
+            kv_dtype: self.kv_dtype,
             nccl_id,
         })
     }

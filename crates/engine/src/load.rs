@@ -35,6 +35,8 @@ pub struct LoadOptions {
     pub device: DeviceRequest,
     /// `--dtype`: `None` for the device's default (f32 on CPU, bf16 on GPU).
     pub dtype: Option<DType>,
+    /// `--kv-cache-dtype`: `None` for `auto` (see [`kv_cache_dtype`]).
+    pub kv_cache_dtype: Option<DType>,
     pub enable_prefix_caching: bool,
     pub max_pending_requests: usize,
     /// Pipeline stages to cut the model into.
@@ -138,6 +140,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     let local_ranks: usize = slots.iter().map(|s| s.tp_rank_count).sum();
     let placement = Placement::resolve(opts.device, opts.dtype, local_ranks)?;
     tracing::info!("computing on {}", placement.describe());
+    let kv_dtype = kv_cache_dtype(opts.kv_cache_dtype, &placement)?;
     if local_ranks <= placement.devices().len() {
         // (Ranks that share a GPU are sized after loading, by what is left.)
         check_fits(opts, &placement, &weights, &config, nnodes)?;
@@ -152,7 +155,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     // A byte budget is checked before loading, so a bad one fails fast:
     // every node gets the same budget for its own layers, and the engine
     // schedules over the fewest blocks any node holds.
-    let dtype_bytes = placement.dtype().size_in_bytes();
+    let dtype_bytes = kv_dtype.size_in_bytes();
     let bytes_per_block = layout
         .nodes
         .iter()
@@ -204,6 +207,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                 budget,
                 max_model_len: rope_len,
                 dtype: placement.dtype(),
+                kv_dtype,
                 nccl_id: None,
             };
             let num_blocks = local
@@ -236,6 +240,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                 NodeSetup {
                     budget,
                     placement: &placement,
+                    kv_dtype,
                     device: opts.device,
                     max_model_len: rope_len,
                 },
@@ -357,6 +362,28 @@ fn check_fits(
     .map_err(EngineError::Model)
 }
 
+/// What the KV cache holds. `auto` (`None`) is bf16 on the CPU, where
+/// decode attention is bound by the bytes it reads (llama.cpp keeps f16
+/// there), and the activation dtype on a GPU, whose kernels read that.
+fn kv_cache_dtype(requested: Option<DType>, placement: &Placement) -> Result<DType> {
+    let bad = |msg: String| Err(EngineError::Model(format!("--kv-cache-dtype: {msg}")));
+    match requested {
+        None if placement.is_cpu() => Ok(DType::BF16),
+        None => Ok(placement.dtype()),
+        Some(d @ (DType::F32 | DType::BF16)) if placement.is_cpu() => Ok(d),
+        Some(d) if placement.is_cpu() => bad(format!(
+            "{} is not kept on the CPU: use bfloat16 or float32",
+            strata_model::dtype_name(d)
+        )),
+        Some(d) if d == placement.dtype() => Ok(d),
+        Some(d) => bad(format!(
+            "on a GPU the cache is kept in the activation dtype ({}), not {}",
+            strata_model::dtype_name(placement.dtype()),
+            strata_model::dtype_name(d)
+        )),
+    }
+}
+
 /// Refuses a `--max-model-len` the KV cache cannot hold, and a cache that
 /// holds no block.
 fn check_max_model_len(
@@ -399,5 +426,26 @@ fn defaults_from(gen: &Json) -> GenerationDefaults {
         top_k: gen["top_k"].as_u64().map(|x| x as usize),
         min_p: f("min_p"),
         repetition_penalty: f("repetition_penalty"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_model::DeviceRequest;
+
+    #[test]
+    fn the_kv_cache_is_bf16_on_the_cpu_unless_asked_otherwise() {
+        let cpu = Placement::resolve(DeviceRequest::Cpu, None, 1).unwrap();
+        assert_eq!(kv_cache_dtype(None, &cpu).unwrap(), DType::BF16);
+        assert_eq!(kv_cache_dtype(Some(DType::F32), &cpu).unwrap(), DType::F32);
+        assert_eq!(
+            kv_cache_dtype(Some(DType::BF16), &cpu).unwrap(),
+            DType::BF16
+        );
+        let err = kv_cache_dtype(Some(DType::F16), &cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("use bfloat16 or float32"), "{err}");
     }
 }

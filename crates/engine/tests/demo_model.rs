@@ -33,6 +33,7 @@ fn engine() -> &'static EngineHandle {
             gpu_memory_utilization: None,
             device: strata_model::DeviceRequest::Cpu,
             dtype: None,
+            kv_cache_dtype: None,
             enable_prefix_caching: true,
             max_pending_requests: 64,
             recovery_timeout: std::time::Duration::from_secs(120),
@@ -127,6 +128,7 @@ fn chat_template_renders_and_tokenizes_like_transformers() {
 
 #[test]
 fn logprobs_and_greedy_tokens_match_transformers() {
+    let mut all_errors = Vec::new();
     for case in reference()["generation"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         let hf_greedy = ids(&case["greedy_ids"]);
@@ -145,12 +147,16 @@ fn logprobs_and_greedy_tokens_match_transformers() {
         });
         let ours: Vec<u32> = outs.iter().flat_map(|o| o.token_ids.clone()).collect();
         let lps: Vec<_> = outs.iter().flat_map(|o| o.logprobs.clone()).collect();
-        // Step 1: HF's top 5 are among ours, each within 0.4 nats. The model
-        // is Q4_1 with activations quantized to 8 bits per matmul, so the
-        // rounding of an activation can flip: a change of 5e-7 in the norms
-        // (candle's RMSNorm against strata's fused one) moved single
-        // logprobs by up to 0.21 nats both ways over these 20 tokens (mean
-        // error 0.116 against 0.111, largest 0.27 against 0.34).
+        // Step 1: HF's top 5 are among ours, each within 0.6 nats and all
+        // within 0.2 on average. The model is Q4_1 with activations
+        // quantized to 8 bits per matmul, so the rounding of an activation
+        // can flip: a change of 5e-7 in the norms (candle's RMSNorm against
+        // strata's fused one) moved single logprobs by up to 0.21 nats both
+        // ways, and the AVX-512 kernel's round-to-even activations against
+        // the AVX2 one's round-half-away moved one from 0.37 to 0.51 nats
+        // off while the mean error fell from 0.137 to 0.112 (bf16 KV cache;
+        // a wrong kernel is off by whole nats).
+        let mut errors = Vec::new();
         for pair in case["top5_step1"].as_array().unwrap() {
             let (id, lp) = (
                 pair[0].as_u64().unwrap() as u32,
@@ -160,10 +166,12 @@ fn logprobs_and_greedy_tokens_match_transformers() {
             let mine =
                 mine.unwrap_or_else(|| panic!("HF's top token {id} missing from strata's top 20"));
             assert!(
-                (mine - lp).abs() < 0.4,
+                (mine - lp).abs() < 0.6,
                 "token {id}: strata {mine} vs HF {lp}"
             );
+            errors.push((mine - lp).abs());
         }
+        all_errors.extend(errors);
         // Greedy tokens agree up to the first near-tie in HF's own run.
         let margins: Vec<f64> = case["top2_margin"]
             .as_array()
@@ -181,6 +189,8 @@ fn logprobs_and_greedy_tokens_match_transformers() {
             "diverged before the first near-tie at step {agree_until}"
         );
     }
+    let mean = all_errors.iter().sum::<f32>() / all_errors.len() as f32;
+    assert!(mean < 0.2, "mean logprob error {mean} over {all_errors:?}");
 }
 
 #[test]

@@ -18,6 +18,7 @@ fn generation_config_supplies_defaults_and_eos() {
         gpu_memory_utilization: None,
         device: strata_model::DeviceRequest::Cpu,
         dtype: None,
+        kv_cache_dtype: None,
         enable_prefix_caching: true,
         max_pending_requests: 8,
         recovery_timeout: std::time::Duration::from_secs(120),

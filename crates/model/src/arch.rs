@@ -69,15 +69,27 @@ pub trait StageModel: Send + Sync + std::fmt::Debug {
         self.layer_range().is_last(self.config().num_layers)
     }
 
-    /// An empty KV cache for this stage's layers and shard: the host layout
-    /// on the CPU, the kernels' layout on a GPU.
+    /// An empty KV cache for this stage's layers and shard, in the
+    /// activation dtype (see [`StageModel::new_kv_cache_in`]).
     fn new_kv_cache(&self, num_blocks: usize) -> Result<KvCache> {
+        self.new_kv_cache_in(num_blocks, self.dtype())
+    }
+
+    /// An empty KV cache in `kv_dtype`: the host layout on the CPU (f32 or
+    /// bf16), the kernels' layout on a GPU (in the activation dtype only).
+    fn new_kv_cache_in(&self, num_blocks: usize, kv_dtype: DType) -> Result<KvCache> {
         if self.device().is_cpu() {
-            Ok(KvCache::new(
+            KvCache::new(
                 self.layer_range().len(),
                 num_blocks,
                 self.kv_layout(),
-            ))
+                kv_dtype,
+            )
+        } else if kv_dtype != self.dtype() {
+            Err(crate::Error::Unsupported(format!(
+                "a {kv_dtype:?} KV cache on a GPU computing in {:?}: it keeps --dtype",
+                self.dtype()
+            )))
         } else {
             self.new_device_kv_cache(num_blocks)
         }
@@ -96,12 +108,18 @@ pub trait StageModel: Send + Sync + std::fmt::Debug {
         )
     }
 
-    /// Bytes of KV cache one block takes on this stage and shard.
+    /// Bytes of KV cache one block takes on this stage and shard, in the
+    /// activation dtype.
     fn kv_bytes_per_block(&self) -> usize {
+        self.kv_bytes_per_block_in(self.dtype())
+    }
+
+    /// Bytes of KV cache one block takes on this stage and shard, in `kv_dtype`.
+    fn kv_bytes_per_block_in(&self, kv_dtype: DType) -> usize {
         KvCache::bytes_per_block(
             self.layer_range().len(),
             self.kv_layout(),
-            self.dtype().size_in_bytes(),
+            kv_dtype.size_in_bytes(),
         )
     }
 

@@ -1,7 +1,8 @@
 //! The physical KV cache of one stage. What a token keeps per layer is the
 //! model's [`KvLayout`]; where it lives is one of two layouts:
-//! - host: for each layer, two f32 planes of `[num_blocks, BLOCK_SIZE, width]`,
-//!   read by the CPU attention: for attention heads, keys and values
+//! - host: for each layer, two planes of `[num_blocks, BLOCK_SIZE, width]`
+//!   in f32 or bf16 (`--kv-cache-dtype`; bf16 halves the bytes decode
+//!   attention reads), read by the CPU attention: for attention heads, keys and values
 //!   (`width = num_kv_heads * head_dim` each); for a latent (MLA), one plane
 //!   of latent and rope key side by side and an empty second one;
 //! - device: for each layer, one `[2, slots, num_kv_heads, head_dim]` tensor
@@ -12,6 +13,7 @@
 //! device one when a test runs the GPU code path on the CPU.
 
 use candle_core::{DType, Device, Tensor};
+use half::bf16;
 use strata_types::{KvLayout, BLOCK_SIZE};
 
 use crate::error::{Error, Result};
@@ -19,8 +21,53 @@ use crate::error::{Error, Result};
 /// One layer's host planes (see the module docs for what each holds).
 #[derive(Debug)]
 pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: Plane,
+    pub v: Plane,
+}
+
+/// The values of one host plane.
+#[derive(Debug)]
+pub enum Plane {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl Plane {
+    fn bytes(&self) -> usize {
+        match self {
+            Plane::F32(v) => 4 * v.len(),
+            Plane::Bf16(v) => 2 * v.len(),
+        }
+    }
+}
+
+/// A value type the host planes hold: what attention reads and writes.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn get(self) -> f32;
+    fn put(x: f32) -> Self;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(x: f32) -> Self {
+        x
+    }
+}
+
+impl KvElem for bf16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        // A shift the compiler vectorises (bf16 is f32's upper half).
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn put(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
 }
 
 #[derive(Debug)]
@@ -63,29 +110,44 @@ impl KvCache {
         num_layers * BLOCK_SIZE * layout.values_per_token() * dtype_bytes
     }
 
-    /// The host layout (f32), written through at once, as llama.cpp clears
-    /// its cache: the whole budget is resident from the start, so memory
-    /// does not creep up as traffic first reaches blocks (it looks like a
-    /// leak), and a budget the machine cannot hold fails now, not under load.
-    pub fn new(num_layers: usize, num_blocks: usize, layout: KvLayout) -> Self {
+    /// The host layout in `dtype` (f32 or bf16), written through at once,
+    /// as llama.cpp clears its cache: the whole budget is resident from the
+    /// start, so memory does not creep up as traffic first reaches blocks
+    /// (it looks like a leak), and a budget the machine cannot hold fails
+    /// now, not under load.
+    pub fn new(
+        num_layers: usize,
+        num_blocks: usize,
+        layout: KvLayout,
+        dtype: DType,
+    ) -> Result<Self> {
         let (kw, vw) = plane_widths(layout);
-        let resident = |w: usize| {
-            // Not `vec![0.0; n]`: that maps zero pages the OS fills on first write.
-            let mut v = Vec::with_capacity(num_blocks * BLOCK_SIZE * w);
-            v.resize(num_blocks * BLOCK_SIZE * w, 0.0f32);
+        fn filled<T: Clone>(n: usize, zero: T) -> Vec<T> {
+            // Not `vec![0; n]`: that maps zero pages the OS fills on first write.
+            let mut v = Vec::with_capacity(n);
+            v.resize(n, zero);
             v
+        }
+        let resident = |w: usize| match dtype {
+            DType::BF16 => Ok(Plane::Bf16(filled(num_blocks * BLOCK_SIZE * w, bf16::ZERO))),
+            DType::F32 => Ok(Plane::F32(filled(num_blocks * BLOCK_SIZE * w, 0.0f32))),
+            other => Err(Error::Unsupported(format!(
+                "a {other:?} KV cache on the CPU (float32 or bfloat16)"
+            ))),
         };
         let layers = (0..num_layers)
-            .map(|_| LayerKv {
-                k: resident(kw),
-                v: resident(vw),
+            .map(|_| {
+                Ok(LayerKv {
+                    k: resident(kw)?,
+                    v: resident(vw)?,
+                })
             })
-            .collect();
-        Self {
+            .collect::<Result<_>>()?;
+        Ok(Self {
             store: Store::Host(layers),
             num_blocks,
             layout,
-        }
+        })
     }
 
     /// The device layout on `device`, in `dtype` (attention heads only: the
@@ -134,7 +196,7 @@ impl KvCache {
     /// Bytes the cache holds (for tests and reports).
     pub fn bytes(&self) -> usize {
         match &self.store {
-            Store::Host(l) => l.iter().map(|l| 4 * (l.k.len() + l.v.len())).sum(),
+            Store::Host(l) => l.iter().map(|l| l.k.bytes() + l.v.bytes()).sum(),
             Store::Device(l) => l
                 .iter()
                 .map(|t| t.elem_count() * t.dtype().size_in_bytes())

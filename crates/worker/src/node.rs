@@ -50,6 +50,8 @@ pub struct LoadSpec {
     /// The longest sequence the rope tables cover.
     pub max_model_len: usize,
     pub dtype: DType,
+    /// What the KV cache holds: f32 or bf16 on the CPU, `dtype` on a GPU.
+    pub kv_dtype: DType,
     /// The NCCL id of this node's stage that spans nodes, when its ranks
     /// run on GPUs (NCCL joins at load); `None`: a TCP ring, if any,
     /// connected at each start.
@@ -295,6 +297,7 @@ impl Runtime {
             spec.nccl_id.as_deref(),
             spec.max_model_len,
             &placement,
+            spec.kv_dtype,
             &mut progress,
         )?;
         let num_blocks = node.kv_blocks(spec.budget)?;

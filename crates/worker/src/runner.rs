@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use strata_model::{BatchInput, KvCache, SeqInfo, StageModel, StageOutput};
 use strata_types::{
     BlockId, RequestId, SampledToken, SamplingParams, SchedulerOutput, StepResult, TokenId,
@@ -67,9 +67,10 @@ impl ModelRunner {
     pub fn new(
         model: Box<dyn StageModel>,
         num_blocks: usize,
+        kv_dtype: DType,
         masks: Arc<MaskBoard>,
     ) -> Result<Self, RunnerError> {
-        let kv = model.new_kv_cache(num_blocks)?;
+        let kv = model.new_kv_cache_in(num_blocks, kv_dtype)?;
         Ok(Self {
             model,
             kv,

@@ -4,7 +4,7 @@
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use strata_comm::{Communicator, SingleRank, TcpComm, TcpTransport, ThreadComm};
 use strata_model::{Architecture, Placement, StageModel, Weights};
 use strata_types::{SchedulerOutput, StageSlot, StepResult};
@@ -17,6 +17,8 @@ use crate::runner::{ModelRunner, RunnerError, StageResult};
 pub struct LoadedNode {
     stages: Vec<Vec<Box<dyn StageModel>>>,
     placement: Placement,
+    /// What the KV cache holds (`--kv-cache-dtype`).
+    kv_dtype: DType,
     /// This node's rank of a stage that spans nodes over TCP: connected at
     /// every start, so a replaced peer rejoins without a reload.
     ring: Option<Arc<TcpComm>>,
@@ -49,6 +51,7 @@ impl LoadedNode {
         nccl_id: Option<&[u8]>,
         max_model_len: usize,
         placement: &Placement,
+        kv_dtype: DType,
         progress: &mut dyn FnMut(usize, strata_types::LayerRange),
     ) -> Result<Self, RunnerError> {
         let mut stages = Vec::with_capacity(slots.len());
@@ -71,6 +74,7 @@ impl LoadedNode {
         Ok(Self {
             stages,
             placement: placement.clone(),
+            kv_dtype,
             ring,
         })
     }
@@ -82,7 +86,9 @@ impl LoadedNode {
 
     /// KV bytes one block costs on this node, over all its layers and ranks.
     pub fn bytes_per_block(&self) -> usize {
-        self.models().map(|(_, m)| m.kv_bytes_per_block()).sum()
+        self.models()
+            .map(|(_, m)| m.kv_bytes_per_block_in(self.kv_dtype))
+            .sum()
     }
 
     fn models(&self) -> impl Iterator<Item = (usize, &dyn StageModel)> {
@@ -108,7 +114,9 @@ impl LoadedNode {
         let mut fewest = usize::MAX;
         for d in 0..devices {
             let on_device = || self.models().filter(move |(i, _)| i % devices == d);
-            let per_block: usize = on_device().map(|(_, m)| m.kv_bytes_per_block()).sum();
+            let per_block: usize = on_device()
+                .map(|(_, m)| m.kv_bytes_per_block_in(self.kv_dtype))
+                .sum();
             let reserve: u64 = on_device()
                 .map(|(_, m)| m.activation_bytes(max_batch_tokens) as u64)
                 .sum();
@@ -145,7 +153,7 @@ impl LoadedNode {
         for models in self.stages {
             let mut runners = models
                 .into_iter()
-                .map(|m| ModelRunner::new(m, num_blocks, masks.clone()))
+                .map(|m| ModelRunner::new(m, num_blocks, self.kv_dtype, masks.clone()))
                 .collect::<Result<Vec<_>, _>>()?;
             stages.push(if runners.len() == 1 {
                 LocalStage::Single(Box::new(runners.remove(0)))
@@ -275,7 +283,14 @@ impl LocalStage {
         hidden: Option<Tensor>,
     ) -> Result<StageResult, RunnerError> {
         match self {
-            LocalStage::Single(r) => r.execute(out, hidden),
+            // The whole step on one of rayon's workers: the model's hundreds
+            // of parallel loops per step then split work inside the pool,
+            // instead of each handing a job in from outside and sleeping
+            // until it is done (two thread wake-ups per loop, a third of a
+            // single-stream step on two cores). Tensor-parallel ranks stay
+            // on threads of their own: ranks blocked in a collective on
+            // pool workers would starve a pool smaller than the rank count.
+            LocalStage::Single(r) => rayon::scope(|_| r.execute(out, hidden)),
             LocalStage::Parallel(tp) => tp.execute(out, hidden),
         }
     }

@@ -46,6 +46,7 @@ impl From<&LoadSpec> for pb::LoadStageRequest {
             kv_budget,
             max_model_len: s.max_model_len as u32,
             dtype: dtype_to_wire(s.dtype) as i32,
+            kv_dtype: dtype_to_wire(s.kv_dtype) as i32,
             nccl_id: s.nccl_id.clone().unwrap_or_default(),
         }
     }
@@ -75,6 +76,7 @@ impl TryFrom<pb::LoadStageRequest> for LoadSpec {
             budget,
             max_model_len: r.max_model_len as usize,
             dtype: dtype_from_wire(r.dtype)?,
+            kv_dtype: dtype_from_wire(r.kv_dtype)?,
             nccl_id: (!r.nccl_id.is_empty()).then_some(r.nccl_id),
         })
     }
@@ -156,6 +158,7 @@ mod tests {
                 budget,
                 max_model_len: 4096,
                 dtype: DType::BF16,
+                kv_dtype: DType::BF16,
                 nccl_id: Some(vec![1, 2, 3]),
             };
             let back = LoadSpec::try_from(pb::LoadStageRequest::from(&spec)).unwrap();
@@ -176,6 +179,7 @@ mod tests {
             budget: KvBudget::Bytes(1 << 20),
             max_model_len: 64,
             dtype: DType::F32,
+            kv_dtype: DType::F32,
             nccl_id: None,
         });
         req.dtype = 99;
