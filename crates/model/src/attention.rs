@@ -214,36 +214,223 @@ fn paged_attention_in<E: KvElem>(
     let kv_row = heads.num_kv_heads * d;
     let scale = 1.0 / (d as f32).sqrt();
     let simd = crate::quant::has_avx2();
-    out.par_chunks_mut(d)
-        .enumerate()
-        .with_min_len(4)
-        .for_each_init(
-            || vec![0.0f32; d],
-            |qr, (i, acc)| {
-                let (t, h) = (i / heads.num_heads, i % heads.num_heads);
+    // Work items: a tile of up to `TILE_TOKENS` consecutive tokens of one
+    // sequence × the query heads of one KV head, whose queries attend
+    // together, reading each cache row once for all of them.
+    const TILE_TOKENS: usize = 8;
+    let mut tiles = Vec::new();
+    let mut start = 0;
+    for t in 1..=positions.len() {
+        let run_ends = t == positions.len()
+            || token_seq[t] != token_seq[start]
+            || positions[t] != positions[t - 1] + 1
+            || t - start == TILE_TOKENS;
+        if run_ends {
+            tiles.push(start..t);
+            start = t;
+        }
+    }
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    // One decoding sequence makes as few items as it has KV heads, which
+    // may leave a thread idle; splitting them by query head instead reads
+    // the cache once per head, and measured slower at long contexts (8k
+    // tokens: 19.5 against 24.1 tok/s on two cores).
+    let items: Vec<_> = tiles
+        .iter()
+        .flat_map(|tile| {
+            (0..heads.num_heads)
+                .step_by(group)
+                .map(move |h| (tile.clone(), h..h + group))
+        })
+        .collect();
+    items.par_iter().for_each_init(
+        || Tile::new(TILE_TOKENS * group, d),
+        |tile, (tokens, hs)| {
+            let g = hs.start / group;
+            let table = block_tables[token_seq[tokens.start] as usize];
+            tile.clear();
+            for t in tokens.clone() {
                 let pos = positions[t] as usize;
-                let table = block_tables[token_seq[t] as usize];
-                rope.apply(&q[i * d..(i + 1) * d], pos, qr);
-                qr.iter_mut().for_each(|x| *x *= scale);
-                let head = KvHead {
-                    k: kc,
-                    v: vc,
-                    table,
-                    k_offset: (h / group) * d,
-                    v_offset: (h / group) * d,
-                    k_row: kv_row,
-                    v_row: kv_row,
-                };
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: the CPU has AVX2 and FMA (checked above).
-                    unsafe { attend_avx2(qr, &head, pos, acc) };
-                    return;
+                for h in hs.clone() {
+                    let i = t * heads.num_heads + h;
+                    let qr = tile.push(pos);
+                    rope.apply(&q[i * d..(i + 1) * d], pos, qr);
+                    qr.iter_mut().for_each(|x| *x *= scale);
                 }
+            }
+            let head = KvHead {
+                k: kc,
+                v: vc,
+                table,
+                k_offset: g * d,
+                v_offset: g * d,
+                k_row: kv_row,
+                v_row: kv_row,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { attend_tile_avx2(tile, &head) };
+            } else {
+                attend_tile(tile, &head);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
                 let _ = simd;
-                attend(qr, &head, pos, acc);
-            },
-        );
+                attend_tile(tile, &head);
+            }
+            // The tile's outputs: per token, its heads side by side.
+            let w = hs.len() * d;
+            for (n, t) in tokens.clone().enumerate() {
+                let dst = (t * heads.num_heads + hs.start) * d;
+                let src = &tile.out[n * w..(n + 1) * w];
+                // SAFETY: item (tokens, hs) alone writes these heads of these tokens.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out_ptr.at(dst), w) };
+            }
+        },
+    );
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: work items write disjoint parts of the output through it.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// # Safety
+    /// `i` is inside the buffer, and no one else writes where this is used.
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
+/// The queries of one work item and their running softmax state.
+struct Tile {
+    d: usize,
+    /// `[queries, d]`: rotated, scaled queries.
+    q: Vec<f32>,
+    pos: Vec<usize>,
+    /// `[queries, d]`: each query's weighted sum of values.
+    out: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    /// `[queries, BLOCK_SIZE]`: one cache block's scores.
+    scores: Vec<[f32; BLOCK_SIZE]>,
+}
+
+impl Tile {
+    fn new(capacity: usize, d: usize) -> Self {
+        Self {
+            d,
+            q: Vec::with_capacity(capacity * d),
+            pos: Vec::with_capacity(capacity),
+            out: Vec::with_capacity(capacity * d),
+            max: Vec::with_capacity(capacity),
+            sum: Vec::with_capacity(capacity),
+            scores: Vec::with_capacity(capacity),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.q.clear();
+        self.pos.clear();
+    }
+
+    /// Adds a query at `pos`; returns its row to fill.
+    fn push(&mut self, pos: usize) -> &mut [f32] {
+        self.pos.push(pos);
+        let at = self.q.len();
+        self.q.resize(at + self.d, 0.0);
+        &mut self.q[at..]
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_tile_avx2<E: KvElem>(tile: &mut Tile, head: &KvHead<E>) {
+    // The same code, compiled with 8-wide vectors.
+    attend_tile(tile, head)
+}
+
+/// [`attend`] for all of a tile's queries at once: each key and value row
+/// is read from the cache once for every query that sees it, and each query
+/// goes through exactly the operations `attend` gives it alone, so its
+/// output does not depend on the tile it falls in.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // rows `j` index every query's scores
+fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>) {
+    let (d, n) = (tile.d, tile.pos.len());
+    let Tile {
+        q,
+        pos,
+        out,
+        max,
+        sum,
+        scores,
+        ..
+    } = tile;
+    out.clear();
+    out.resize(n * d, 0.0);
+    max.clear();
+    max.resize(n, f32::NEG_INFINITY);
+    sum.clear();
+    sum.resize(n, 0.0);
+    scores.resize(n, [0.0; BLOCK_SIZE]);
+    let last = pos.iter().copied().max().unwrap_or(0);
+    for (b, &block) in head.table[..=last / BLOCK_SIZE].iter().enumerate() {
+        let first = b * BLOCK_SIZE;
+        // How many of the block's positions each query sees (0: none).
+        let seen = |i: usize| (pos[i] + 1).saturating_sub(first).min(BLOCK_SIZE);
+        let rows = (last + 1 - first).min(BLOCK_SIZE);
+        let k_base = block as usize * BLOCK_SIZE * head.k_row + head.k_offset;
+        let v_base = block as usize * BLOCK_SIZE * head.v_row + head.v_offset;
+        for j in 0..rows {
+            let off = k_base + j * head.k_row;
+            let k = &head.k[off..off + d];
+            for i in 0..n {
+                if j < seen(i) {
+                    scores[i][j] = dot(&q[i * d..(i + 1) * d], k);
+                }
+            }
+        }
+        for i in 0..n {
+            let cnt = seen(i);
+            if cnt == 0 {
+                continue;
+            }
+            let s = &mut scores[i][..cnt];
+            let block_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            if block_max > max[i] {
+                let c = fast_exp(max[i] - block_max);
+                sum[i] *= c;
+                for a in out[i * d..(i + 1) * d].iter_mut() {
+                    *a *= c;
+                }
+                max[i] = block_max;
+            }
+            for x in s.iter_mut() {
+                *x = fast_exp(*x - max[i]);
+                sum[i] += *x;
+            }
+        }
+        for j in 0..rows {
+            let off = v_base + j * head.v_row;
+            let v = &head.v[off..off + d];
+            for i in 0..n {
+                if j < seen(i) {
+                    let w = scores[i][j];
+                    for (a, x) in out[i * d..(i + 1) * d].iter_mut().zip(v) {
+                        *a += w * x.get();
+                    }
+                }
+            }
+        }
+    }
+    for i in 0..n {
+        let inv = 1.0 / sum[i];
+        for a in out[i * d..(i + 1) * d].iter_mut() {
+            *a *= inv;
+        }
+    }
 }
 
 /// Writes each token's latent (`[tokens, rank]`) and its rotated rope key
@@ -596,5 +783,60 @@ mod tests {
         // bf16 keeps 8 bits of mantissa: keys and values are off by up to
         // 2^-9 relative, and the outputs (convex sums of values) with them.
         check_paged_attention(true, 8e-3);
+    }
+
+    #[test]
+    fn a_query_attends_the_same_bits_alone_as_in_any_tile() {
+        // Two sequences, three query heads per KV head: a prefill chunk of
+        // eleven tokens (tiles of 8 and 3) beside one decoding token.
+        let d = 16;
+        let heads = Heads {
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: d,
+        };
+        let r = rope(d);
+        let row = heads.num_kv_heads * d;
+        let tables: [&[u32]; 2] = [&[2, 0], &[1, 3]];
+        let mut cache = LayerKv {
+            k: Plane::Bf16(vec![half::bf16::ZERO; 4 * BLOCK_SIZE * row]),
+            v: Plane::Bf16(vec![half::bf16::ZERO; 4 * BLOCK_SIZE * row]),
+        };
+        let val = |i: usize, s: f32| ((i * 37 % 101) as f32 * s).sin();
+        // Sequence 0 holds positions 0..25, sequence 1 positions 0..20.
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        for (seq, len) in [(0usize, 25u32), (1, 20)] {
+            for p in 0..len {
+                positions.push(p);
+                let b = tables[seq][p as usize / BLOCK_SIZE];
+                slots.push(b * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32);
+            }
+        }
+        let n = positions.len();
+        let k: Vec<f32> = (0..n * row).map(|i| val(i, 0.31)).collect();
+        let v: Vec<f32> = (0..n * row).map(|i| val(i, 0.17)).collect();
+        write_kv(&mut cache, &k, &v, &positions, &slots, &r, heads);
+        // The step: sequence 0's positions 14..25, sequence 1's position 19.
+        let qpos: Vec<u32> = (14..25).chain([19]).collect();
+        let seqs: Vec<u32> = vec![0; 11].into_iter().chain([1]).collect();
+        let width = heads.num_heads * d;
+        let q: Vec<f32> = (0..qpos.len() * width).map(|i| val(i, 0.71)).collect();
+        let mut together = vec![0.0; q.len()];
+        paged_attention(&q, &cache, &qpos, &seqs, &tables, &r, heads, &mut together);
+        for t in 0..qpos.len() {
+            let mut alone = vec![0.0; width];
+            paged_attention(
+                &q[t * width..(t + 1) * width],
+                &cache,
+                &qpos[t..t + 1],
+                &[0],
+                &[tables[seqs[t] as usize]],
+                &r,
+                heads,
+                &mut alone,
+            );
+            assert_eq!(alone, together[t * width..(t + 1) * width], "token {t}");
+        }
     }
 }

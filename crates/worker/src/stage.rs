@@ -44,6 +44,7 @@ impl LoadedNode {
     /// ranks all live here gets one thread-backed communicator per rank; one
     /// that spans nodes is a single rank of a ring between nodes: NCCL's when
     /// the leader gave the stage an `nccl_id`, else TCP's.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         weights: &Weights,
         model: &dyn Architecture,
