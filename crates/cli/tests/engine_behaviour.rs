@@ -58,9 +58,9 @@ async fn a_shared_prefix_is_computed_once() {
 
 #[tokio::test]
 async fn requests_preempted_for_lack_of_blocks_finish_with_the_same_output() {
-    // 8 MiB holds 11 blocks (176 tokens) of this model's KV; four requests of
-    // ~100 tokens each cannot all stay resident.
-    let small = Server::start(&["--kv-cache-memory", "8MiB", "--max-model-len", "160"]).await;
+    // 4 MiB holds 11 blocks (176 tokens) of this model's bf16 KV; four
+    // requests of ~100 tokens each cannot all stay resident.
+    let small = Server::start(&["--kv-cache-memory", "4MiB", "--max-model-len", "160"]).await;
     let ps = prompts(4);
     let tight = run_all(&small, &ps).await;
     assert!(
@@ -113,11 +113,11 @@ async fn a_latent_cache_serves_prefix_hits_and_preemption_unchanged() {
         .await;
     assert_eq!(warm["choices"][0]["message"], want["choices"][0]["message"]);
 
-    // 3 layers x (32 + 16) values x 4 bytes x 16 tokens = 9 KiB a block:
-    // 120 KiB holds 13 blocks, fewer than four requests of ~100 tokens need.
+    // 3 layers x (32 + 16) values x 2 bytes (bf16) x 16 tokens = 4.5 KiB a
+    // block: 60 KiB holds 13 blocks, fewer than four requests of ~100 tokens need.
     let small = Server::start_model(
         model,
-        &["--kv-cache-memory", "120KiB", "--max-model-len", "160"],
+        &["--kv-cache-memory", "60KiB", "--max-model-len", "160"],
     )
     .await;
     let ps: Vec<String> = (0..4)
