@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use strata_engine::{
     ensure_demo_model, load_engine, ChatTemplate, ClusterOptions, ClusterState, JsonStyle,
-    LoadOptions, StructuredOutputs, DEMO_MODEL_NAME,
+    LoadOptions, SpeculativeConfig, StructuredOutputs, DEMO_MODEL_NAME,
 };
 use strata_model::{parse_dtype, DeviceRequest};
 use strata_server::{AppState, ReasoningParser, ToolParser};
@@ -177,6 +177,12 @@ struct ServeArgs {
     /// template itself (vLLM's `--chat-template`).
     #[arg(long)]
     chat_template: Option<String>,
+    /// Speculative decoding, in vLLM's JSON: '{"method": "ngram",
+    /// "num_speculative_tokens": 4, "prompt_lookup_max": 3}' drafts tokens
+    /// by finding the text's last few tokens earlier in it; each decode
+    /// verifies its drafts in one pass, and the output is unchanged.
+    #[arg(long, value_parser = SpeculativeConfig::from_json)]
+    speculative_config: Option<SpeculativeConfig>,
 }
 
 /// vLLM's `--structured-outputs-config` JSON.
@@ -446,6 +452,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         pipeline_parallel_size: args.pipeline_parallel_size.unwrap_or(role.nnodes),
         tensor_parallel_size: args.tensor_parallel_size.unwrap_or(1),
         cluster,
+        speculative: args.speculative_config,
     };
     let served_model_name = args.served_model_name.unwrap_or(default_name);
     let json_style = args.structured_outputs_config;

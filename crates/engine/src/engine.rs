@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use strata_sched::{Request, Scheduler, SchedulerConfig, SchedulerStats};
+use strata_sched::{Request, Scheduler, SchedulerConfig, SchedulerStats, SpeculativeConfig};
 use strata_types::{
     FinishReason, Logprobs, RequestId, SamplingParams, SchedulerOutput, StepMasks, StepResult,
     TokenId, BLOCK_SIZE,
@@ -34,6 +34,8 @@ pub struct EngineConfig {
     /// How long requests wait for a lost node to come back before they end
     /// with an error (`--recovery-timeout`).
     pub recovery_timeout: Duration,
+    /// Draft tokens for decodes (`--speculative-config`).
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 /// One sequence to generate.
@@ -249,6 +251,7 @@ pub fn start_engine(
         num_blocks: config.num_blocks,
         enable_prefix_caching: config.enable_prefix_caching,
         pipeline_depth: executor.max_in_flight(),
+        speculative: config.speculative.clone(),
     });
     let core = EngineCore {
         sched,
@@ -436,13 +439,16 @@ impl EngineCore {
                         times: RequestTimes::new(Instant::now()),
                     },
                 );
-                self.sched.add_request(Request::new(
+                let mut req = Request::new(
                     id,
                     r.prompt_token_ids,
                     r.sampling,
                     r.max_tokens.expect("resolved in generate"),
                     stop_ids,
-                ));
+                );
+                // A structured output's mask covers one token per step.
+                req.speculate = self.live[&id].guide.is_none();
+                self.sched.add_request(req);
             }
             Command::Abort(id) => {
                 if let Some(l) = self.live.remove(&id) {

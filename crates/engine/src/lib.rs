@@ -28,5 +28,6 @@ pub use executor::{Executor, PipelineExecutor};
 pub use load::{load_engine, GenerationDefaults, LoadOptions, ModelInfo};
 pub use membership::{ClusterState, NodePhase, HEARTBEAT_LOST};
 pub use metrics::{Histogram, RequestMetrics, FINISHED_REASONS};
+pub use strata_sched::SpeculativeConfig;
 pub use structured::{Constraint, Guide, JsonStyle, StructuredOutputs};
 pub use tokenizer::Tokenizer;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use serde_json::Value as Json;
 use strata_model::{DeviceRequest, Placement, WeightFormat, Weights};
+use strata_sched::SpeculativeConfig;
 use strata_types::plan::{check_layout, Footprint, Machines};
 use strata_types::{ClusterLayout, ModelConfig, TokenId, BLOCK_SIZE};
 use strata_worker::{KvBudget, LoadSpec, NodeConfig, NodeRuntime, StartSpec};
@@ -48,6 +49,8 @@ pub struct LoadOptions {
     /// `None`: every stage runs in this process. Otherwise this process is
     /// the leader (node 0) of a cluster and the stages are spread over it.
     pub cluster: Option<ClusterOptions>,
+    /// `--speculative-config`: draft tokens for decodes, verified in one pass.
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 /// Sampling defaults from `generation_config.json`, used when a request
@@ -294,6 +297,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         enable_prefix_caching: opts.enable_prefix_caching,
         max_pending_requests: opts.max_pending_requests,
         recovery_timeout: opts.recovery_timeout,
+        speculative: opts.speculative.clone(),
     };
     let handle = start_engine(
         engine_cfg,

@@ -40,6 +40,7 @@ fn engine() -> &'static EngineHandle {
             pipeline_parallel_size: 1,
             tensor_parallel_size: 1,
             cluster: None,
+            speculative: None,
         };
         load_engine(&opts).unwrap().0
     })

@@ -25,6 +25,7 @@ fn generation_config_supplies_defaults_and_eos() {
         pipeline_parallel_size: 1,
         tensor_parallel_size: 1,
         cluster: None,
+        speculative: None,
     })
     .unwrap();
     assert_eq!(

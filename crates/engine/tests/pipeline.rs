@@ -31,6 +31,7 @@ fn engine(
         pipeline_parallel_size,
         tensor_parallel_size,
         cluster: None,
+        speculative: None,
     };
     load_engine(&opts).unwrap().0
 }
@@ -138,6 +139,7 @@ fn more_stages_than_layers_is_refused() {
         pipeline_parallel_size: 31,
         tensor_parallel_size: 1,
         cluster: None,
+        speculative: None,
     };
     let e = load_engine(&opts).err().unwrap().to_string();
     assert!(e.contains("between 1 and the model's 30 layers"), "{e}");

@@ -105,6 +105,14 @@ impl From<&t::SchedulerOutput> for p::SchedulerOutput {
             total_num_scheduled_tokens: o.total_num_scheduled_tokens as u32,
             finished_req_ids: o.finished_req_ids.clone(),
             structured_req_ids: o.structured_req_ids.clone(),
+            scheduled_spec_decode_tokens: o
+                .scheduled_spec_decode_tokens
+                .iter()
+                .map(|(req_id, ids)| p::SpecDecodeTokens {
+                    req_id: *req_id,
+                    token_ids: ids.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -143,6 +151,11 @@ impl From<p::SchedulerOutput> for t::SchedulerOutput {
             total_num_scheduled_tokens: o.total_num_scheduled_tokens as usize,
             finished_req_ids: o.finished_req_ids,
             structured_req_ids: o.structured_req_ids,
+            scheduled_spec_decode_tokens: o
+                .scheduled_spec_decode_tokens
+                .into_iter()
+                .map(|s| (s.req_id, s.token_ids))
+                .collect(),
         }
     }
 }
@@ -253,10 +266,11 @@ mod tests {
                 new_block_ids: vec![],
                 num_computed_tokens: 33,
             }],
-            num_scheduled_tokens: vec![(3, 4), (1, 1)],
-            total_num_scheduled_tokens: 5,
+            num_scheduled_tokens: vec![(3, 4), (1, 3)],
+            total_num_scheduled_tokens: 7,
             finished_req_ids: vec![2],
             structured_req_ids: vec![3],
+            scheduled_spec_decode_tokens: vec![(1, vec![8, 9])],
         };
         let wire = prost::Message::encode_to_vec(&p::SchedulerOutput::from(&out));
         let back: p::SchedulerOutput = prost::Message::decode(wire.as_slice()).unwrap();

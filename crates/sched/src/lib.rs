@@ -6,8 +6,10 @@ mod block_pool;
 mod kv_cache_manager;
 mod request;
 mod scheduler;
+mod spec;
 
 pub use block_pool::{hash_block, BlockHash, BlockPool};
 pub use kv_cache_manager::KvCacheManager;
 pub use request::{Request, RequestStatus};
 pub use scheduler::{RequestUpdate, Scheduler, SchedulerConfig, SchedulerStats};
+pub use spec::SpeculativeConfig;

@@ -28,6 +28,11 @@ pub struct Request {
     /// stages hold no state for it (never scheduled, or preempted).
     pub(crate) num_tokens_sent: Option<usize>,
     pub(crate) num_blocks_sent: usize,
+    /// Whether the scheduler may propose draft tokens for it (not for a
+    /// structured output, whose masks cover one token per step).
+    pub speculate: bool,
+    /// Draft tokens in the step in flight, to take back those rejected.
+    pub(crate) num_drafts_in_flight: usize,
 }
 
 impl Request {
@@ -50,6 +55,8 @@ impl Request {
             num_cached_tokens: 0,
             num_tokens_sent: None,
             num_blocks_sent: 0,
+            speculate: true,
+            num_drafts_in_flight: 0,
         }
     }
 

@@ -4,12 +4,13 @@
 use std::collections::{HashMap, VecDeque};
 
 use strata_types::{
-    CachedRequestData, FinishReason, Logprobs, NewRequestData, RequestId, SchedulerOutput,
-    StepResult, TokenId,
+    CachedRequestData, FinishReason, Logprobs, NewRequestData, RequestId, SampledToken,
+    SchedulerOutput, StepResult, TokenId,
 };
 
 use crate::kv_cache_manager::KvCacheManager;
 use crate::request::{Request, RequestStatus};
+use crate::spec::SpeculativeConfig;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -22,6 +23,9 @@ pub struct SchedulerConfig {
     /// nodes). Above 1, each step takes about 1/depth of the requests, so
     /// the next step has requests of its own to run while this one is away.
     pub pipeline_depth: usize,
+    /// Draft tokens for decodes (`--speculative-config`); `None`: one token
+    /// per decode.
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 /// Counters since start, for `/metrics` and for tests that must see what was
@@ -37,6 +41,13 @@ pub struct SchedulerStats {
     pub prefix_cache_hit_tokens: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
+    /// Speculative decoding: decodes that carried drafts, their draft
+    /// tokens, those the model accepted, and the accepted at each draft
+    /// position (vLLM's `spec_decode_*` counters).
+    pub spec_drafts: u64,
+    pub spec_draft_tokens: u64,
+    pub spec_accepted_tokens: u64,
+    pub spec_accepted_per_pos: Vec<u64>,
 }
 
 /// What one sampled token did to its request.
@@ -74,6 +85,15 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
         assert!(cfg.num_blocks > 0, "the KV cache needs at least one block");
+        let stats = SchedulerStats {
+            spec_accepted_per_pos: vec![
+                0;
+                cfg.speculative
+                    .as_ref()
+                    .map_or(0, |c| c.num_speculative_tokens)
+            ],
+            ..Default::default()
+        };
         Self {
             kv: KvCacheManager::new(cfg.num_blocks, cfg.enable_prefix_caching),
             cfg,
@@ -82,7 +102,7 @@ impl Scheduler {
             running: Vec::new(),
             finished_req_ids: Vec::new(),
             next_step_id: 0,
-            stats: SchedulerStats::default(),
+            stats,
             steps_in_flight: VecDeque::new(),
             in_flight: HashMap::new(),
         }
@@ -156,25 +176,50 @@ impl Scheduler {
             0 | 1 => usize::MAX,
             d => (self.running.len() + self.waiting.len()).div_ceil(d).max(1),
         };
+        let spec = self.cfg.speculative.clone().filter(|c| {
+            c.disable_by_batch_size
+                .is_none_or(|b| self.running.len() < b)
+        });
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 && seqs_left > 0 {
             let id = self.running[i];
             let req = &self.requests[&id];
-            let n = (req.num_tokens() - req.num_computed_tokens).min(budget);
+            // Zero while a step in flight computes it (drafts included).
+            let n = req
+                .num_tokens()
+                .saturating_sub(req.num_computed_tokens)
+                .min(budget);
             if n == 0 {
                 i += 1;
                 continue;
             }
+            let mut drafts = match &spec {
+                Some(c) if n == 1 && req.speculate => {
+                    // Room for the drafts and the model's own token after
+                    // them, within every limit of the request.
+                    let limit = (budget - 1)
+                        .min(req.max_tokens.saturating_sub(req.num_output_tokens() + 1))
+                        .min(self.cfg.max_model_len.saturating_sub(req.num_tokens() + 1));
+                    c.propose(&req.token_ids, limit)
+                }
+                _ => Vec::new(),
+            };
             // Make room, taking blocks from the newest running requests.
             let scheduled = loop {
                 let req = &self.requests[&id];
+                let want = n + drafts.len();
                 if self
                     .kv
-                    .allocate_slots(id, &req.token_ids, req.num_computed_tokens, n, &[])
+                    .allocate_slots(id, &req.token_ids, req.num_computed_tokens, want, &[])
                     .is_some()
                 {
                     break true;
+                }
+                // Drafts are given up before anything is preempted for them.
+                if !drafts.is_empty() {
+                    drafts.clear();
+                    continue;
                 }
                 // Never a request a step in flight computes: its blocks are
                 // being written. With none left to take, wait for the steps.
@@ -195,7 +240,8 @@ impl Scheduler {
             if !scheduled {
                 break;
             }
-            self.emit(id, n, &mut out);
+            let n = n + drafts.len();
+            self.emit(id, n, drafts, &mut out);
             budget -= n;
             seqs_left -= 1;
             i += 1;
@@ -228,7 +274,7 @@ impl Scheduler {
             req.status = RequestStatus::Running;
             req.num_computed_tokens = num_hit;
             self.running.push(id);
-            self.emit(id, n, &mut out);
+            self.emit(id, n, Vec::new(), &mut out);
             budget -= n;
             seqs_left -= 1;
         }
@@ -302,6 +348,7 @@ impl Scheduler {
             req.num_computed_tokens = 0;
             req.num_blocks_sent = 0;
             req.num_tokens_sent = None;
+            req.num_drafts_in_flight = 0;
             tokens += req.num_tokens();
             self.waiting.push_front(id);
         }
@@ -317,46 +364,74 @@ impl Scheduler {
     }
 
     /// Applies a step's sampled tokens: appends them, ends requests that hit a
-    /// stop token or a length limit, and frees their blocks.
+    /// stop token or a length limit, and frees their blocks. A request with
+    /// drafts gets the accepted ones and one more; the KV computed for the
+    /// rejected is overwritten when real tokens take their positions.
     pub fn update_from_output(&mut self, result: &StepResult) -> Vec<RequestUpdate> {
         self.land(result.step_id);
         let mut updates = Vec::with_capacity(result.sampled.len());
-        for s in &result.sampled {
+        for group in result.sampled.chunk_by(|a, b| a.req_id == b.req_id) {
             // A request aborted while its step was in flight is simply dropped.
-            let Some(req) = self.requests.get_mut(&s.req_id) else {
+            let Some(req) = self.requests.get_mut(&group[0].req_id) else {
                 continue;
             };
             if req.status != RequestStatus::Running {
                 continue;
             }
-            req.token_ids.push(s.token_id);
-            self.stats.generated_tokens += 1;
-            let finished = if req.stop_token_ids.contains(&s.token_id) {
-                Some(FinishReason::Stop)
-            } else if req.num_output_tokens() >= req.max_tokens
-                || req.num_tokens() >= self.cfg.max_model_len
-            {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            let num_cached_tokens = req.num_cached_tokens;
-            if finished.is_some() {
-                self.finish(s.req_id);
+            let drafts = std::mem::take(&mut req.num_drafts_in_flight);
+            let group = &group[..group.len().min(drafts + 1)];
+            if drafts > 0 {
+                let accepted = group.len() - 1;
+                req.num_computed_tokens -= drafts - accepted;
+                let st = &mut self.stats;
+                st.spec_drafts += 1;
+                st.spec_draft_tokens += drafts as u64;
+                st.spec_accepted_tokens += accepted as u64;
+                for n in st.spec_accepted_per_pos.iter_mut().take(accepted) {
+                    *n += 1;
+                }
             }
-            updates.push(RequestUpdate {
-                req_id: s.req_id,
-                token_id: s.token_id,
-                logprobs: s.logprobs.clone(),
-                finished,
-                num_cached_tokens,
-            });
+            for s in group {
+                if self.append(s, &mut updates) {
+                    break;
+                }
+            }
         }
         updates
     }
 
-    /// Adds `n` tokens of `id` to the step, as a new or a cached request.
-    fn emit(&mut self, id: RequestId, n: usize, out: &mut SchedulerOutput) {
+    /// Appends one sampled token to its running request; true when it ended
+    /// the request.
+    fn append(&mut self, s: &SampledToken, updates: &mut Vec<RequestUpdate>) -> bool {
+        let req = self.requests.get_mut(&s.req_id).expect("a running request");
+        req.token_ids.push(s.token_id);
+        self.stats.generated_tokens += 1;
+        let finished = if req.stop_token_ids.contains(&s.token_id) {
+            Some(FinishReason::Stop)
+        } else if req.num_output_tokens() >= req.max_tokens
+            || req.num_tokens() >= self.cfg.max_model_len
+        {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let num_cached_tokens = req.num_cached_tokens;
+        if finished.is_some() {
+            self.finish(s.req_id);
+        }
+        updates.push(RequestUpdate {
+            req_id: s.req_id,
+            token_id: s.token_id,
+            logprobs: s.logprobs.clone(),
+            finished,
+            num_cached_tokens,
+        });
+        finished.is_some()
+    }
+
+    /// Adds `n` tokens of `id` to the step (its `drafts` last among them), as
+    /// a new or a cached request.
+    fn emit(&mut self, id: RequestId, n: usize, drafts: Vec<TokenId>, out: &mut SchedulerOutput) {
         let req = self
             .requests
             .get_mut(&id)
@@ -382,7 +457,11 @@ impl Scheduler {
         req.num_blocks_sent = blocks.len();
         // Counted now, so the next schedule sees the tokens as in progress.
         req.num_computed_tokens += n;
+        req.num_drafts_in_flight = drafts.len();
         out.num_scheduled_tokens.push((id, n));
+        if !drafts.is_empty() {
+            out.scheduled_spec_decode_tokens.push((id, drafts));
+        }
     }
 
     fn preempt(&mut self, id: RequestId, out: &mut SchedulerOutput) {
@@ -418,7 +497,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use strata_types::{SampledToken, SamplingParams, BLOCK_SIZE};
+    use strata_types::{SamplingParams, BLOCK_SIZE};
 
     fn cfg(num_blocks: usize) -> SchedulerConfig {
         SchedulerConfig {
@@ -428,6 +507,7 @@ mod tests {
             num_blocks,
             enable_prefix_caching: true,
             pipeline_depth: 1,
+            speculative: None,
         }
     }
 
@@ -743,6 +823,193 @@ mod tests {
             }],
         });
         assert_eq!(landed.len(), 1);
+    }
+
+    fn spec_cfg(num_blocks: usize, k: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            speculative: Some(SpeculativeConfig {
+                num_speculative_tokens: k,
+                prompt_lookup_min: 1,
+                prompt_lookup_max: 2,
+                disable_by_batch_size: None,
+            }),
+            ..cfg(num_blocks)
+        }
+    }
+
+    fn land(s: &mut Scheduler, out: &SchedulerOutput, tokens: &[(RequestId, TokenId)]) {
+        let sampled = tokens
+            .iter()
+            .map(|&(req_id, token_id)| SampledToken {
+                req_id,
+                token_id,
+                logprobs: None,
+            })
+            .collect();
+        s.update_from_output(&StepResult {
+            step_id: out.step_id,
+            sampled,
+        });
+    }
+
+    #[test]
+    fn drafts_ride_with_a_decode_and_the_rejected_are_taken_back() {
+        let mut s = Scheduler::new(spec_cfg(16, 3));
+        s.add_request(Request::new(
+            1,
+            vec![1, 2, 3, 4, 1, 2],
+            SamplingParams::greedy(),
+            20,
+            vec![],
+        ));
+        // A prefill carries no drafts.
+        let (out, _) = step(&mut s, 3);
+        assert!(out.scheduled_spec_decode_tokens.is_empty());
+        // "2 3" recurs: what followed it is proposed, after the last token.
+        let out = s.schedule();
+        assert_eq!(out.scheduled_spec_decode_tokens, vec![(1, vec![4, 1, 2])]);
+        assert_eq!(out.num_scheduled_tokens, vec![(1, 4)]);
+        assert_eq!(out.total_num_scheduled_tokens, 4);
+        // While the step is away the request has nothing more to compute.
+        assert!(s.schedule().num_scheduled_tokens.is_empty());
+        // The model agreed with two drafts, then chose 9 over the third.
+        land(&mut s, &out, &[(1, 4), (1, 1), (1, 9)]);
+        let r = s.request(1).unwrap();
+        assert_eq!(r.token_ids, [1, 2, 3, 4, 1, 2, 3, 4, 1, 9]);
+        assert_eq!(
+            r.num_computed_tokens, 9,
+            "the rejected draft's KV is not counted"
+        );
+        let st = s.stats();
+        assert_eq!(
+            (
+                st.spec_drafts,
+                st.spec_draft_tokens,
+                st.spec_accepted_tokens
+            ),
+            (1, 3, 2)
+        );
+        assert_eq!(st.spec_accepted_per_pos, [1, 1, 0]);
+        assert_eq!(st.generated_tokens, 4);
+        // The stages learn the three tokens; "9" never occurred, so no drafts.
+        let out = s.schedule();
+        assert_eq!(out.scheduled_cached_reqs[0].new_token_ids, [4, 1, 9]);
+        assert_eq!(out.scheduled_cached_reqs[0].num_computed_tokens, 9);
+        assert_eq!(out.num_scheduled_tokens, vec![(1, 1)]);
+        assert!(out.scheduled_spec_decode_tokens.is_empty());
+    }
+
+    #[test]
+    fn drafts_stay_within_the_budget_the_length_limits_and_the_blocks() {
+        let prompt = || vec![1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3];
+        let drafts = |s: &mut Scheduler| {
+            step(s, 1);
+            s.schedule()
+                .scheduled_spec_decode_tokens
+                .first()
+                .map_or(0, |d| d.1.len())
+        };
+        // Up to k.
+        let mut s = Scheduler::new(spec_cfg(16, 3));
+        s.add_request(Request::new(
+            1,
+            prompt(),
+            SamplingParams::greedy(),
+            20,
+            vec![],
+        ));
+        assert_eq!(drafts(&mut s), 3);
+        // The output may grow by the drafts plus one token: 3 - 1 - 1.
+        let mut s = Scheduler::new(spec_cfg(16, 3));
+        s.add_request(Request::new(
+            1,
+            prompt(),
+            SamplingParams::greedy(),
+            3,
+            vec![],
+        ));
+        assert_eq!(drafts(&mut s), 1);
+        // The step's token budget: 3 tokens, so two drafts.
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_num_batched_tokens: 3,
+            ..spec_cfg(16, 3)
+        });
+        s.add_request(Request::new(
+            1,
+            prompt(),
+            SamplingParams::greedy(),
+            20,
+            vec![],
+        ));
+        while s.request(1).unwrap().num_output_tokens() == 0 {
+            step(&mut s, 1);
+        }
+        let out = s.schedule();
+        assert_eq!(out.num_scheduled_tokens, vec![(1, 3)]);
+        assert_eq!(out.scheduled_spec_decode_tokens, vec![(1, vec![2, 3])]);
+        // One block of 16 holds the 16 tokens but not the drafts: they are
+        // dropped, and nothing is preempted for them.
+        let mut s = Scheduler::new(spec_cfg(1, 3));
+        s.add_request(Request::new(
+            1,
+            prompt(),
+            SamplingParams::greedy(),
+            20,
+            vec![],
+        ));
+        assert_eq!(drafts(&mut s), 0);
+        assert_eq!(s.stats().preemptions, 0);
+        // Not for a request that must not speculate, nor past the batch size.
+        let mut s = Scheduler::new(spec_cfg(16, 3));
+        let mut r = Request::new(1, prompt(), SamplingParams::greedy(), 20, vec![]);
+        r.speculate = false;
+        s.add_request(r);
+        assert_eq!(drafts(&mut s), 0);
+        let mut c = spec_cfg(16, 3);
+        c.speculative.as_mut().unwrap().disable_by_batch_size = Some(1);
+        let mut s = Scheduler::new(c);
+        s.add_request(Request::new(
+            1,
+            prompt(),
+            SamplingParams::greedy(),
+            20,
+            vec![],
+        ));
+        assert_eq!(drafts(&mut s), 0);
+    }
+
+    #[test]
+    fn a_stop_token_among_accepted_drafts_ends_the_request_there() {
+        let mut s = Scheduler::new(spec_cfg(16, 3));
+        s.add_request(Request::new(
+            1,
+            vec![1, 2, 3, 4, 1, 2],
+            SamplingParams::greedy(),
+            20,
+            vec![4],
+        ));
+        step(&mut s, 3);
+        let out = s.schedule();
+        assert_eq!(out.scheduled_spec_decode_tokens, vec![(1, vec![4, 1, 2])]);
+        let updates = s.update_from_output(&StepResult {
+            step_id: out.step_id,
+            sampled: [4, 1, 2, 7]
+                .map(|token_id| SampledToken {
+                    req_id: 1,
+                    token_id,
+                    logprobs: None,
+                })
+                .to_vec(),
+        });
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].finished, Some(FinishReason::Stop));
+        assert!(!s.has_unfinished());
+        assert_eq!(s.num_free_blocks(), 16);
+        assert_eq!(
+            s.stats().generated_tokens,
+            2,
+            "the prefill's token and the stop"
+        );
     }
 
     #[test]

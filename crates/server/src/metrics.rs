@@ -253,6 +253,35 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     for (name, kind, help, v) in series {
         f.one(name, kind, help, &model, v);
     }
+    // Speculative decoding, only when it is on (as vLLM does).
+    let per_pos = &s.sched.spec_accepted_per_pos;
+    if !per_pos.is_empty() {
+        let spec = [
+            (
+                "vllm:spec_decode_num_drafts_total",
+                "Number of spec decoding drafts.",
+                s.sched.spec_drafts,
+            ),
+            (
+                "vllm:spec_decode_num_draft_tokens_total",
+                "Number of draft tokens.",
+                s.sched.spec_draft_tokens,
+            ),
+            (
+                "vllm:spec_decode_num_accepted_tokens_total",
+                "Number of accepted tokens.",
+                s.sched.spec_accepted_tokens,
+            ),
+        ];
+        for (name, help, v) in spec {
+            f.one(name, "counter", help, &model, v);
+        }
+        let name = "vllm:spec_decode_num_accepted_tokens_per_pos_total";
+        f.head(name, "counter", "Accepted tokens, per draft position.");
+        for (pos, n) in per_pos.iter().enumerate() {
+            let _ = writeln!(f.out, "{name}{{{model},position=\"{pos}\"}} {n}");
+        }
+    }
     let r = state.engine.request_metrics();
     let name = "vllm:request_success_total";
     f.head(name, "counter", "Count of successfully processed requests.");

@@ -42,6 +42,10 @@ pub struct SchedulerOutput {
     pub finished_req_ids: Vec<RequestId>,
     /// Requests whose sampling waits for a token mask ([`crate::StepMasks`]).
     pub structured_req_ids: Vec<RequestId>,
+    /// Draft tokens to verify, per request: they follow its known tokens in
+    /// this step (and count in `num_scheduled_tokens`); the last stage keeps
+    /// those its own sampling agrees with.
+    pub scheduled_spec_decode_tokens: Vec<(RequestId, Vec<TokenId>)>,
 }
 
 impl SchedulerOutput {
@@ -65,7 +69,9 @@ pub struct SampledToken {
 }
 
 /// What the last stage returns for a step: one token per request that reached
-/// the end of its known tokens (prefill chunks in the middle sample nothing).
+/// the end of its known tokens (prefill chunks in the middle sample nothing),
+/// and for a request with drafts, the drafts accepted and then one more, in
+/// order, one entry each.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepResult {
     pub step_id: u64,

@@ -143,7 +143,14 @@ impl ModelRunner {
             return Ok(empty());
         }
 
-        // Flatten the batch in scheduling order.
+        // Flatten the batch in scheduling order, each request's drafts after
+        // its known tokens.
+        let drafts_of = |id: RequestId| {
+            out.scheduled_spec_decode_tokens
+                .iter()
+                .find(|(r, _)| *r == id)
+                .map_or(&[][..], |(_, d)| d.as_slice())
+        };
         let total = out.total_num_scheduled_tokens;
         let mut token_ids = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
@@ -156,23 +163,32 @@ impl ModelRunner {
                 .get(&id)
                 .ok_or_else(|| protocol(format!("request {id} scheduled but unknown")))?;
             let start = r.num_computed_tokens;
-            if start + n > r.token_ids.len() || (start + n).div_ceil(BLOCK_SIZE) > r.block_ids.len()
+            let drafts = drafts_of(id);
+            let known = n.saturating_sub(drafts.len());
+            if start + known > r.token_ids.len()
+                || (start + n).div_ceil(BLOCK_SIZE) > r.block_ids.len()
+                || !drafts.is_empty() && (known == 0 || start + known != r.token_ids.len())
             {
                 return Err(protocol(format!(
-                    "request {id}: {n} tokens from {start} exceed its {} tokens or {} blocks",
+                    "request {id}: {n} tokens ({} drafts) from {start} do not fit its {} tokens \
+                     or {} blocks",
+                    drafts.len(),
                     r.token_ids.len(),
                     r.block_ids.len()
                 )));
             }
-            token_ids.extend_from_slice(&r.token_ids[start..start + n]);
+            token_ids.extend_from_slice(&r.token_ids[start..start + known]);
+            token_ids.extend_from_slice(drafts);
             for p in start..start + n {
                 positions.push(p as u32);
                 slots.push(
                     r.block_ids[p / BLOCK_SIZE] * BLOCK_SIZE as u32 + (p % BLOCK_SIZE) as u32,
                 );
             }
-            if start + n == r.token_ids.len() {
-                logits_indices.push(token_ids.len() as u32 - 1);
+            if start + known == r.token_ids.len() {
+                // The last known token's row and each draft's.
+                let end = token_ids.len() as u32;
+                logits_indices.extend(end - 1 - drafts.len() as u32..end);
                 sampled_ids.push(id);
             }
         }
@@ -208,7 +224,9 @@ impl ModelRunner {
             None
         };
         let mut sampled = Vec::with_capacity(sampled_ids.len());
-        for (id, row) in sampled_ids.iter().zip(logits.chunks_mut(vocab)) {
+        let mut rows = logits.chunks_mut(vocab);
+        for id in &sampled_ids {
+            let drafts = drafts_of(*id);
             let mask = match &masks {
                 Some(m) if constrained(id) => Some(
                     m.masks
@@ -219,14 +237,37 @@ impl ModelRunner {
                 ),
                 _ => None,
             };
-            let r = &self.requests[id];
-            let (token_id, logprobs) =
-                sample(row, &r.sampling, &r.token_ids, r.num_prompt_tokens, mask);
-            sampled.push(SampledToken {
-                req_id: *id,
-                token_id,
-                logprobs,
-            });
+            if mask.is_some() && !drafts.is_empty() {
+                return Err(protocol(format!(
+                    "request {id}: drafts beside a token mask"
+                )));
+            }
+            // Each draft is kept while the token sampled before it is that
+            // draft: the sampler draws by seed and output position, so the
+            // tokens are exactly those decoding one at a time would give,
+            // greedy or not (rejection sampling for a one-hot proposal).
+            let r = self.requests.get_mut(id).expect("checked above");
+            let known = r.token_ids.len();
+            for i in 0..=drafts.len() {
+                let row = rows.next().expect("a logits row per draft");
+                let (token_id, logprobs) =
+                    sample(row, &r.sampling, &r.token_ids, r.num_prompt_tokens, mask);
+                sampled.push(SampledToken {
+                    req_id: *id,
+                    token_id,
+                    logprobs,
+                });
+                if drafts.get(i) != Some(&token_id) {
+                    // Past the rows of the drafts after this one.
+                    for _ in i..drafts.len() {
+                        rows.next();
+                    }
+                    break;
+                }
+                r.token_ids.push(token_id);
+            }
+            // The leader sends the kept tokens with the next step.
+            r.token_ids.truncate(known);
         }
         Ok(StageResult::Sampled(StepResult {
             step_id: step,
