@@ -600,23 +600,32 @@ impl EngineCore {
         true
     }
 
-    /// Streams a step's sampled tokens to their requests.
+    /// Streams a step's sampled tokens to their requests: one output per
+    /// request, holding every token it got (several with speculation).
     fn apply(&mut self, result: &StepResult) {
         let updates = self.sched.update_from_output(result);
         let now = Instant::now();
         let mut metrics = self.metrics.lock().expect("poisoned");
         // Sent after the counters are published: a client that sees its
         // last token may read them.
-        let mut outputs = Vec::with_capacity(updates.len());
+        let mut outputs: Vec<(RequestId, OutputSender, RequestOutput)> =
+            Vec::with_capacity(updates.len());
         for u in updates {
             let Some(live) = self.live.get_mut(&u.req_id) else {
                 continue;
             };
             live.completion_tokens += 1;
-            live.times.token(now, &mut metrics);
             let mut finish = u.finished;
             let is_stop_token = finish == Some(FinishReason::Stop);
-            let mut output = RequestOutput::default();
+            let output = match outputs.last_mut() {
+                Some((id, _, o)) if *id == u.req_id => o,
+                _ => {
+                    // Tokens that arrive together are one gap for the client.
+                    live.times.token(now, &mut metrics);
+                    outputs.push((u.req_id, live.tx.clone(), RequestOutput::default()));
+                    &mut outputs.last_mut().expect("just pushed").2
+                }
+            };
             if !is_stop_token {
                 // A complete structured output ends the sequence.
                 let complete = live.guide.as_mut().is_some_and(|g| g.advance(u.token_id));
@@ -640,12 +649,11 @@ impl EngineCore {
             if finish.is_some() && live.detok.flush(&self.tokenizer).unwrap_or(false) {
                 finish = Some(FinishReason::Stop);
             }
-            output.text = live.detok.take_delta(finish.is_some());
+            output.text.push_str(&live.detok.take_delta(finish.is_some()));
             output.finish = finish;
             output.prompt_tokens = live.prompt_tokens;
             output.completion_tokens = live.completion_tokens;
             output.cached_tokens = u.num_cached_tokens;
-            outputs.push((live.tx.clone(), output));
             if finish.is_some() {
                 live.times.end(
                     now,
@@ -660,7 +668,7 @@ impl EngineCore {
         }
         drop(metrics);
         self.publish_stats();
-        for (tx, output) in outputs {
+        for (_, tx, output) in outputs {
             let _ = tx.send(Ok(output));
         }
     }

@@ -679,6 +679,15 @@ mod tests {
                     .unwrap();
                 assert_eq!(alone, got[t], "{} {isa:?}: token {t} alone", B::NAME);
             }
+            // ... and in a batch of every tile width.
+            for m in 2..8 {
+                let part: Vec<Vec<f32>> = w
+                    .forward(&input.narrow(0, 0, m).unwrap())
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                assert_eq!(part[..], got[..m], "{} {isa:?}: a batch of {m}", B::NAME);
+            }
         }
     }
 
