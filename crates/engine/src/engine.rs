@@ -649,7 +649,9 @@ impl EngineCore {
             if finish.is_some() && live.detok.flush(&self.tokenizer).unwrap_or(false) {
                 finish = Some(FinishReason::Stop);
             }
-            output.text.push_str(&live.detok.take_delta(finish.is_some()));
+            output
+                .text
+                .push_str(&live.detok.take_delta(finish.is_some()));
             output.finish = finish;
             output.prompt_tokens = live.prompt_tokens;
             output.completion_tokens = live.completion_tokens;

@@ -170,53 +170,78 @@ pub fn paged_attention(
     heads: Heads,
     out: &mut [f32],
 ) {
-    match (&cache.k, &cache.v) {
-        (Plane::F32(k), Plane::F32(v)) => paged_attention_in(
-            q,
-            k,
-            v,
-            positions,
-            token_seq,
-            block_tables,
-            rope,
-            heads,
-            out,
-        ),
-        (Plane::Bf16(k), Plane::Bf16(v)) => paged_attention_in(
-            q,
-            k,
-            v,
-            positions,
-            token_seq,
-            block_tables,
-            rope,
-            heads,
-            out,
-        ),
-        _ => unreachable!("a layer's planes share one dtype"),
-    }
+    paged_attention_spans(
+        q,
+        cache,
+        positions,
+        token_seq,
+        block_tables,
+        rope,
+        heads,
+        SPAN_BLOCKS,
+        out,
+    )
 }
 
+/// Cache blocks per span: a query attends to the cache a span (1,024
+/// positions) at a time, each span a work item of its own, and the spans'
+/// softmax states are merged in order. One long sequence then keeps every
+/// thread busy, and how a query's sums go depends on its position alone,
+/// never on the batch around it.
+const SPAN_BLOCKS: usize = 64;
+
 #[allow(clippy::too_many_arguments)]
-fn paged_attention_in<E: KvElem>(
+fn paged_attention_spans(
     q: &[f32],
-    kc: &[E],
-    vc: &[E],
+    cache: &LayerKv,
     positions: &[u32],
     token_seq: &[u32],
     block_tables: &[&[u32]],
     rope: &Rope,
     heads: Heads,
+    span_blocks: usize,
     out: &mut [f32],
 ) {
+    let args = |out| {
+        (
+            positions,
+            token_seq,
+            block_tables,
+            rope,
+            heads,
+            span_blocks,
+            out,
+        )
+    };
+    match (&cache.k, &cache.v) {
+        (Plane::F32(k), Plane::F32(v)) => paged_attention_in(q, k, v, args(out)),
+        (Plane::Bf16(k), Plane::Bf16(v)) => paged_attention_in(q, k, v, args(out)),
+        _ => unreachable!("a layer's planes share one dtype"),
+    }
+}
+
+/// What [`paged_attention_in`] needs beside the queries and the cache.
+type AttendArgs<'a> = (
+    &'a [u32],
+    &'a [u32],
+    &'a [&'a [u32]],
+    &'a Rope,
+    Heads,
+    usize,
+    &'a mut [f32],
+);
+
+fn paged_attention_in<E: KvElem>(q: &[f32], kc: &[E], vc: &[E], args: AttendArgs) {
+    let (positions, token_seq, block_tables, rope, heads, span_blocks, out) = args;
     let d = heads.head_dim;
     let group = heads.num_heads / heads.num_kv_heads;
     let kv_row = heads.num_kv_heads * d;
     let scale = 1.0 / (d as f32).sqrt();
     let simd = crate::quant::has_avx2();
     // Work items: a tile of up to `TILE_TOKENS` consecutive tokens of one
-    // sequence × the query heads of one KV head, whose queries attend
-    // together, reading each cache row once for all of them.
+    // sequence × the query heads of one KV head × one span of the cache;
+    // the tile's queries attend together, reading each cache row once for
+    // all of them.
     const TILE_TOKENS: usize = 8;
     let mut tiles = Vec::new();
     let mut start = 0;
@@ -230,22 +255,34 @@ fn paged_attention_in<E: KvElem>(
             start = t;
         }
     }
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    // One decoding sequence makes as few items as it has KV heads, which
-    // may leave a thread idle; splitting them by query head instead reads
-    // the cache once per head, and measured slower at long contexts (8k
-    // tokens: 19.5 against 24.1 tok/s on two cores).
+    let span_tokens = span_blocks * BLOCK_SIZE;
+    // A tile's positions rise, so its last sees the most spans.
+    let spans = |tile: &std::ops::Range<usize>| positions[tile.end - 1] as usize / span_tokens + 1;
     let items: Vec<_> = tiles
         .iter()
         .flat_map(|tile| {
             (0..heads.num_heads)
                 .step_by(group)
-                .map(move |h| (tile.clone(), h..h + group))
+                .flat_map(move |h| (0..spans(tile)).map(move |s| (tile.clone(), h..h + group, s)))
         })
         .collect();
-    items.par_iter().for_each_init(
+    // Tiles over several spans park each span's softmax state here:
+    // `[queries, d]` unnormalized outputs, then `[queries]` maxima and sums.
+    let state = |tile: &std::ops::Range<usize>| tile.len() * group * (d + 2);
+    let mut parked = Vec::with_capacity(items.len());
+    let mut total = 0;
+    for (tile, _, _) in &items {
+        parked.push((spans(tile) > 1).then_some(total));
+        if spans(tile) > 1 {
+            total += state(tile);
+        }
+    }
+    let mut partials = vec![0f32; total];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let part_ptr = SendPtr(partials.as_mut_ptr());
+    items.par_iter().zip(&parked).for_each_init(
         || Tile::new(TILE_TOKENS * group, d),
-        |tile, (tokens, hs)| {
+        |tile, ((tokens, hs, span), parked)| {
             let g = hs.start / group;
             let table = block_tables[token_seq[tokens.start] as usize];
             tile.clear();
@@ -267,18 +304,32 @@ fn paged_attention_in<E: KvElem>(
                 k_row: kv_row,
                 v_row: kv_row,
             };
+            let blocks = span * span_blocks..(span + 1) * span_blocks;
             #[cfg(target_arch = "x86_64")]
             if simd {
                 // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { attend_tile_avx2(tile, &head) };
+                unsafe { attend_tile_avx2(tile, &head, blocks) };
             } else {
-                attend_tile(tile, &head);
+                attend_tile(tile, &head, blocks);
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
                 let _ = simd;
-                attend_tile(tile, &head);
+                attend_tile(tile, &head, blocks);
             }
+            if let Some(at) = parked {
+                let n = tile.pos.len();
+                let dst = *at;
+                // SAFETY: item (tokens, hs, span) alone writes this state.
+                unsafe {
+                    let p = part_ptr.at(dst);
+                    std::ptr::copy_nonoverlapping(tile.out.as_ptr(), p, n * d);
+                    std::ptr::copy_nonoverlapping(tile.max.as_ptr(), p.add(n * d), n);
+                    std::ptr::copy_nonoverlapping(tile.sum.as_ptr(), p.add(n * d + n), n);
+                }
+                return;
+            }
+            normalize(&mut tile.out, &tile.sum, d);
             // The tile's outputs: per token, its heads side by side.
             let w = hs.len() * d;
             for (n, t) in tokens.clone().enumerate() {
@@ -289,6 +340,57 @@ fn paged_attention_in<E: KvElem>(
             }
         },
     );
+    if total == 0 {
+        return;
+    }
+    // Merge the spans of each parked (tile, KV head): its items are
+    // consecutive, span 0 first.
+    let firsts: Vec<usize> = (0..items.len())
+        .filter(|&i| parked[i].is_some() && items[i].2 == 0)
+        .collect();
+    firsts.par_iter().for_each(|&first| {
+        let (tokens, hs, _) = &items[first];
+        let at = parked[first].expect("parked");
+        let (n, size) = (tokens.len() * group, state(tokens));
+        let states: Vec<&[f32]> = (0..spans(tokens))
+            .map(|s| &partials[at + s * size..at + (s + 1) * size])
+            .collect();
+        let mut merged = vec![0f32; n * d];
+        let mut sums = vec![0f32; n];
+        for i in 0..n {
+            let max = |s: &[f32]| s[n * d + i];
+            let top = states
+                .iter()
+                .map(|s| max(s))
+                .fold(f32::NEG_INFINITY, f32::max);
+            for s in &states {
+                let sum = s[n * d + n + i];
+                if sum == 0.0 {
+                    continue; // a span this query does not reach
+                }
+                let c = fast_exp(max(s) - top);
+                sums[i] += sum * c;
+                for (a, x) in merged[i * d..(i + 1) * d].iter_mut().zip(&s[i * d..]) {
+                    *a += x * c;
+                }
+            }
+        }
+        normalize(&mut merged, &sums, d);
+        let w = hs.len() * d;
+        for (k, t) in tokens.clone().enumerate() {
+            let dst = (t * heads.num_heads + hs.start) * d;
+            // SAFETY: this (tile, KV head) alone writes these heads of these tokens.
+            unsafe { std::ptr::copy_nonoverlapping(merged[k * w..].as_ptr(), out_ptr.at(dst), w) };
+        }
+    });
+}
+
+/// Divides each query's weighted values by its softmax sum.
+fn normalize(out: &mut [f32], sum: &[f32], d: usize) {
+    for (row, s) in out.chunks_mut(d).zip(sum) {
+        let inv = 1.0 / s;
+        row.iter_mut().for_each(|a| *a *= inv);
+    }
 }
 
 struct SendPtr(*mut f32);
@@ -346,18 +448,24 @@ impl Tile {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_tile_avx2<E: KvElem>(tile: &mut Tile, head: &KvHead<E>) {
+unsafe fn attend_tile_avx2<E: KvElem>(
+    tile: &mut Tile,
+    head: &KvHead<E>,
+    blocks: std::ops::Range<usize>,
+) {
     // The same code, compiled with 8-wide vectors.
-    attend_tile(tile, head)
+    attend_tile(tile, head, blocks)
 }
 
-/// [`attend`] for all of a tile's queries at once: each key and value row
-/// is read from the cache once for every query that sees it, and each query
-/// goes through exactly the operations `attend` gives it alone, so its
-/// output does not depend on the tile it falls in.
+/// Online-softmax attention of all of a tile's queries over the cache
+/// blocks `blocks` (of the table): each key and value row is read once for
+/// every query that sees it, and each query goes through the operations it
+/// would go through alone, so its state does not depend on the tile it
+/// falls in. Leaves each query's unnormalized output, running max and sum
+/// (0 for a query that sees none of the blocks) in the tile.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // rows `j` index every query's scores
-fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>) {
+fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::Range<usize>) {
     let (d, n) = (tile.d, tile.pos.len());
     let Tile {
         q,
@@ -376,7 +484,9 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>) {
     sum.resize(n, 0.0);
     scores.resize(n, [0.0; BLOCK_SIZE]);
     let last = pos.iter().copied().max().unwrap_or(0);
-    for (b, &block) in head.table[..=last / BLOCK_SIZE].iter().enumerate() {
+    let end = blocks.end.min(last / BLOCK_SIZE + 1);
+    for b in blocks.start..end {
+        let block = head.table[b];
         let first = b * BLOCK_SIZE;
         // How many of the block's positions each query sees (0: none).
         let seen = |i: usize| (pos[i] + 1).saturating_sub(first).min(BLOCK_SIZE);
@@ -423,12 +533,6 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>) {
                     }
                 }
             }
-        }
-    }
-    for i in 0..n {
-        let inv = 1.0 / sum[i];
-        for a in out[i * d..(i + 1) * d].iter_mut() {
-            *a *= inv;
         }
     }
 }
@@ -747,8 +851,36 @@ mod tests {
         // Query the last two positions, both heads.
         let q: Vec<f32> = (0..2 * 2 * d).map(|i| val(i, 3, 0.53)).collect();
         let qpos = [18u32, 19];
-        let mut out = vec![0.0; q.len()];
-        paged_attention(&q, &cache, &qpos, &[0, 0], &[&table], &r, heads, &mut out);
+        // Over the cache whole, and a block (a span) at a time, merged.
+        for span_blocks in [SPAN_BLOCKS, 1] {
+            let mut out = vec![0.0; q.len()];
+            let tables = [&table[..]];
+            paged_attention_spans(
+                &q,
+                &cache,
+                &qpos,
+                &[0, 0],
+                &tables,
+                &r,
+                heads,
+                span_blocks,
+                &mut out,
+            );
+            check_against_dense(&q, &k, &v, &qpos, &out, &r, d, tol);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_against_dense(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        qpos: &[u32],
+        out: &[f32],
+        r: &Rope,
+        d: usize,
+        tol: f32,
+    ) {
         for (t, &p) in qpos.iter().enumerate() {
             let rk: Vec<Vec<f32>> = (0..=p as usize)
                 .map(|i| {
@@ -822,21 +954,36 @@ mod tests {
         let seqs: Vec<u32> = vec![0; 11].into_iter().chain([1]).collect();
         let width = heads.num_heads * d;
         let q: Vec<f32> = (0..qpos.len() * width).map(|i| val(i, 0.71)).collect();
-        let mut together = vec![0.0; q.len()];
-        paged_attention(&q, &cache, &qpos, &seqs, &tables, &r, heads, &mut together);
-        for t in 0..qpos.len() {
-            let mut alone = vec![0.0; width];
-            paged_attention(
-                &q[t * width..(t + 1) * width],
+        // Spans of one block, so tiles straddle them.
+        for span_blocks in [SPAN_BLOCKS, 1] {
+            let mut together = vec![0.0; q.len()];
+            paged_attention_spans(
+                &q,
                 &cache,
-                &qpos[t..t + 1],
-                &[0],
-                &[tables[seqs[t] as usize]],
+                &qpos,
+                &seqs,
+                &tables,
                 &r,
                 heads,
-                &mut alone,
+                span_blocks,
+                &mut together,
             );
-            assert_eq!(alone, together[t * width..(t + 1) * width], "token {t}");
+            for t in 0..qpos.len() {
+                let mut alone = vec![0.0; width];
+                paged_attention_spans(
+                    &q[t * width..(t + 1) * width],
+                    &cache,
+                    &qpos[t..t + 1],
+                    &[0],
+                    &[tables[seqs[t] as usize]],
+                    &r,
+                    heads,
+                    span_blocks,
+                    &mut alone,
+                );
+                let got = &together[t * width..(t + 1) * width];
+                assert_eq!(alone, got, "token {t}, spans of {span_blocks} blocks");
+            }
         }
     }
 }
