@@ -202,8 +202,11 @@ fn paged_attention_spans(
     span_blocks: usize,
     out: &mut [f32],
 ) {
-    let args = |out| {
-        (
+    match (&cache.k, &cache.v) {
+        (Plane::F32(k), Plane::F32(v)) => paged_attention_in(
+            q,
+            k,
+            v,
             positions,
             token_seq,
             block_tables,
@@ -211,28 +214,36 @@ fn paged_attention_spans(
             heads,
             span_blocks,
             out,
-        )
-    };
-    match (&cache.k, &cache.v) {
-        (Plane::F32(k), Plane::F32(v)) => paged_attention_in(q, k, v, args(out)),
-        (Plane::Bf16(k), Plane::Bf16(v)) => paged_attention_in(q, k, v, args(out)),
+        ),
+        (Plane::Bf16(k), Plane::Bf16(v)) => paged_attention_in(
+            q,
+            k,
+            v,
+            positions,
+            token_seq,
+            block_tables,
+            rope,
+            heads,
+            span_blocks,
+            out,
+        ),
         _ => unreachable!("a layer's planes share one dtype"),
     }
 }
 
-/// What [`paged_attention_in`] needs beside the queries and the cache.
-type AttendArgs<'a> = (
-    &'a [u32],
-    &'a [u32],
-    &'a [&'a [u32]],
-    &'a Rope,
-    Heads,
-    usize,
-    &'a mut [f32],
-);
-
-fn paged_attention_in<E: KvElem>(q: &[f32], kc: &[E], vc: &[E], args: AttendArgs) {
-    let (positions, token_seq, block_tables, rope, heads, span_blocks, out) = args;
+#[allow(clippy::too_many_arguments)]
+fn paged_attention_in<E: KvElem>(
+    q: &[f32],
+    kc: &[E],
+    vc: &[E],
+    positions: &[u32],
+    token_seq: &[u32],
+    block_tables: &[&[u32]],
+    rope: &Rope,
+    heads: Heads,
+    span_blocks: usize,
+    out: &mut [f32],
+) {
     let d = heads.head_dim;
     let group = heads.num_heads / heads.num_kv_heads;
     let kv_row = heads.num_kv_heads * d;
