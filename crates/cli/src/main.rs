@@ -179,8 +179,10 @@ struct ServeArgs {
     chat_template: Option<String>,
     /// Speculative decoding, in vLLM's JSON: '{"method": "ngram",
     /// "num_speculative_tokens": 4, "prompt_lookup_max": 3}' drafts tokens
-    /// by finding the text's last few tokens earlier in it; each decode
-    /// verifies its drafts in one pass, and the output is unchanged.
+    /// by finding the text's last few tokens earlier in it; '{"model":
+    /// "draft.gguf", "num_speculative_tokens": 4}' drafts with a smaller
+    /// model of the same tokenizer. Each decode verifies its drafts in one
+    /// pass, and the output is unchanged.
     #[arg(long, value_parser = SpeculativeConfig::from_json)]
     speculative_config: Option<SpeculativeConfig>,
 }

@@ -16,7 +16,8 @@ use strata_proto::v1::{self as pb, execute_request::Kind};
 use strata_proto::{AddToken, CheckToken, BUILD_VERSION};
 use strata_types::ClusterLayout;
 use strata_worker::{
-    stage_nccl_id, KvBudget, LoadSpec, NodeConfig, NodeRuntime, StartSpec, LEADER_SILENCE,
+    stage_nccl_id, DraftSpec, KvBudget, LoadSpec, NodeConfig, NodeRuntime, StartSpec,
+    LEADER_SILENCE,
 };
 use tokio::sync::{mpsc as tmpsc, Notify};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
@@ -218,6 +219,8 @@ pub(crate) struct NodeSetup<'a> {
     /// `--device`, for the leader's own node.
     pub device: strata_model::DeviceRequest,
     pub max_model_len: usize,
+    /// Speculative decoding's draft model, for the node that samples.
+    pub draft: Option<DraftSpec>,
 }
 
 /// The leader's view of its cluster, and the one place that loads and
@@ -237,6 +240,7 @@ pub(crate) struct Cluster {
     placement: Placement,
     kv_dtype: DType,
     max_model_len: usize,
+    draft: Option<DraftSpec>,
     /// Per stage whose ranks span nodes: its NCCL id (on GPUs).
     nccl_ids: BTreeMap<usize, Option<Vec<u8>>>,
     /// What each node has loaded, and which process of it (0: the leader).
@@ -320,6 +324,7 @@ impl Cluster {
             placement: setup.placement.clone(),
             kv_dtype: setup.kv_dtype,
             max_model_len: setup.max_model_len,
+            draft: setup.draft,
             nccl_ids,
             loaded: BTreeMap::new(),
             num_blocks: 0,
@@ -423,6 +428,10 @@ impl Cluster {
             dtype: self.placement.dtype(),
             kv_dtype: self.kv_dtype,
             nccl_id,
+            draft: self
+                .draft
+                .clone()
+                .filter(|_| rank == self.layout.result_node()),
         })
     }
 

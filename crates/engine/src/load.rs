@@ -11,7 +11,7 @@ use strata_model::{DeviceRequest, Placement, WeightFormat, Weights};
 use strata_sched::SpeculativeConfig;
 use strata_types::plan::{check_layout, Footprint, Machines};
 use strata_types::{ClusterLayout, ModelConfig, TokenId, BLOCK_SIZE};
-use strata_worker::{KvBudget, LoadSpec, NodeConfig, NodeRuntime, StartSpec};
+use strata_worker::{DraftSpec, KvBudget, LoadSpec, NodeConfig, NodeRuntime, StartSpec};
 
 use crate::cluster::{Cluster, ClusterOptions, NodeSetup};
 use crate::engine::{start_engine, EngineConfig, EngineHandle};
@@ -155,6 +155,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
         },
         _ => KvBudget::Bytes(opts.kv_cache_bytes),
     };
+    let draft = draft_spec(opts.speculative.as_ref(), config.vocab_size)?;
     // A byte budget is checked before loading, so a bad one fails fast:
     // every node gets the same budget for its own layers, and the engine
     // schedules over the fewest blocks any node holds.
@@ -162,7 +163,18 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
     let bytes_per_block = layout
         .nodes
         .iter()
-        .map(|n| {
+        .enumerate()
+        .map(|(i, n)| {
+            let draft_bytes = match &draft {
+                Some((_, c)) if i == layout.result_node() => {
+                    strata_model::KvCache::bytes_per_block(
+                        c.num_layers,
+                        c.kv.per_rank(1),
+                        dtype_bytes,
+                    )
+                }
+                _ => 0,
+            };
             n.slots
                 .iter()
                 .map(|s| {
@@ -174,9 +186,11 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                         )
                 })
                 .sum::<usize>()
+                + draft_bytes
         })
         .max()
         .expect("at least one node");
+    let draft = draft.map(|(spec, _)| spec);
     if let KvBudget::Bytes(bytes) = budget {
         let capacity = (bytes / bytes_per_block as u64) as usize * BLOCK_SIZE;
         check_max_model_len(opts.max_model_len, capacity, bytes_per_block, bytes)?;
@@ -212,6 +226,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                 dtype: placement.dtype(),
                 kv_dtype,
                 nccl_id: None,
+                draft,
             };
             let num_blocks = local
                 .load(spec)
@@ -246,6 +261,7 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
                     kv_dtype,
                     device: opts.device,
                     max_model_len: rope_len,
+                    draft,
                 },
             )?;
             let num_blocks = cluster.num_blocks();
@@ -317,6 +333,52 @@ pub fn load_engine(opts: &LoadOptions) -> Result<(EngineHandle, ModelInfo)> {
             weight_bytes,
         },
     ))
+}
+
+/// The draft model to load, and its config, when `--speculative-config`
+/// names one: it must exist and share the model's vocabulary.
+fn draft_spec(
+    spec: Option<&SpeculativeConfig>,
+    vocab_size: usize,
+) -> Result<Option<(DraftSpec, ModelConfig)>> {
+    let Some((c, path)) = spec.and_then(|c| Some((c, c.draft_model()?))) else {
+        return Ok(None);
+    };
+    let bad = |why: String| {
+        EngineError::Model(format!(
+            "--speculative-config: draft model {}: {why}",
+            path.display()
+        ))
+    };
+    if !path.exists() {
+        return Err(bad("does not exist".into()));
+    }
+    let weights = Weights::open(path, &Device::Cpu).map_err(|e| bad(e.to_string()))?;
+    let config = weights
+        .architecture()
+        .map_err(|e| bad(e.to_string()))?
+        .config()
+        .clone();
+    if config.vocab_size != vocab_size {
+        return Err(bad(format!(
+            "its vocabulary has {} tokens, the model's {vocab_size}; a draft model must \
+             share the model's tokenizer",
+            config.vocab_size
+        )));
+    }
+    tracing::info!(
+        "speculative decoding: {} drafts a step from {} ({} layers, hidden {})",
+        c.num_speculative_tokens,
+        path.display(),
+        config.num_layers,
+        config.hidden_size
+    );
+    let spec = DraftSpec {
+        model: path.clone(),
+        num_speculative_tokens: c.num_speculative_tokens,
+        disable_by_batch_size: c.disable_by_batch_size,
+    };
+    Ok(Some((spec, config)))
 }
 
 /// On GPUs, the arithmetic of `strata plan` with this run's layout, before

@@ -209,6 +209,14 @@ impl From<&t::StepResult> for p::StepResult {
                     }),
                 })
                 .collect(),
+            draft_token_ids: r
+                .draft_token_ids
+                .iter()
+                .map(|(req_id, ids)| p::SpecDecodeTokens {
+                    req_id: *req_id,
+                    token_ids: ids.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -228,6 +236,11 @@ impl From<p::StepResult> for t::StepResult {
                         top: l.top.into_iter().map(|x| (x.token_id, x.logprob)).collect(),
                     }),
                 })
+                .collect(),
+            draft_token_ids: r
+                .draft_token_ids
+                .into_iter()
+                .map(|s| (s.req_id, s.token_ids))
                 .collect(),
         }
     }
@@ -293,6 +306,7 @@ mod tests {
                     logprobs: None,
                 },
             ],
+            draft_token_ids: vec![(3, vec![12, 13]), (1, vec![])],
         };
         let wire = prost::Message::encode_to_vec(&p::StepResult::from(&res));
         let back: p::StepResult = prost::Message::decode(wire.as_slice()).unwrap();

@@ -12,4 +12,4 @@ pub use block_pool::{hash_block, BlockHash, BlockPool};
 pub use kv_cache_manager::KvCacheManager;
 pub use request::{Request, RequestStatus};
 pub use scheduler::{RequestUpdate, Scheduler, SchedulerConfig, SchedulerStats};
-pub use spec::SpeculativeConfig;
+pub use spec::{ngram_propose, Proposer, SpeculativeConfig};

@@ -33,6 +33,8 @@ pub struct Request {
     pub speculate: bool,
     /// Draft tokens in the step in flight, to take back those rejected.
     pub(crate) num_drafts_in_flight: usize,
+    /// A draft model's proposals for the next step (after the last token).
+    pub(crate) draft_token_ids: Vec<TokenId>,
 }
 
 impl Request {
@@ -57,6 +59,7 @@ impl Request {
             num_blocks_sent: 0,
             speculate: true,
             num_drafts_in_flight: 0,
+            draft_token_ids: Vec::new(),
         }
     }
 

@@ -10,7 +10,7 @@ use strata_types::{
 
 use crate::kv_cache_manager::KvCacheManager;
 use crate::request::{Request, RequestStatus};
-use crate::spec::SpeculativeConfig;
+use crate::spec::{ngram_propose, Proposer, SpeculativeConfig};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -194,21 +194,43 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
+            // A draft model's proposals hold for this step only.
+            let proposed = std::mem::take(
+                &mut self
+                    .requests
+                    .get_mut(&id)
+                    .expect("running request exists")
+                    .draft_token_ids,
+            );
+            let req = &self.requests[&id];
             let mut drafts = match &spec {
                 Some(c) if n == 1 && req.speculate => {
                     // Room for the drafts and the model's own token after
                     // them, within every limit of the request.
                     let limit = (budget - 1)
                         .min(req.max_tokens.saturating_sub(req.num_output_tokens() + 1))
-                        .min(self.cfg.max_model_len.saturating_sub(req.num_tokens() + 1));
-                    c.propose(&req.token_ids, limit)
+                        .min(self.cfg.max_model_len.saturating_sub(req.num_tokens() + 1))
+                        .min(c.num_speculative_tokens);
+                    match &c.proposer {
+                        Proposer::Ngram {
+                            prompt_lookup_min: min,
+                            prompt_lookup_max: max,
+                        } => ngram_propose(&req.token_ids, limit, *min, *max),
+                        Proposer::DraftModel(_) => {
+                            let mut d = proposed;
+                            d.truncate(limit);
+                            d
+                        }
+                    }
                 }
                 _ => Vec::new(),
             };
+            // A draft model writes its own drafts' KV past the step's tokens.
+            let mut lookahead = self.draft_lookahead();
             // Make room, taking blocks from the newest running requests.
             let scheduled = loop {
                 let req = &self.requests[&id];
-                let want = n + drafts.len();
+                let want = n + drafts.len() + lookahead;
                 if self
                     .kv
                     .allocate_slots(id, &req.token_ids, req.num_computed_tokens, want, &[])
@@ -217,8 +239,9 @@ impl Scheduler {
                     break true;
                 }
                 // Drafts are given up before anything is preempted for them.
-                if !drafts.is_empty() {
+                if !drafts.is_empty() || lookahead > 0 {
                     drafts.clear();
+                    lookahead = 0;
                     continue;
                 }
                 // Never a request a step in flight computes: its blocks are
@@ -258,12 +281,20 @@ impl Scheduler {
             let req = &self.requests[&id];
             let (hits, num_hit) = self.kv.get_computed_blocks(id, &req.token_ids);
             let n = (req.num_tokens() - num_hit).min(budget);
-            let Some(_) = self
-                .kv
-                .allocate_slots(id, &req.token_ids, num_hit, n, &hits)
-            else {
-                break;
+            // Room for the first drafts when the prompt ends in this step,
+            // if the cache has it.
+            let lookahead = match self.draft_lookahead() {
+                l if num_hit + n == req.num_tokens() => l,
+                _ => 0,
             };
+            let allocated = [lookahead, 0].into_iter().any(|extra| {
+                self.kv
+                    .allocate_slots(id, &req.token_ids, num_hit, n + extra, &hits)
+                    .is_some()
+            });
+            if !allocated {
+                break;
+            }
             self.waiting.pop_front();
             let req = self.requests.get_mut(&id).expect("waiting request exists");
             // A resumed request finding its own earlier blocks is not a prompt cache hit.
@@ -293,6 +324,15 @@ impl Scheduler {
             self.steps_in_flight.push_back((out.step_id, ids));
         }
         out
+    }
+
+    /// KV slots past a decode's tokens that a draft model writes while it
+    /// proposes (its own drafts but the last); 0 for n-gram drafts.
+    fn draft_lookahead(&self) -> usize {
+        match &self.cfg.speculative {
+            Some(c) if c.draft_model().is_some() => c.num_speculative_tokens,
+            _ => 0,
+        }
     }
 
     /// Steps scheduled and not yet answered (by `update_from_output` or
@@ -349,6 +389,7 @@ impl Scheduler {
             req.num_blocks_sent = 0;
             req.num_tokens_sent = None;
             req.num_drafts_in_flight = 0;
+            req.draft_token_ids.clear();
             tokens += req.num_tokens();
             self.waiting.push_front(id);
         }
@@ -394,6 +435,14 @@ impl Scheduler {
             for s in group {
                 if self.append(s, &mut updates) {
                     break;
+                }
+            }
+        }
+        // A draft model's proposals, for the next step of requests still running.
+        for (id, drafts) in &result.draft_token_ids {
+            if let Some(req) = self.requests.get_mut(id) {
+                if req.status == RequestStatus::Running {
+                    req.draft_token_ids.clone_from(drafts);
                 }
             }
         }
@@ -473,6 +522,7 @@ impl Scheduler {
         req.status = RequestStatus::Preempted;
         req.num_computed_tokens = 0;
         req.num_blocks_sent = 0;
+        req.draft_token_ids.clear();
         if req.num_tokens_sent.take().is_some() {
             out.finished_req_ids.push(id);
         }
@@ -537,6 +587,7 @@ mod tests {
         let updates = s.update_from_output(&StepResult {
             step_id: out.step_id,
             sampled,
+            ..Default::default()
         });
         (out, updates)
     }
@@ -604,6 +655,7 @@ mod tests {
                     logprobs: None,
                 },
             ],
+            ..Default::default()
         });
         assert_eq!(r[0].finished, Some(FinishReason::Length));
         assert_eq!(r[1].finished, Some(FinishReason::Stop));
@@ -760,6 +812,7 @@ mod tests {
                     token_id: 7,
                     logprobs: None,
                 }],
+                ..Default::default()
             })
         };
         assert_eq!(land(&mut s, &a, 1).len(), 1);
@@ -809,6 +862,7 @@ mod tests {
                 token_id: 7,
                 logprobs: None,
             }],
+            ..Default::default()
         });
         let c = s.schedule();
         assert!(c.num_scheduled_tokens.is_empty(), "{c:?}");
@@ -821,18 +875,14 @@ mod tests {
                 token_id: 7,
                 logprobs: None,
             }],
+            ..Default::default()
         });
         assert_eq!(landed.len(), 1);
     }
 
     fn spec_cfg(num_blocks: usize, k: usize) -> SchedulerConfig {
         SchedulerConfig {
-            speculative: Some(SpeculativeConfig {
-                num_speculative_tokens: k,
-                prompt_lookup_min: 1,
-                prompt_lookup_max: 2,
-                disable_by_batch_size: None,
-            }),
+            speculative: Some(SpeculativeConfig::ngram(k, 1, 2)),
             ..cfg(num_blocks)
         }
     }
@@ -849,6 +899,7 @@ mod tests {
         s.update_from_output(&StepResult {
             step_id: out.step_id,
             sampled,
+            ..Default::default()
         });
     }
 
@@ -979,6 +1030,72 @@ mod tests {
     }
 
     #[test]
+    fn a_draft_models_proposals_ride_with_the_next_step_within_the_limits() {
+        let mut c = spec_cfg(16, 3);
+        c.speculative.as_mut().unwrap().proposer = Proposer::DraftModel("draft.gguf".into());
+        let mut s = Scheduler::new(c);
+        // 14 prompt tokens: the prefill's block has room for the token it
+        // samples but not for the draft model's KV after it, so the
+        // scheduler reserves a second block ahead.
+        s.add_request(Request::new(
+            1,
+            (1..=14).collect(),
+            SamplingParams::greedy(),
+            8,
+            vec![],
+        ));
+        let out = s.schedule();
+        assert_eq!(out.scheduled_new_reqs[0].block_ids.len(), 2);
+        let with = |token_id, drafts: Vec<TokenId>| StepResult {
+            step_id: 0,
+            sampled: vec![SampledToken {
+                req_id: 1,
+                token_id,
+                logprobs: None,
+            }],
+            draft_token_ids: vec![(1, drafts)],
+        };
+        s.update_from_output(&StepResult {
+            step_id: out.step_id,
+            ..with(20, vec![21, 22, 23])
+        });
+        // No recurring n-gram here: the draft model's proposals are sent.
+        let out = s.schedule();
+        assert_eq!(
+            out.scheduled_spec_decode_tokens,
+            vec![(1, vec![21, 22, 23])]
+        );
+        assert_eq!(out.num_scheduled_tokens, vec![(1, 4)]);
+        // Two accepted, then the model's 30 and new proposals, of which
+        // `num_speculative_tokens` are sent.
+        s.update_from_output(&StepResult {
+            step_id: out.step_id,
+            sampled: [21, 22, 30]
+                .map(|token_id| SampledToken {
+                    req_id: 1,
+                    token_id,
+                    logprobs: None,
+                })
+                .to_vec(),
+            draft_token_ids: vec![(1, vec![31, 32, 33, 34])],
+        });
+        let out = s.schedule();
+        assert_eq!(
+            out.scheduled_spec_decode_tokens,
+            vec![(1, vec![31, 32, 33])]
+        );
+        // Proposals are used once: after a step without new ones, none.
+        s.update_from_output(&StepResult {
+            step_id: out.step_id,
+            draft_token_ids: vec![],
+            ..with(40, vec![])
+        });
+        let out = s.schedule();
+        assert_eq!(out.num_scheduled_tokens, vec![(1, 1)]);
+        assert!(out.scheduled_spec_decode_tokens.is_empty());
+    }
+
+    #[test]
     fn a_stop_token_among_accepted_drafts_ends_the_request_there() {
         let mut s = Scheduler::new(spec_cfg(16, 3));
         s.add_request(Request::new(
@@ -1000,6 +1117,7 @@ mod tests {
                     logprobs: None,
                 })
                 .to_vec(),
+            ..Default::default()
         });
         assert_eq!(updates.len(), 1);
         assert_eq!(updates[0].finished, Some(FinishReason::Stop));

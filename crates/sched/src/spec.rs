@@ -1,7 +1,11 @@
-//! Speculative decoding's proposer: n-gram prompt lookup (vLLM's `ngram`
-//! method). The leader proposes draft tokens from each sequence's own
-//! tokens; the last stage verifies them all in one forward pass and keeps
-//! the longest prefix the model agrees with, plus one token of its own.
+//! Speculative decoding's configuration and its n-gram proposer (vLLM's
+//! `ngram` method): the leader proposes draft tokens from each sequence's
+//! own tokens. A draft model (vLLM's `draft_model`) proposes on the last
+//! stage instead, which returns its drafts with each step's tokens. Either
+//! way the last stage verifies all drafts in one forward pass and keeps the
+//! longest prefix the model agrees with, plus one token of its own.
+
+use std::path::PathBuf;
 
 use strata_types::TokenId;
 
@@ -10,18 +14,52 @@ use strata_types::TokenId;
 pub struct SpeculativeConfig {
     /// Draft tokens proposed per sequence and step (`num_speculative_tokens`).
     pub num_speculative_tokens: usize,
-    /// The shortest and longest suffix looked up in the sequence's earlier
-    /// tokens (`prompt_lookup_min`, `prompt_lookup_max`); longer is tried first.
-    pub prompt_lookup_min: usize,
-    pub prompt_lookup_max: usize,
+    pub proposer: Proposer,
     /// No drafts while this many sequences or more run: a full batch has no
     /// idle compute for tokens that may be thrown away (`disable_by_batch_size`).
     pub disable_by_batch_size: Option<usize>,
 }
 
+/// Where draft tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proposer {
+    /// Prompt lookup: the shortest and longest suffix looked up in the
+    /// sequence's earlier tokens (`prompt_lookup_min`, `prompt_lookup_max`);
+    /// longer is tried first.
+    Ngram {
+        prompt_lookup_min: usize,
+        prompt_lookup_max: usize,
+    },
+    /// A smaller model with the target's vocabulary (`"model": path`, a
+    /// `.gguf` file or a Hugging Face folder), run greedily on the last
+    /// stage with a KV cache of its own.
+    DraftModel(PathBuf),
+}
+
 impl SpeculativeConfig {
-    /// Reads vLLM's `--speculative-config` JSON. The n-gram method only: a
-    /// draft model or another method is refused with the reason.
+    /// N-gram prompt lookup with `k` drafts and suffixes of `min..=max` tokens.
+    pub fn ngram(k: usize, min: usize, max: usize) -> Self {
+        Self {
+            num_speculative_tokens: k,
+            proposer: Proposer::Ngram {
+                prompt_lookup_min: min,
+                prompt_lookup_max: max,
+            },
+            disable_by_batch_size: None,
+        }
+    }
+
+    /// The draft model's path, when one proposes.
+    pub fn draft_model(&self) -> Option<&PathBuf> {
+        match &self.proposer {
+            Proposer::DraftModel(p) => Some(p),
+            Proposer::Ngram { .. } => None,
+        }
+    }
+
+    /// Reads vLLM's `--speculative-config` JSON: `ngram` (also spelled
+    /// `"model": "[ngram]"`) or `draft_model` (a `model` path, with or
+    /// without the method). Other methods are refused with the reason.
     pub fn from_json(s: &str) -> Result<Self, String> {
         let v: serde_json::Value =
             serde_json::from_str(s).map_err(|e| format!("not a JSON object: {e}"))?;
@@ -40,22 +78,29 @@ impl SpeculativeConfig {
             Some(serde_json::Value::String(m)) => Some(m.as_str()),
             Some(v) => return Err(format!("`method` must be a string, not {v}")),
         };
-        match (method, obj.get("model").and_then(|m| m.as_str())) {
-            (Some("ngram"), _) | (None, Some("[ngram]")) => {}
+        let model = match obj.get("model") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(m)) => Some(m.as_str()),
+            Some(v) => return Err(format!("`model` must be a path, not {v}")),
+        };
+        let ngram = match (method, model) {
+            (Some("ngram"), _) | (None, Some("[ngram]")) => true,
+            (Some("draft_model") | None, Some(_)) => false,
+            (Some("draft_model"), None) => {
+                return Err("`draft_model` needs `model`: the draft model's path".into())
+            }
             (Some(m), _) => {
                 return Err(format!(
                     "method `{m}` is not supported; strata speculates with `ngram` \
-                     (prompt lookup)"
+                     (prompt lookup) or `draft_model`"
                 ))
             }
-            (None, Some(m)) => {
-                return Err(format!(
-                    "draft-model speculation (`model`: {m:?}) is not supported yet; \
-                     use {{\"method\": \"ngram\", ...}}"
-                ))
+            (None, None) => {
+                return Err(
+                    "needs `\"method\": \"ngram\"` or a draft model's path in `model`".into(),
+                )
             }
-            (None, None) => return Err("needs `\"method\": \"ngram\"`".into()),
-        }
+        };
         const KNOWN: [&str; 6] = [
             "method",
             "model",
@@ -72,50 +117,62 @@ impl SpeculativeConfig {
         if !(1..=32).contains(&k) {
             return Err(format!("`num_speculative_tokens` must be 1 to 32, not {k}"));
         }
-        // vLLM's defaults: one bound stands for both; neither means 5.
-        let (min, max) = match (count("prompt_lookup_min")?, count("prompt_lookup_max")?) {
-            (None, None) => (5, 5),
-            (Some(n), None) | (None, Some(n)) => (n, n),
-            (Some(a), Some(b)) => (a, b),
+        let lookup = (count("prompt_lookup_min")?, count("prompt_lookup_max")?);
+        let proposer = if ngram {
+            // vLLM's defaults: one bound stands for both; neither means 5.
+            let (min, max) = match lookup {
+                (None, None) => (5, 5),
+                (Some(n), None) | (None, Some(n)) => (n, n),
+                (Some(a), Some(b)) => (a, b),
+            };
+            if min == 0 || min > max {
+                return Err(format!(
+                    "`prompt_lookup_min` ({min}) must be at least 1 and at most \
+                     `prompt_lookup_max` ({max})"
+                ));
+            }
+            Proposer::Ngram {
+                prompt_lookup_min: min,
+                prompt_lookup_max: max,
+            }
+        } else {
+            if lookup != (None, None) {
+                return Err("`prompt_lookup_min` and `prompt_lookup_max` belong to the \
+                            `ngram` method, not to a draft model"
+                    .into());
+            }
+            Proposer::DraftModel(PathBuf::from(model.expect("a draft model has a path")))
         };
-        if min == 0 || min > max {
-            return Err(format!(
-                "`prompt_lookup_min` ({min}) must be at least 1 and at most \
-                 `prompt_lookup_max` ({max})"
-            ));
-        }
         let disable_by_batch_size = count("disable_by_batch_size")?;
         if disable_by_batch_size == Some(0) {
             return Err("`disable_by_batch_size` must be at least 1".into());
         }
         Ok(Self {
             num_speculative_tokens: k,
-            prompt_lookup_min: min,
-            prompt_lookup_max: max,
+            proposer,
             disable_by_batch_size,
         })
     }
+}
 
-    /// Up to `min(num_speculative_tokens, limit)` tokens that followed the
-    /// latest earlier occurrence of the sequence's last n tokens, for the
-    /// longest n that occurs; none when no suffix recurs.
-    pub fn propose(&self, tokens: &[TokenId], limit: usize) -> Vec<TokenId> {
-        let k = self.num_speculative_tokens.min(limit);
-        let len = tokens.len();
-        if k == 0 {
-            return Vec::new();
-        }
-        for n in (self.prompt_lookup_min..=self.prompt_lookup_max.min(len - 1)).rev() {
-            let suffix = &tokens[len - n..];
-            // The latest occurrence: in text that repeats itself, what came
-            // last is what is being repeated.
-            if let Some(start) = (0..len - n).rev().find(|&i| &tokens[i..i + n] == suffix) {
-                let from = start + n;
-                return tokens[from..(from + k).min(len)].to_vec();
-            }
-        }
-        Vec::new()
+/// Up to `k` tokens that followed the latest earlier occurrence of the
+/// sequence's last n tokens, for the longest n in `min..=max` that occurs;
+/// none when no suffix recurs.
+pub fn ngram_propose(tokens: &[TokenId], k: usize, min: usize, max: usize) -> Vec<TokenId> {
+    let len = tokens.len();
+    if k == 0 {
+        return Vec::new();
     }
+    for n in (min..=max.min(len - 1)).rev() {
+        let suffix = &tokens[len - n..];
+        // The latest occurrence: in text that repeats itself, what came
+        // last is what is being repeated.
+        if let Some(start) = (0..len - n).rev().find(|&i| &tokens[i..i + n] == suffix) {
+            let from = start + n;
+            return tokens[from..(from + k).min(len)].to_vec();
+        }
+    }
+    Vec::new()
 }
 
 #[cfg(test)]
@@ -123,17 +180,18 @@ mod tests {
     use super::*;
 
     fn ngram(k: usize, min: usize, max: usize) -> SpeculativeConfig {
-        SpeculativeConfig {
-            num_speculative_tokens: k,
-            prompt_lookup_min: min,
-            prompt_lookup_max: max,
-            disable_by_batch_size: None,
-        }
+        SpeculativeConfig::ngram(k, min, max)
     }
 
     #[test]
     fn the_longest_recurring_suffix_proposes_what_followed_it_last() {
-        let c = ngram(3, 1, 3);
+        struct C(usize, usize);
+        impl C {
+            fn propose(&self, tokens: &[TokenId], limit: usize) -> Vec<TokenId> {
+                ngram_propose(tokens, 3.min(limit), self.0, self.1)
+            }
+        }
+        let c = C(1, 3);
         // "7 8 9" recurs at the end: what followed its earlier occurrence.
         assert_eq!(c.propose(&[1, 7, 8, 9, 4, 5, 6, 2, 7, 8, 9], 8), [4, 5, 6]);
         // Of two occurrences, the later one's continuation wins.
@@ -147,7 +205,7 @@ mod tests {
         // Nothing recurs, or the sequence is too short to look up.
         assert!(c.propose(&[1, 2, 3, 4], 8).is_empty());
         assert!(c.propose(&[1], 8).is_empty());
-        assert!(ngram(3, 2, 3).propose(&[5, 6, 1, 2, 3, 6], 8).is_empty());
+        assert!(C(2, 3).propose(&[5, 6, 1, 2, 3, 6], 8).is_empty());
     }
 
     #[test]
@@ -162,13 +220,28 @@ mod tests {
                 "prompt_lookup_max": 4, "disable_by_batch_size": 8}"#,
         )
         .unwrap();
-        assert_eq!((c.prompt_lookup_min, c.prompt_lookup_max), (1, 4));
+        assert_eq!(
+            c.proposer,
+            Proposer::Ngram {
+                prompt_lookup_min: 1,
+                prompt_lookup_max: 4
+            }
+        );
         assert_eq!(c.disable_by_batch_size, Some(8));
         // vLLM's older spelling of the method.
         let c =
             SpeculativeConfig::from_json(r#"{"model": "[ngram]", "num_speculative_tokens": 5}"#)
                 .unwrap();
         assert_eq!(c, ngram(5, 5, 5));
+        // A draft model, with or without vLLM's method name.
+        for json in [
+            r#"{"model": "/m/draft.gguf", "num_speculative_tokens": 3}"#,
+            r#"{"method": "draft_model", "model": "/m/draft.gguf", "num_speculative_tokens": 3}"#,
+        ] {
+            let c = SpeculativeConfig::from_json(json).unwrap();
+            assert_eq!(c.num_speculative_tokens, 3);
+            assert_eq!(c.draft_model(), Some(&PathBuf::from("/m/draft.gguf")));
+        }
         for (json, why) in [
             ("[]", "not a JSON object"),
             (r#"{"method": "ngram"}"#, "needs `num_speculative_tokens`"),
@@ -177,8 +250,16 @@ mod tests {
                 "method `eagle`",
             ),
             (
-                r#"{"model": "/m/draft", "num_speculative_tokens": 2}"#,
-                "draft-model",
+                r#"{"method": "draft_model", "num_speculative_tokens": 2}"#,
+                "needs `model`",
+            ),
+            (
+                r#"{"model": "/m/draft", "num_speculative_tokens": 2, "prompt_lookup_max": 3}"#,
+                "belong to the `ngram` method",
+            ),
+            (
+                r#"{"model": 7, "num_speculative_tokens": 2}"#,
+                "must be a path",
             ),
             (r#"{"num_speculative_tokens": 2}"#, "needs `\"method\""),
             (

@@ -76,4 +76,7 @@ pub struct SampledToken {
 pub struct StepResult {
     pub step_id: u64,
     pub sampled: Vec<SampledToken>,
+    /// A draft model's proposals for each request's next step, made after
+    /// its tokens above (empty without a draft model).
+    pub draft_token_ids: Vec<(RequestId, Vec<TokenId>)>,
 }

@@ -7,6 +7,7 @@
 //! [`NodeRuntime`] owns a node's lifecycle; the leader drives its own node's
 //! runtime in-process, and [`run_worker`] serves a worker's over gRPC.
 
+mod drafter;
 mod masks;
 mod node;
 mod runner;
@@ -15,6 +16,7 @@ mod service;
 mod stage;
 mod wire;
 
+pub use drafter::{DraftSpec, Drafter};
 pub use masks::MaskBoard;
 pub use node::{LoadReport, LoadSpec, NodeConfig, NodeRuntime, Reply, StartSpec, StepOutcome};
 pub use runner::{ModelRunner, RunnerError, StageResult};

@@ -19,6 +19,7 @@ use strata_model::{Architecture, DeviceRequest, Placement, Weights};
 use strata_types::{SchedulerOutput, StageSlot, StepMasks, StepResult};
 use tokio::sync::oneshot;
 
+use crate::drafter::DraftSpec;
 use crate::masks::MaskBoard;
 use crate::runner::RunnerError;
 use crate::stage::{KvBudget, Links, LoadedNode, NodeStages};
@@ -56,6 +57,9 @@ pub struct LoadSpec {
     /// run on GPUs (NCCL joins at load); `None`: a TCP ring, if any,
     /// connected at each start.
     pub nccl_id: Option<Vec<u8>>,
+    /// A draft model for speculative decoding, loaded by the node that runs
+    /// the last stage's first rank.
+    pub draft: Option<DraftSpec>,
 }
 
 /// What a load made.
@@ -298,6 +302,7 @@ impl Runtime {
             spec.max_model_len,
             &placement,
             spec.kv_dtype,
+            spec.draft.as_ref(),
             &mut progress,
         )?;
         let num_blocks = node.kv_blocks(spec.budget)?;

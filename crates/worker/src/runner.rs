@@ -11,6 +11,7 @@ use strata_types::{
     BLOCK_SIZE,
 };
 
+use crate::drafter::{DraftSeq, Drafter};
 use crate::masks::MaskBoard;
 use crate::sampler::sample;
 
@@ -52,6 +53,8 @@ struct CachedRequest {
     block_ids: Vec<BlockId>,
     num_computed_tokens: usize,
     sampling: SamplingParams,
+    /// Tokens whose KV the draft model holds (with a drafter).
+    num_drafted_tokens: usize,
 }
 
 /// A stage's model, KV cache and per-request state.
@@ -61,6 +64,8 @@ pub struct ModelRunner {
     requests: HashMap<RequestId, CachedRequest>,
     /// The token masks of constrained requests, posted beside each step.
     masks: Arc<MaskBoard>,
+    /// The draft model proposing the next step's drafts (last stage only).
+    drafter: Option<Drafter>,
 }
 
 impl ModelRunner {
@@ -76,7 +81,14 @@ impl ModelRunner {
             kv,
             requests: HashMap::new(),
             masks,
+            drafter: None,
         })
+    }
+
+    /// Proposes drafts with `drafter` after each step (on the last stage).
+    pub fn with_drafter(mut self, drafter: Drafter) -> Self {
+        self.drafter = Some(drafter);
+        self
     }
 
     pub fn model(&self) -> &dyn StageModel {
@@ -107,7 +119,7 @@ impl ModelRunner {
             if is_last {
                 StageResult::Sampled(StepResult {
                     step_id: out.step_id,
-                    sampled: Vec::new(),
+                    ..Default::default()
                 })
             } else {
                 StageResult::Hidden(None)
@@ -127,6 +139,7 @@ impl ModelRunner {
                     block_ids: n.block_ids.clone(),
                     num_computed_tokens: n.num_computed_tokens,
                     sampling: n.sampling.clone(),
+                    num_drafted_tokens: n.num_computed_tokens,
                 },
             );
         }
@@ -212,6 +225,8 @@ impl ModelRunner {
             StageOutput::Logits(l) => l,
         };
         if sampled_ids.is_empty() {
+            // Prefill chunks only: the drafter still catches up.
+            self.propose(out, &[])?;
             return Ok(empty());
         }
         let vocab = logits.dim(1)?;
@@ -224,6 +239,7 @@ impl ModelRunner {
             None
         };
         let mut sampled = Vec::with_capacity(sampled_ids.len());
+        let mut known_lens = Vec::with_capacity(sampled_ids.len());
         let mut rows = logits.chunks_mut(vocab);
         for id in &sampled_ids {
             let drafts = drafts_of(*id);
@@ -266,12 +282,68 @@ impl ModelRunner {
                 }
                 r.token_ids.push(token_id);
             }
-            // The leader sends the kept tokens with the next step.
-            r.token_ids.truncate(known);
+            // Until the leader sends them with the next step, the kept
+            // tokens stay only for the drafter.
+            r.token_ids
+                .push(sampled.last().expect("one token at least").token_id);
+            known_lens.push((*id, known));
+        }
+        let draft_token_ids = self.propose(out, &sampled_ids)?;
+        for (id, known) in known_lens {
+            if let Some(r) = self.requests.get_mut(&id) {
+                r.token_ids.truncate(known);
+            }
         }
         Ok(StageResult::Sampled(StepResult {
             step_id: step,
             sampled,
+            draft_token_ids,
         }))
+    }
+
+    /// With a drafter: catches its KV up with what the step computed (and
+    /// the tokens it sampled), then proposes drafts for the requests that
+    /// sampled, unless their next token is constrained. `token_ids` holds
+    /// the sampled tokens of `sampled_ids` at this point.
+    fn propose(
+        &mut self,
+        out: &SchedulerOutput,
+        sampled_ids: &[RequestId],
+    ) -> Result<Vec<(RequestId, Vec<TokenId>)>, RunnerError> {
+        let Some(drafter) = &mut self.drafter else {
+            return Ok(Vec::new());
+        };
+        let mut seqs = Vec::with_capacity(out.num_scheduled_tokens.len());
+        let mut ends = Vec::with_capacity(out.num_scheduled_tokens.len());
+        for &(id, n) in &out.num_scheduled_tokens {
+            let r = &self.requests[&id];
+            let sampled = sampled_ids.contains(&id);
+            // A prefill chunk made its tokens real; a sampling step, every
+            // token up to the one just sampled (a rejected draft's KV slot is
+            // overwritten later, as the model's own is).
+            let real = if sampled {
+                r.token_ids.len()
+            } else {
+                r.num_computed_tokens + n
+            };
+            let end = real.min(r.block_ids.len() * BLOCK_SIZE);
+            let start = r.num_drafted_tokens.min(end);
+            seqs.push(DraftSeq {
+                id,
+                tokens: &r.token_ids[start..end],
+                start,
+                block_ids: &r.block_ids,
+                propose: sampled && end == real && !out.structured_req_ids.contains(&id),
+            });
+            ends.push((id, end));
+        }
+        let drafts = drafter.step(&seqs)?;
+        for (id, end) in ends {
+            self.requests
+                .get_mut(&id)
+                .expect("scheduled above")
+                .num_drafted_tokens = end;
+        }
+        Ok(drafts)
     }
 }

@@ -145,7 +145,8 @@ fn apply_logit_rules(logits: &mut [f32], p: &SamplingParams, output: &[TokenId])
     }
 }
 
-fn argmax(logits: &[f32]) -> TokenId {
+/// The first of equal maxima.
+pub(crate) fn argmax(logits: &[f32]) -> TokenId {
     let mut best = 0;
     for (i, l) in logits.iter().enumerate() {
         if *l > logits[best] {

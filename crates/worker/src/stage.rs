@@ -9,6 +9,7 @@ use strata_comm::{Communicator, SingleRank, TcpComm, TcpTransport, ThreadComm};
 use strata_model::{Architecture, Placement, StageModel, Weights};
 use strata_types::{SchedulerOutput, StageSlot, StepResult};
 
+use crate::drafter::{DraftSpec, Drafter};
 use crate::masks::MaskBoard;
 use crate::runner::{ModelRunner, RunnerError, StageResult};
 
@@ -22,6 +23,18 @@ pub struct LoadedNode {
     /// This node's rank of a stage that spans nodes over TCP: connected at
     /// every start, so a replaced peer rejoins without a reload.
     ring: Option<Arc<TcpComm>>,
+    /// The draft model, when this node runs the last stage's first rank
+    /// (whose result speaks for the stage), and the index in `stages` of
+    /// that stage.
+    draft: Option<LoadedDraft>,
+}
+
+struct LoadedDraft {
+    model: Box<dyn StageModel>,
+    spec: DraftSpec,
+    stage: usize,
+    /// The local device it computes on.
+    device: usize,
 }
 
 /// How much memory a node's KV cache may take.
@@ -53,12 +66,32 @@ impl LoadedNode {
         max_model_len: usize,
         placement: &Placement,
         kv_dtype: DType,
+        draft: Option<&DraftSpec>,
         progress: &mut dyn FnMut(usize, strata_types::LayerRange),
     ) -> Result<Self, RunnerError> {
         let mut stages = Vec::with_capacity(slots.len());
         let mut local = 0;
         let mut ring = None;
-        for slot in slots {
+        let mut loaded_draft = None;
+        let num_layers = model.config().num_layers;
+        for (i, slot) in slots.iter().enumerate() {
+            if let Some(spec) =
+                draft.filter(|_| slot.layers.end == num_layers && slot.tp_rank_begin == 0)
+            {
+                let device = placement.device(local);
+                tracing::info!("loading the draft model {}", spec.model.display());
+                loaded_draft = Some(LoadedDraft {
+                    model: spec.load(
+                        model.config().vocab_size,
+                        device,
+                        placement.dtype(),
+                        max_model_len,
+                    )?,
+                    spec: spec.clone(),
+                    stage: i,
+                    device: local,
+                });
+            }
             let comms = if slot.spans_nodes() {
                 spanning_communicator(slot, nccl_id, placement, local, &mut ring)?
             } else {
@@ -77,6 +110,7 @@ impl LoadedNode {
             placement: placement.clone(),
             kv_dtype,
             ring,
+            draft: loaded_draft,
         })
     }
 
@@ -85,11 +119,19 @@ impl LoadedNode {
         self.ring.as_ref()
     }
 
-    /// KV bytes one block costs on this node, over all its layers and ranks.
+    /// KV bytes one block costs on this node, over all its layers and ranks
+    /// (and the draft model's).
     pub fn bytes_per_block(&self) -> usize {
         self.models()
             .map(|(_, m)| m.kv_bytes_per_block_in(self.kv_dtype))
-            .sum()
+            .sum::<usize>()
+            + self.draft_bytes_per_block()
+    }
+
+    fn draft_bytes_per_block(&self) -> usize {
+        self.draft
+            .as_ref()
+            .map_or(0, |d| d.model.kv_bytes_per_block_in(self.kv_dtype))
     }
 
     fn models(&self) -> impl Iterator<Item = (usize, &dyn StageModel)> {
@@ -115,10 +157,13 @@ impl LoadedNode {
         let mut fewest = usize::MAX;
         for d in 0..devices {
             let on_device = || self.models().filter(move |(i, _)| i % devices == d);
+            let draft = self.draft.as_ref().filter(|x| x.device == d);
             let per_block: usize = on_device()
                 .map(|(_, m)| m.kv_bytes_per_block_in(self.kv_dtype))
-                .sum();
+                .sum::<usize>()
+                + draft.map_or(0, |_| self.draft_bytes_per_block());
             let reserve: u64 = on_device()
+                .chain(draft.map(|x| (d, &*x.model)))
                 .map(|(_, m)| m.activation_bytes(max_batch_tokens) as u64)
                 .sum();
             let Some((free, total)) = self.placement.memory(d)? else {
@@ -151,11 +196,17 @@ impl LoadedNode {
         masks: &Arc<MaskBoard>,
     ) -> Result<NodeStages, RunnerError> {
         let mut stages = Vec::with_capacity(self.stages.len());
-        for models in self.stages {
+        let mut draft = self.draft;
+        for (i, models) in self.stages.into_iter().enumerate() {
             let mut runners = models
                 .into_iter()
                 .map(|m| ModelRunner::new(m, num_blocks, self.kv_dtype, masks.clone()))
                 .collect::<Result<Vec<_>, _>>()?;
+            if let Some(d) = draft.take_if(|d| d.stage == i) {
+                let drafter = Drafter::new(d.model, num_blocks, self.kv_dtype, &d.spec)?;
+                let first = runners.remove(0).with_drafter(drafter);
+                runners.insert(0, first);
+            }
             stages.push(if runners.len() == 1 {
                 LocalStage::Single(Box::new(runners.remove(0)))
             } else {

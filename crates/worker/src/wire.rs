@@ -8,6 +8,7 @@ use candle_core::DType;
 use strata_proto::v1::{self as pb, load_stage_request::KvBudget as PbBudget};
 use strata_types::StageSlot;
 
+use crate::drafter::DraftSpec;
 use crate::node::{LoadSpec, StartSpec};
 use crate::stage::KvBudget;
 use crate::RunnerError;
@@ -48,6 +49,20 @@ impl From<&LoadSpec> for pb::LoadStageRequest {
             dtype: dtype_to_wire(s.dtype) as i32,
             kv_dtype: dtype_to_wire(s.kv_dtype) as i32,
             nccl_id: s.nccl_id.clone().unwrap_or_default(),
+            draft_model: s
+                .draft
+                .as_ref()
+                .map(|d| d.model.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            num_speculative_tokens: s
+                .draft
+                .as_ref()
+                .map_or(0, |d| d.num_speculative_tokens as u32),
+            disable_by_batch_size: s
+                .draft
+                .as_ref()
+                .and_then(|d| d.disable_by_batch_size)
+                .unwrap_or(0) as u32,
         }
     }
 }
@@ -78,6 +93,12 @@ impl TryFrom<pb::LoadStageRequest> for LoadSpec {
             dtype: dtype_from_wire(r.dtype)?,
             kv_dtype: dtype_from_wire(r.kv_dtype)?,
             nccl_id: (!r.nccl_id.is_empty()).then_some(r.nccl_id),
+            draft: (!r.draft_model.is_empty()).then(|| DraftSpec {
+                model: r.draft_model.into(),
+                num_speculative_tokens: r.num_speculative_tokens as usize,
+                disable_by_batch_size: (r.disable_by_batch_size > 0)
+                    .then_some(r.disable_by_batch_size as usize),
+            }),
         })
     }
 }
@@ -146,12 +167,20 @@ mod tests {
             tp_rank_begin: 1,
             tp_rank_count: 1,
         };
-        for budget in [
-            KvBudget::Bytes(123 << 20),
-            KvBudget::DeviceFraction {
-                fraction: 0.9,
-                max_batch_tokens: 2048,
-            },
+        let draft = DraftSpec {
+            model: "/models/draft.gguf".into(),
+            num_speculative_tokens: 4,
+            disable_by_batch_size: Some(8),
+        };
+        for (budget, draft) in [
+            (KvBudget::Bytes(123 << 20), None),
+            (
+                KvBudget::DeviceFraction {
+                    fraction: 0.9,
+                    max_batch_tokens: 2048,
+                },
+                Some(draft),
+            ),
         ] {
             let spec = LoadSpec {
                 slots: vec![slot],
@@ -160,6 +189,7 @@ mod tests {
                 dtype: DType::BF16,
                 kv_dtype: DType::BF16,
                 nccl_id: Some(vec![1, 2, 3]),
+                draft,
             };
             let back = LoadSpec::try_from(pb::LoadStageRequest::from(&spec)).unwrap();
             assert_eq!(back, spec);
@@ -180,6 +210,7 @@ mod tests {
             max_model_len: 64,
             dtype: DType::F32,
             kv_dtype: DType::F32,
+            draft: None,
             nccl_id: None,
         });
         req.dtype = 99;
