@@ -110,6 +110,31 @@ async fn demo_model_across_processes_gives_the_same_tokens() {
         let cluster = Cluster::start(&model, nnodes, &sizes(pp, tp, "64MiB")).await;
         assert_eq!(greedy(&cluster.leader, &prompts).await, want, "{what}");
     }
+    // A draft model: the leader sends its path, and the worker that runs
+    // the last stage loads it and proposes. The demo model drafting for
+    // itself is right every time.
+    let mut args = sizes(2, 1, "64MiB");
+    args.extend([
+        "--speculative-config".to_string(),
+        format!(r#"{{"model": {model:?}, "num_speculative_tokens": 3}}"#),
+    ]);
+    let cluster = Cluster::start(&model, 2, &args).await;
+    assert_eq!(
+        greedy(&cluster.leader, &prompts).await,
+        want,
+        "a draft model"
+    );
+    let (_, models) = cluster.leader.get("/v1/models").await;
+    let metric = |what: &str| {
+        format!(
+            "vllm:spec_decode_num_{what}_tokens_total{{model_name={}}}",
+            models["data"][0]["id"]
+        )
+    };
+    let drafted = cluster.leader.metric(&metric("draft")).await;
+    assert!(drafted > 0);
+    assert_eq!(cluster.leader.metric(&metric("accepted")).await, drafted);
+    drop(cluster);
     // Tensor parallelism on quantized weights cannot equal one rank bit for
     // bit (each rank quantizes its own activations, and partial sums round
     // differently), so ranks as processes must equal ranks as threads. (The
