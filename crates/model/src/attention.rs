@@ -292,7 +292,7 @@ fn paged_attention_in<E: KvElem>(
     let out_ptr = SendPtr(out.as_mut_ptr());
     let part_ptr = SendPtr(partials.as_mut_ptr());
     items.par_iter().zip(&parked).for_each_init(
-        || Tile::new(TILE_TOKENS * group, d),
+        || Tile::new(TILE_TOKENS * group, d, d),
         |tile, ((tokens, hs, span), parked)| {
             let g = hs.start / group;
             let table = block_tables[token_seq[tokens.start] as usize];
@@ -316,18 +316,7 @@ fn paged_attention_in<E: KvElem>(
                 v_row: kv_row,
             };
             let blocks = span * span_blocks..(span + 1) * span_blocks;
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { attend_tile_avx2(tile, &head, blocks) };
-            } else {
-                attend_tile(tile, &head, blocks);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = simd;
-                attend_tile(tile, &head, blocks);
-            }
+            attend_tile_on(simd, tile, &head, blocks);
             if let Some(at) = parked {
                 let n = tile.pos.len();
                 let dst = *at;
@@ -418,11 +407,13 @@ impl SendPtr {
 
 /// The queries of one work item and their running softmax state.
 struct Tile {
+    /// Width of a query and key, and of a value and output.
     d: usize,
+    dv: usize,
     /// `[queries, d]`: rotated, scaled queries.
     q: Vec<f32>,
     pos: Vec<usize>,
-    /// `[queries, d]`: each query's weighted sum of values.
+    /// `[queries, dv]`: each query's weighted sum of values.
     out: Vec<f32>,
     max: Vec<f32>,
     sum: Vec<f32>,
@@ -431,12 +422,13 @@ struct Tile {
 }
 
 impl Tile {
-    fn new(capacity: usize, d: usize) -> Self {
+    fn new(capacity: usize, d: usize, dv: usize) -> Self {
         Self {
             d,
+            dv,
             q: Vec::with_capacity(capacity * d),
             pos: Vec::with_capacity(capacity),
-            out: Vec::with_capacity(capacity * d),
+            out: Vec::with_capacity(capacity * dv),
             max: Vec::with_capacity(capacity),
             sum: Vec::with_capacity(capacity),
             scores: Vec::with_capacity(capacity),
@@ -455,6 +447,22 @@ impl Tile {
         self.q.resize(at + self.d, 0.0);
         &mut self.q[at..]
     }
+}
+
+/// [`attend_tile`], with 8-wide vectors where the CPU has AVX2 (`simd`).
+fn attend_tile_on<E: KvElem>(
+    simd: bool,
+    tile: &mut Tile,
+    head: &KvHead<E>,
+    blocks: std::ops::Range<usize>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the caller checked that the CPU has AVX2 and FMA.
+        return unsafe { attend_tile_avx2(tile, head, blocks) };
+    }
+    let _ = simd;
+    attend_tile(tile, head, blocks)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -477,7 +485,7 @@ unsafe fn attend_tile_avx2<E: KvElem>(
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // rows `j` index every query's scores
 fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::Range<usize>) {
-    let (d, n) = (tile.d, tile.pos.len());
+    let (d, dv, n) = (tile.d, tile.dv, tile.pos.len());
     let Tile {
         q,
         pos,
@@ -488,7 +496,7 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
         ..
     } = tile;
     out.clear();
-    out.resize(n * d, 0.0);
+    out.resize(n * dv, 0.0);
     max.clear();
     max.resize(n, f32::NEG_INFINITY);
     sum.clear();
@@ -523,7 +531,7 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
             if block_max > max[i] {
                 let c = fast_exp(max[i] - block_max);
                 sum[i] *= c;
-                for a in out[i * d..(i + 1) * d].iter_mut() {
+                for a in out[i * dv..(i + 1) * dv].iter_mut() {
                     *a *= c;
                 }
                 max[i] = block_max;
@@ -535,11 +543,11 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
         }
         for j in 0..rows {
             let off = v_base + j * head.v_row;
-            let v = &head.v[off..off + d];
+            let v = &head.v[off..off + dv];
             for i in 0..n {
                 if j < seen(i) {
                     let w = scores[i][j];
-                    for (a, x) in out[i * d..(i + 1) * d].iter_mut().zip(v) {
+                    for (a, x) in out[i * dv..(i + 1) * dv].iter_mut().zip(v) {
                         *a += w * x.get();
                     }
                 }
@@ -653,27 +661,28 @@ fn latent_attention_in<E: KvElem>(
     out.par_chunks_mut(rank)
         .enumerate()
         .with_min_len(2)
-        .for_each(|(i, acc)| {
-            let t = i / num_heads;
-            let head = KvHead {
-                k: cache,
-                v: cache,
-                table: block_tables[token_seq[t] as usize],
-                k_offset: 0,
-                v_offset: 0,
-                k_row: row,
-                v_row: row,
-            };
-            let (qi, pos) = (&q[i * row..(i + 1) * row], positions[t] as usize);
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { attend_avx2(qi, &head, pos, acc) };
-                return;
-            }
-            let _ = simd;
-            attend(qi, &head, pos, acc);
-        });
+        .for_each_init(
+            || Tile::new(1, row, rank),
+            |tile, (i, acc)| {
+                let t = i / num_heads;
+                let head = KvHead {
+                    k: cache,
+                    v: cache,
+                    table: block_tables[token_seq[t] as usize],
+                    k_offset: 0,
+                    v_offset: 0,
+                    k_row: row,
+                    v_row: row,
+                };
+                // One query, over every block up to its position.
+                let pos = positions[t] as usize;
+                tile.clear();
+                tile.push(pos).copy_from_slice(&q[i * row..(i + 1) * row]);
+                attend_tile_on(simd, tile, &head, 0..pos / BLOCK_SIZE + 1);
+                normalize(&mut tile.out, &tile.sum, rank);
+                acc.copy_from_slice(&tile.out);
+            },
+        );
 }
 
 /// One KV head of one sequence, read through its block table: keys and
@@ -688,59 +697,6 @@ struct KvHead<'a, E> {
     /// Floats per cache row of each plane (every KV head of one token).
     k_row: usize,
     v_row: usize,
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2<E: KvElem>(q: &[f32], head: &KvHead<E>, pos: usize, out: &mut [f32]) {
-    // The same code, compiled with 8-wide vectors.
-    attend(q, head, pos, out)
-}
-
-/// Softmax attention of one (already rotated, scaled) query over positions
-/// `0..=pos`, a cache block at a time: scores for the block, one running-max
-/// update, then the weighted values. No buffer grows with the context. Keys
-/// are `q.len()` wide, values `out.len()`.
-#[inline(always)]
-fn attend<E: KvElem>(q: &[f32], head: &KvHead<E>, pos: usize, out: &mut [f32]) {
-    let (d, dv) = (q.len(), out.len());
-    out.fill(0.0);
-    let mut max = f32::NEG_INFINITY;
-    let mut sum = 0.0f32;
-    let mut scores = [0f32; BLOCK_SIZE];
-    for (b, &block) in head.table[..=pos / BLOCK_SIZE].iter().enumerate() {
-        let n = (pos + 1 - b * BLOCK_SIZE).min(BLOCK_SIZE);
-        let k_base = block as usize * BLOCK_SIZE * head.k_row + head.k_offset;
-        let v_base = block as usize * BLOCK_SIZE * head.v_row + head.v_offset;
-        let mut block_max = f32::NEG_INFINITY;
-        for (i, s) in scores[..n].iter_mut().enumerate() {
-            let off = k_base + i * head.k_row;
-            *s = dot(q, &head.k[off..off + d]);
-            block_max = block_max.max(*s);
-        }
-        if block_max > max {
-            let c = fast_exp(max - block_max);
-            sum *= c;
-            for a in out.iter_mut() {
-                *a *= c;
-            }
-            max = block_max;
-        }
-        for s in scores[..n].iter_mut() {
-            *s = fast_exp(*s - max);
-            sum += *s;
-        }
-        for (i, &w) in scores[..n].iter().enumerate() {
-            let off = v_base + i * head.v_row;
-            for (a, v) in out.iter_mut().zip(&head.v[off..off + dv]) {
-                *a += w * v.get();
-            }
-        }
-    }
-    let inv = 1.0 / sum;
-    for a in out.iter_mut() {
-        *a *= inv;
-    }
 }
 
 /// `e^x` for `x <= 0` to 4e-6 relative error (the f32 rounding of `x·log2 e`
