@@ -712,7 +712,7 @@ async fn named_and_required_tool_choices_give_valid_calls_whole_and_streamed() {
         (named, "What is the weather in Paris?"),
         (
             json!("required"),
-            "What time is it in Tokyo, and the weather in Oslo?",
+            "What is the weather in Oslo, and the time in Tokyo?",
         ),
     ] {
         let body = chat(

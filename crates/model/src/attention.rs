@@ -419,6 +419,10 @@ struct Tile {
     sum: Vec<f32>,
     /// `[queries, BLOCK_SIZE]`: one cache block's scores.
     scores: Vec<[f32; BLOCK_SIZE]>,
+    /// One block's keys `[BLOCK_SIZE, d]` and values `[BLOCK_SIZE, dv]` in
+    /// f32, for the vector kernel.
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 impl Tile {
@@ -432,6 +436,8 @@ impl Tile {
             max: Vec::with_capacity(capacity),
             sum: Vec::with_capacity(capacity),
             scores: Vec::with_capacity(capacity),
+            keys: Vec::new(),
+            values: Vec::new(),
         }
     }
 
@@ -449,7 +455,8 @@ impl Tile {
     }
 }
 
-/// [`attend_tile`], with 8-wide vectors where the CPU has AVX2 (`simd`).
+/// [`attend_tile`], or where the CPU has AVX2 and FMA (`simd`) and the
+/// widths are whole vectors, [`attend_tile_fma`].
 fn attend_tile_on<E: KvElem>(
     simd: bool,
     tile: &mut Tile,
@@ -459,7 +466,12 @@ fn attend_tile_on<E: KvElem>(
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: the caller checked that the CPU has AVX2 and FMA.
-        return unsafe { attend_tile_avx2(tile, head, blocks) };
+        unsafe {
+            if tile.d % 8 == 0 && tile.dv % 8 == 0 {
+                return attend_tile_fma(tile, head, blocks);
+            }
+            return attend_tile_avx2(tile, head, blocks);
+        }
     }
     let _ = simd;
     attend_tile(tile, head, blocks)
@@ -536,10 +548,10 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
                 }
                 max[i] = block_max;
             }
-            for x in s.iter_mut() {
-                *x = fast_exp(*x - max[i]);
-                sum[i] += *x;
-            }
+            // The exponentials vectorise; the sum keeps its order.
+            let m = max[i];
+            s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+            sum[i] += s.iter().fold(0.0, |a, &x| a + x);
         }
         for j in 0..rows {
             let off = v_base + j * head.v_row;
@@ -553,6 +565,156 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
                 }
             }
         }
+    }
+}
+
+/// [`attend_tile`] in AVX2 and FMA intrinsics, for widths that are whole
+/// 8-float vectors. Each block's keys and values are widened to f32 once
+/// for all the tile's queries. A query's scores come eight rows at a time:
+/// eight running vectors of products, summed across in one shuffle tree,
+/// with no horizontal sum per row. Its output stays in registers while the
+/// block's weighted values are added in row order. A query still goes
+/// through the same operations in any tile, so its bits depend on its
+/// position alone.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // rows `j` index every query's scores
+unsafe fn attend_tile_fma<E: KvElem>(
+    tile: &mut Tile,
+    head: &KvHead<E>,
+    blocks: std::ops::Range<usize>,
+) {
+    let (d, dv, n) = (tile.d, tile.dv, tile.pos.len());
+    let Tile {
+        q,
+        pos,
+        out,
+        max,
+        sum,
+        scores,
+        keys,
+        values,
+        ..
+    } = tile;
+    out.clear();
+    out.resize(n * dv, 0.0);
+    max.clear();
+    max.resize(n, f32::NEG_INFINITY);
+    sum.clear();
+    sum.resize(n, 0.0);
+    scores.resize(n, [0.0; BLOCK_SIZE]);
+    // Rows past a block's last position are scored too, and ignored.
+    keys.resize(BLOCK_SIZE * d, 0.0);
+    values.resize(BLOCK_SIZE * dv, 0.0);
+    let last = pos.iter().copied().max().unwrap_or(0);
+    let end = blocks.end.min(last / BLOCK_SIZE + 1);
+    for b in blocks.start..end {
+        let block = head.table[b];
+        let first = b * BLOCK_SIZE;
+        let seen = |i: usize| (pos[i] + 1).saturating_sub(first).min(BLOCK_SIZE);
+        let rows = (last + 1 - first).min(BLOCK_SIZE);
+        let k_base = block as usize * BLOCK_SIZE * head.k_row + head.k_offset;
+        let v_base = block as usize * BLOCK_SIZE * head.v_row + head.v_offset;
+        for j in 0..rows {
+            let k = &head.k[k_base + j * head.k_row..][..d];
+            for (w, x) in keys[j * d..(j + 1) * d].iter_mut().zip(k) {
+                *w = x.get();
+            }
+            let v = &head.v[v_base + j * head.v_row..][..dv];
+            for (w, x) in values[j * dv..(j + 1) * dv].iter_mut().zip(v) {
+                *w = x.get();
+            }
+        }
+        for i in 0..n {
+            let qi = q[i * d..].as_ptr();
+            for g in (0..seen(i)).step_by(8) {
+                let s = dot_8_rows(qi, keys[g * d..].as_ptr(), d);
+                _mm256_storeu_ps(scores[i][g..].as_mut_ptr(), s);
+            }
+        }
+        for i in 0..n {
+            let cnt = seen(i);
+            if cnt == 0 {
+                continue;
+            }
+            let s = &mut scores[i][..cnt];
+            let block_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            if block_max > max[i] {
+                let c = fast_exp(max[i] - block_max);
+                sum[i] *= c;
+                for a in out[i * dv..(i + 1) * dv].iter_mut() {
+                    *a *= c;
+                }
+                max[i] = block_max;
+            }
+            let m = max[i];
+            s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+            sum[i] += s.iter().fold(0.0, |a, &x| a + x);
+            let o = out[i * dv..(i + 1) * dv].as_mut_ptr();
+            let mut c = 0;
+            while c + 64 <= dv {
+                add_weighted_rows::<8>(o.add(c), s, values[c..].as_ptr(), dv);
+                c += 64;
+            }
+            while c < dv {
+                add_weighted_rows::<1>(o.add(c), s, values[c..].as_ptr(), dv);
+                c += 8;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// The dot products of `q` with 8 consecutive rows of `d` floats at `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_8_rows(q: *const f32, k: *const f32, d: usize) -> __m256 {
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for c in (0..d).step_by(8) {
+        let x = _mm256_loadu_ps(q.add(c));
+        for (r, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(k.add(r * d + c)), *a);
+        }
+    }
+    // Sum across each vector: pairs, quads, then the two halves.
+    let p01 = _mm256_hadd_ps(acc[0], acc[1]);
+    let p23 = _mm256_hadd_ps(acc[2], acc[3]);
+    let p45 = _mm256_hadd_ps(acc[4], acc[5]);
+    let p67 = _mm256_hadd_ps(acc[6], acc[7]);
+    let q0123 = _mm256_hadd_ps(p01, p23);
+    let q4567 = _mm256_hadd_ps(p45, p67);
+    let lo = _mm256_permute2f128_ps(q0123, q4567, 0x20);
+    let hi = _mm256_permute2f128_ps(q0123, q4567, 0x31);
+    _mm256_add_ps(lo, hi)
+}
+
+/// `out[..8·L] += Σ_j w[j] · v[j][..8·L]`, rows `stride` floats apart, in
+/// row order, the `L` vectors of the output held in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn add_weighted_rows<const L: usize>(
+    out: *mut f32,
+    w: &[f32],
+    v: *const f32,
+    stride: usize,
+) {
+    let mut acc = [_mm256_setzero_ps(); L];
+    for (l, a) in acc.iter_mut().enumerate() {
+        *a = _mm256_loadu_ps(out.add(8 * l));
+    }
+    for (j, &wj) in w.iter().enumerate() {
+        let x = _mm256_set1_ps(wj);
+        let row = v.add(j * stride);
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(row.add(8 * l)), *a);
+        }
+    }
+    for (l, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(8 * l), *a);
     }
 }
 
@@ -705,7 +867,8 @@ struct KvHead<'a, E> {
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
     let z = x.max(-87.0) * std::f32::consts::LOG2_E;
-    let n = z.round();
+    // Ties to even: one vector instruction (`round` has no SIMD form).
+    let n = z.round_ties_even();
     let f = z - n;
     // 2^f for f in [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 7.
     const C: [f32; 7] = [
@@ -882,6 +1045,54 @@ mod tests {
         // bf16 keeps 8 bits of mantissa: keys and values are off by up to
         // 2^-9 relative, and the outputs (convex sums of values) with them.
         check_paged_attention(true, 8e-3);
+    }
+
+    #[test]
+    fn the_vector_kernel_matches_the_plain_one() {
+        if !crate::quant::has_avx2() {
+            return; // only the plain kernel runs on this CPU
+        }
+        // Keys 16 wide, values 72 (one 64-float chunk and one 8-float
+        // vector), over 2.5 blocks scattered in the cache; queries see
+        // whole and partial blocks.
+        let (d, dv) = (16, 72);
+        let val = |i: usize, s: f32| ((i * 37 % 101) as f32 * s).sin();
+        let k: Vec<f32> = (0..4 * BLOCK_SIZE * d).map(|i| val(i, 0.31)).collect();
+        let v: Vec<f32> = (0..4 * BLOCK_SIZE * dv).map(|i| val(i, 0.17)).collect();
+        let table = [2u32, 0, 3];
+        let head = KvHead {
+            k: &k[..],
+            v: &v[..],
+            table: &table,
+            k_offset: 0,
+            v_offset: 0,
+            k_row: d,
+            v_row: dv,
+        };
+        let run = |fma: bool| {
+            let mut tile = Tile::new(5, d, dv);
+            for (i, p) in [3usize, 15, 16, 30, 39].into_iter().enumerate() {
+                let qr = tile.push(p);
+                for (c, x) in qr.iter_mut().enumerate() {
+                    *x = val(i * d + c, 0.71);
+                }
+            }
+            if fma {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { attend_tile_fma(&mut tile, &head, 0..3) };
+            } else {
+                attend_tile(&mut tile, &head, 0..3);
+            }
+            normalize(&mut tile.out, &tile.sum, dv);
+            tile.out
+        };
+        let (plain, fma) = (run(false), run(true));
+        for (i, (a, b)) in plain.iter().zip(&fma).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "{i}: {a} against {b}"
+            );
+        }
     }
 
     #[test]

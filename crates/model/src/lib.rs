@@ -31,7 +31,7 @@ pub use batch::{BatchInput, SeqInfo, StageOutput};
 pub use deepseek::DeepseekConfig;
 pub use device::{dtype_from_name, dtype_name, parse_dtype, DeviceRequest, Placement};
 pub use error::{Error, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, LayerKv, Plane};
 pub use layers::{
     ColumnParallelLinear, Matmul, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
 };

@@ -1,0 +1,87 @@
+//! Times the CPU paged attention of one layer at a few context lengths:
+//! a decode (one token), a speculative verify step (5 tokens) and a
+//! prefill chunk (512 tokens) at the end of the context. SmolLM2-135M's
+//! heads (9 query heads, 3 KV heads of 64) over a bf16 cache.
+//!
+//!     RAYON_NUM_THREADS=2 cargo run --release -p strata-model --example attention_bench [CONTEXTS]
+//!
+//! CONTEXTS: comma-separated positions (default 1024,4096,8192).
+
+use std::time::{Duration, Instant};
+
+use half::bf16;
+use strata_model::{paged_attention, write_kv, Heads, LayerKv, Plane, Rope, RopeConfig};
+use strata_types::{RopeStyle, BLOCK_SIZE};
+
+fn main() {
+    let contexts: Vec<usize> = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "1024,4096,8192".into())
+        .split(',')
+        .map(|c| c.trim().parse().expect("a context length"))
+        .collect();
+    let heads = Heads {
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+    };
+    let d = heads.head_dim;
+    let max = contexts.iter().copied().max().unwrap_or(0);
+    let rope = Rope::new(
+        &RopeConfig {
+            dim: d,
+            theta: 100_000.0,
+            scaling: None,
+            style: RopeStyle::Half,
+        },
+        None,
+        max + 1,
+    );
+    // A reproducible, unremarkable fill.
+    let val = |i: usize| ((i * 2_654_435_761 % 1_000_003) as f32 / 1_000_003.0 - 0.5) * 2.0;
+    let blocks = max.div_ceil(BLOCK_SIZE);
+    let row = heads.num_kv_heads * d;
+    let plane = || Plane::Bf16(vec![bf16::ZERO; blocks * BLOCK_SIZE * row]);
+    let mut cache = LayerKv {
+        k: plane(),
+        v: plane(),
+    };
+    // Blocks in reverse order, as a long-running cache scatters them.
+    let table: Vec<u32> = (0..blocks as u32).rev().collect();
+    let positions: Vec<u32> = (0..max as u32).collect();
+    let slots: Vec<u32> = positions
+        .iter()
+        .map(|&p| table[p as usize / BLOCK_SIZE] * BLOCK_SIZE as u32 + p % BLOCK_SIZE as u32)
+        .collect();
+    let k: Vec<f32> = (0..max * row).map(val).collect();
+    let v: Vec<f32> = (0..max * row).map(|i| val(i + 7)).collect();
+    write_kv(&mut cache, &k, &v, &positions, &slots, &rope, heads);
+
+    println!("context  queries   ms/layer (best of the runs)");
+    for &context in &contexts {
+        for queries in [1, 5, 512] {
+            if queries > context {
+                continue;
+            }
+            let qpos: Vec<u32> = (context - queries..context).map(|p| p as u32).collect();
+            let q: Vec<f32> = (0..queries * heads.num_heads * d)
+                .map(|i| val(i + 13))
+                .collect();
+            let seq = vec![0u32; queries];
+            let mut out = vec![0f32; q.len()];
+            let tables = [&table[..]];
+            let mut run = || {
+                let t = Instant::now();
+                paged_attention(&q, &cache, &qpos, &seq, &tables, &rope, heads, &mut out);
+                t.elapsed()
+            };
+            run(); // warm up
+            let reps = (2_000_000 / (context * queries)).clamp(3, 200);
+            let best = (0..reps).map(|_| run()).min().unwrap_or(Duration::ZERO);
+            println!(
+                "{context:>7}  {queries:>7}   {:>8.3}",
+                best.as_secs_f64() * 1e3
+            );
+        }
+    }
+}
