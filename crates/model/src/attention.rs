@@ -467,7 +467,7 @@ fn attend_tile_on<E: KvElem>(
     if simd {
         // SAFETY: the caller checked that the CPU has AVX2 and FMA.
         unsafe {
-            if tile.d % 8 == 0 && tile.dv % 8 == 0 {
+            if tile.d.is_multiple_of(8) && tile.dv.is_multiple_of(8) {
                 return attend_tile_fma(tile, head, blocks);
             }
             return attend_tile_avx2(tile, head, blocks);
