@@ -446,6 +446,18 @@ impl Tile {
         self.pos.clear();
     }
 
+    /// Empties the softmax state of the tile's queries for a pass.
+    fn start(&mut self) {
+        let n = self.pos.len();
+        self.out.clear();
+        self.out.resize(n * self.dv, 0.0);
+        self.max.clear();
+        self.max.resize(n, f32::NEG_INFINITY);
+        self.sum.clear();
+        self.sum.resize(n, 0.0);
+        self.scores.resize(n, [0.0; BLOCK_SIZE]);
+    }
+
     /// Adds a query at `pos`; returns its row to fill.
     fn push(&mut self, pos: usize) -> &mut [f32] {
         self.pos.push(pos);
@@ -497,6 +509,7 @@ unsafe fn attend_tile_avx2<E: KvElem>(
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // rows `j` index every query's scores
 fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::Range<usize>) {
+    tile.start();
     let (d, dv, n) = (tile.d, tile.dv, tile.pos.len());
     let Tile {
         q,
@@ -507,13 +520,6 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
         scores,
         ..
     } = tile;
-    out.clear();
-    out.resize(n * dv, 0.0);
-    max.clear();
-    max.resize(n, f32::NEG_INFINITY);
-    sum.clear();
-    sum.resize(n, 0.0);
-    scores.resize(n, [0.0; BLOCK_SIZE]);
     let last = pos.iter().copied().max().unwrap_or(0);
     let end = blocks.end.min(last / BLOCK_SIZE + 1);
     for b in blocks.start..end {
@@ -535,23 +541,10 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
         }
         for i in 0..n {
             let cnt = seen(i);
-            if cnt == 0 {
-                continue;
+            if cnt > 0 {
+                let o = &mut out[i * dv..(i + 1) * dv];
+                softmax_block(&mut scores[i][..cnt], &mut max[i], &mut sum[i], o);
             }
-            let s = &mut scores[i][..cnt];
-            let block_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            if block_max > max[i] {
-                let c = fast_exp(max[i] - block_max);
-                sum[i] *= c;
-                for a in out[i * dv..(i + 1) * dv].iter_mut() {
-                    *a *= c;
-                }
-                max[i] = block_max;
-            }
-            // The exponentials vectorise; the sum keeps its order.
-            let m = max[i];
-            s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
-            sum[i] += s.iter().fold(0.0, |a, &x| a + x);
         }
         for j in 0..rows {
             let off = v_base + j * head.v_row;
@@ -566,6 +559,24 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
             }
         }
     }
+}
+
+/// One query's online-softmax step over a block's scores `s`: rescales its
+/// output and sum when the block raises its max, then turns `s` into
+/// weights and adds them to the sum. The exponentials vectorise; the sum
+/// keeps its order.
+#[inline(always)]
+fn softmax_block(s: &mut [f32], max: &mut f32, sum: &mut f32, out: &mut [f32]) {
+    let block_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    if block_max > *max {
+        let c = fast_exp(*max - block_max);
+        *sum *= c;
+        out.iter_mut().for_each(|a| *a *= c);
+        *max = block_max;
+    }
+    let m = *max;
+    s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
+    *sum += s.iter().fold(0.0, |a, &x| a + x);
 }
 
 /// [`attend_tile`] in AVX2 and FMA intrinsics, for widths that are whole
@@ -584,6 +595,7 @@ unsafe fn attend_tile_fma<E: KvElem>(
     head: &KvHead<E>,
     blocks: std::ops::Range<usize>,
 ) {
+    tile.start();
     let (d, dv, n) = (tile.d, tile.dv, tile.pos.len());
     let Tile {
         q,
@@ -596,13 +608,6 @@ unsafe fn attend_tile_fma<E: KvElem>(
         values,
         ..
     } = tile;
-    out.clear();
-    out.resize(n * dv, 0.0);
-    max.clear();
-    max.resize(n, f32::NEG_INFINITY);
-    sum.clear();
-    sum.resize(n, 0.0);
-    scores.resize(n, [0.0; BLOCK_SIZE]);
     // Rows past a block's last position are scored too, and ignored.
     keys.resize(BLOCK_SIZE * d, 0.0);
     values.resize(BLOCK_SIZE * dv, 0.0);
@@ -638,18 +643,7 @@ unsafe fn attend_tile_fma<E: KvElem>(
                 continue;
             }
             let s = &mut scores[i][..cnt];
-            let block_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            if block_max > max[i] {
-                let c = fast_exp(max[i] - block_max);
-                sum[i] *= c;
-                for a in out[i * dv..(i + 1) * dv].iter_mut() {
-                    *a *= c;
-                }
-                max[i] = block_max;
-            }
-            let m = max[i];
-            s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
-            sum[i] += s.iter().fold(0.0, |a, &x| a + x);
+            softmax_block(s, &mut max[i], &mut sum[i], &mut out[i * dv..(i + 1) * dv]);
             let o = out[i * dv..(i + 1) * dv].as_mut_ptr();
             let mut c = 0;
             while c + 64 <= dv {
