@@ -30,7 +30,11 @@ mkdir -p "$DEST/src"
 tar -xzf "$DEST"/sdist/llama_cpp_python-"$VERSION".tar.gz -C "$DEST/src" --strip-components=1
 
 export PATH=$DEST/venv/bin:$PATH
+# No AMX: on a VM whose Xeon has it, ggml's AMX path crashes at start (the
+# guest may not grant the tile state), and the comparison is about AVX-512.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$DEST/src/vendor/llama.cpp" -B "$DEST/build" -G Ninja \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
     -DBUILD_SHARED_LIBS=OFF >/dev/null
