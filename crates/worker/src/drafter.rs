@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use strata_comm::SingleRank;
-use strata_model::{Architecture, BatchInput, KvCache, SeqInfo, StageModel, StageOutput, Weights};
-use strata_types::{BlockId, LayerRange, RequestId, TokenId, BLOCK_SIZE};
+use strata_model::{load_whole, BatchInput, KvCache, SeqInfo, StageModel, StageOutput, Weights};
+use strata_types::{BlockId, RequestId, TokenId, BLOCK_SIZE};
 
 use crate::runner::RunnerError;
 use crate::sampler::argmax;
@@ -47,30 +47,20 @@ impl DraftSpec {
         };
         let weights = Weights::open(&self.model, &candle_core::Device::Cpu)
             .map_err(|e| setup("opening it", &e))?;
-        let arch: Arc<dyn Architecture> = weights
-            .architecture()
-            .map_err(|e| setup("reading its config", &e))?;
-        let config = arch.config();
-        if config.vocab_size != target_vocab {
-            return Err(RunnerError::Setup(format!(
-                "draft model {}: its vocabulary has {} tokens, the model's {target_vocab}; \
-                 a draft model must share the model's tokenizer",
-                self.model.display(),
-                config.vocab_size
-            )));
-        }
-        let layers = LayerRange {
-            start: 0,
-            end: config.num_layers,
-        };
-        arch.load_stage(
+        let model = load_whole(
             &weights.on(device, dtype),
-            layers,
             Arc::new(SingleRank),
             max_positions,
-            &mut |_, _| {},
         )
-        .map_err(|e| setup("loading it", &e))
+        .map_err(|e| setup("loading it", &e))?;
+        let vocab = model.config().vocab_size;
+        if vocab != target_vocab {
+            return Err(setup(
+                "a draft model must share the model's tokenizer",
+                &format!("its vocabulary has {vocab} tokens, the model's {target_vocab}"),
+            ));
+        }
+        Ok(model)
     }
 }
 

@@ -282,10 +282,12 @@ impl ModelRunner {
                 }
                 r.token_ids.push(token_id);
             }
-            // Until the leader sends them with the next step, the kept
-            // tokens stay only for the drafter.
-            r.token_ids
-                .push(sampled.last().expect("one token at least").token_id);
+            if self.drafter.is_some() {
+                // Until the leader sends them with the next step, the kept
+                // tokens stay only for the drafter.
+                r.token_ids
+                    .push(sampled.last().expect("one token at least").token_id);
+            }
             known_lens.push((*id, known));
         }
         let draft_token_ids = self.propose(out, &sampled_ids)?;
