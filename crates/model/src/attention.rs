@@ -520,16 +520,15 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
         scores,
         ..
     } = tile;
-    let last = pos.iter().copied().max().unwrap_or(0);
-    let end = blocks.end.min(last / BLOCK_SIZE + 1);
-    for b in blocks.start..end {
-        let block = head.table[b];
-        let first = b * BLOCK_SIZE;
+    for CacheBlock {
+        first,
+        rows,
+        k_base,
+        v_base,
+    } in cache_blocks(pos, head, blocks)
+    {
         // How many of the block's positions each query sees (0: none).
         let seen = |i: usize| (pos[i] + 1).saturating_sub(first).min(BLOCK_SIZE);
-        let rows = (last + 1 - first).min(BLOCK_SIZE);
-        let k_base = block as usize * BLOCK_SIZE * head.k_row + head.k_offset;
-        let v_base = block as usize * BLOCK_SIZE * head.v_row + head.v_offset;
         for j in 0..rows {
             let off = k_base + j * head.k_row;
             let k = &head.k[off..off + d];
@@ -559,6 +558,36 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
             }
         }
     }
+}
+
+/// One cache block of a tile's pass: its first position, how many of its
+/// rows the tile's latest query sees, and where its rows start in each
+/// plane.
+struct CacheBlock {
+    first: usize,
+    rows: usize,
+    k_base: usize,
+    v_base: usize,
+}
+
+/// The blocks of `blocks` (of the table) that some query at `pos` reaches.
+fn cache_blocks<'a, E>(
+    pos: &[usize],
+    head: &'a KvHead<E>,
+    blocks: std::ops::Range<usize>,
+) -> impl Iterator<Item = CacheBlock> + 'a {
+    let last = pos.iter().copied().max().unwrap_or(0);
+    let end = blocks.end.min(last / BLOCK_SIZE + 1);
+    (blocks.start..end).map(move |b| {
+        let block = head.table[b] as usize;
+        let first = b * BLOCK_SIZE;
+        CacheBlock {
+            first,
+            rows: (last + 1 - first).min(BLOCK_SIZE),
+            k_base: block * BLOCK_SIZE * head.k_row + head.k_offset,
+            v_base: block * BLOCK_SIZE * head.v_row + head.v_offset,
+        }
+    })
 }
 
 /// One query's online-softmax step over a block's scores `s`: rescales its
@@ -611,15 +640,15 @@ unsafe fn attend_tile_fma<E: KvElem>(
     // Rows past a block's last position are scored too, and ignored.
     keys.resize(BLOCK_SIZE * d, 0.0);
     values.resize(BLOCK_SIZE * dv, 0.0);
-    let last = pos.iter().copied().max().unwrap_or(0);
-    let end = blocks.end.min(last / BLOCK_SIZE + 1);
-    for b in blocks.start..end {
-        let block = head.table[b];
-        let first = b * BLOCK_SIZE;
+    for CacheBlock {
+        first,
+        rows,
+        k_base,
+        v_base,
+    } in cache_blocks(pos, head, blocks)
+    {
+        // How many of the block's positions each query sees (0: none).
         let seen = |i: usize| (pos[i] + 1).saturating_sub(first).min(BLOCK_SIZE);
-        let rows = (last + 1 - first).min(BLOCK_SIZE);
-        let k_base = block as usize * BLOCK_SIZE * head.k_row + head.k_offset;
-        let v_base = block as usize * BLOCK_SIZE * head.v_row + head.v_offset;
         for j in 0..rows {
             let k = &head.k[k_base + j * head.k_row..][..d];
             for (w, x) in keys[j * d..(j + 1) * d].iter_mut().zip(k) {
