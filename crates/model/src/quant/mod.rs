@@ -8,7 +8,8 @@
 //! rows of the output are split across the rayon pool.
 //!
 //! Where the CPU has AVX-512 VNNI, [`avx512`] takes over: weights are
-//! repacked at load for `vpdpbusd` and multiplied a tile of tokens at a time.
+//! repacked at load, 16 rows to a register, so that `vpdpbusd` sums a whole
+//! block in integers before its scales apply, a tile of tokens at a time.
 //! [`Isa`] is the run-time choice; `STRATA_CPU_ISA` caps it (benchmarks and
 //! tests compare the paths on one machine).
 
@@ -105,12 +106,14 @@ impl Isa {
 pub trait WeightBlock: Copy + Send + Sync + std::fmt::Debug + 'static {
     const NAME: &'static str;
     const BYTES: usize;
-    /// The block of zeros (pads odd block counts in the AVX-512 layout).
+    /// The block of zeros (pads the last group of rows in the AVX-512 layout).
     const ZERO: Self;
-    /// The same blocks two at a time, as the AVX-512 kernel reads them.
+    /// How the AVX-512 kernel lays the blocks out.
     #[cfg(target_arch = "x86_64")]
-    type Pair: avx512::Pair<Block = Self>;
+    type Packing: avx512::Packing<Block = Self>;
     fn parse(b: &[u8]) -> Self;
+    /// The block's scale.
+    fn d(&self) -> f16;
     /// The block's additive offset, for formats that have one.
     fn min(&self) -> Option<f16>;
     fn dequantize(&self, out: &mut Vec<f32>);
@@ -159,7 +162,11 @@ impl WeightBlock for BlockQ4_1 {
         qs: [0; 16],
     };
     #[cfg(target_arch = "x86_64")]
-    type Pair = avx512::Q4_1Pair;
+    type Packing = avx512::Q4_1Packing;
+
+    fn d(&self) -> f16 {
+        self.d
+    }
 
     fn min(&self) -> Option<f16> {
         Some(self.m)
@@ -235,7 +242,11 @@ impl WeightBlock for BlockQ8_0 {
         qs: [0; 32],
     };
     #[cfg(target_arch = "x86_64")]
-    type Pair = avx512::Q8_0Pair;
+    type Packing = avx512::Q8_0Packing;
+
+    fn d(&self) -> f16 {
+        self.d
+    }
 
     fn min(&self) -> Option<f16> {
         None
@@ -314,7 +325,7 @@ enum Store<B: WeightBlock> {
     /// GGUF order (scalar and AVX2).
     Blocks(Vec<B>),
     #[cfg(target_arch = "x86_64")]
-    Pairs(avx512::Packed<B::Pair>),
+    Groups(avx512::Packed<B::Packing>),
 }
 
 pub type Q4_1Matrix = QuantMatrix<BlockQ4_1>;
@@ -355,7 +366,7 @@ impl<B: WeightBlock> QuantMatrix<B> {
         let isa = isa.min(Isa::supported());
         let store = match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => Store::Pairs(avx512::Packed::new(&blocks, rows, cols / QK)),
+            Isa::Avx512Vnni => Store::Groups(avx512::Packed::new(&blocks, rows, cols / QK)),
             _ => Store::Blocks(blocks),
         };
         Ok(Self {
@@ -376,27 +387,13 @@ impl<B: WeightBlock> QuantMatrix<B> {
             "layouts differ"
         );
         let rows = parts.iter().map(|p| p.rows).sum();
+        let blocks: Vec<B> = parts.iter().flat_map(|p| p.blocks().into_owned()).collect();
         let store = match &parts[0].store {
-            Store::Blocks(_) => Store::Blocks(
-                parts
-                    .iter()
-                    .flat_map(|p| match &p.store {
-                        Store::Blocks(b) => b.iter().copied(),
-                        #[cfg(target_arch = "x86_64")]
-                        Store::Pairs(_) => panic!("layouts differ"),
-                    })
-                    .collect(),
-            ),
+            Store::Blocks(_) => Store::Blocks(blocks),
+            // Groups of 16 rows do not stack where a part's rows leave one
+            // short: pack the stacked blocks afresh.
             #[cfg(target_arch = "x86_64")]
-            Store::Pairs(_) => Store::Pairs(avx512::Packed::concat(
-                &parts
-                    .iter()
-                    .map(|p| match &p.store {
-                        Store::Pairs(packed) => packed,
-                        Store::Blocks(_) => panic!("layouts differ"),
-                    })
-                    .collect::<Vec<_>>(),
-            )),
+            Store::Groups(_) => Store::Groups(avx512::Packed::new(&blocks, rows, cols / QK)),
         };
         Self {
             rows,
@@ -420,7 +417,7 @@ impl<B: WeightBlock> QuantMatrix<B> {
         match &self.store {
             Store::Blocks(b) => std::borrow::Cow::Borrowed(b),
             #[cfg(target_arch = "x86_64")]
-            Store::Pairs(p) => std::borrow::Cow::Owned(p.blocks(self.cols / QK)),
+            Store::Groups(p) => std::borrow::Cow::Owned(p.blocks()),
         }
     }
 
@@ -451,8 +448,8 @@ impl<B: WeightBlock> QuantMatrix<B> {
                 forward_blocks(blocks, self.isa == Isa::Avx2, &x, m, k, n, &mut out)
             }
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Pairs` is only built where the CPU has AVX-512 VNNI.
-            Store::Pairs(packed) => unsafe { packed.forward(&x, m, k, n, &mut out) },
+            // SAFETY: `Groups` is only built where the CPU has AVX-512 VNNI.
+            Store::Groups(packed) => unsafe { packed.forward(&x, m, k, n, &mut out) },
         }
         Ok(Tensor::from_vec(out, (m, n), &Device::Cpu)?)
     }

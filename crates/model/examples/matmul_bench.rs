@@ -1,0 +1,91 @@
+//! Times the quantized CPU matmuls of one SmolLM2-135M layer (Q4_1: the
+//! fused q/k/v, o, the fused gate/up and down projections) and its Q8_0
+//! lm_head, at a few token counts, on the path `Isa::chosen` picks
+//! (`STRATA_CPU_ISA` caps it).
+//!
+//!     RAYON_NUM_THREADS=2 cargo run --release -p strata-model --example matmul_bench [TOKENS]
+//!
+//! TOKENS: comma-separated token counts (default 1,16,64,512).
+
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use half::f16;
+use strata_model::{Q4_1Matrix, Q8_0Matrix};
+
+/// GGUF bytes of `blocks` blocks of `bytes` each, with plausible scales.
+fn gguf(blocks: usize, bytes: usize, with_min: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(blocks * bytes);
+    for b in 0..blocks {
+        let start = out.len();
+        out.extend(f16::from_f32(0.002 + (b % 13) as f32 * 1e-4).to_le_bytes());
+        if with_min {
+            out.extend(f16::from_f32(-0.01 - (b % 7) as f32 * 1e-3).to_le_bytes());
+        }
+        let payload = bytes - (out.len() - start);
+        out.extend((0..payload).map(|j| ((b * 131 + j * 29) % 251) as u8));
+    }
+    out
+}
+
+fn best_of(runs: usize, mut f: impl FnMut()) -> Duration {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .expect("runs > 0")
+}
+
+fn main() {
+    let tokens: Vec<usize> = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "1,16,64,512".into())
+        .split(',')
+        .map(|c| c.trim().parse().expect("a token count"))
+        .collect();
+    let q4 = |rows: usize, cols: usize| {
+        Q4_1Matrix::from_bytes("w", &gguf(rows * cols / 32, 20, true), rows, cols).unwrap()
+    };
+    // (name, matrix, input width)
+    let layer = [
+        ("qkv", q4(960, 576), 576),
+        ("o", q4(576, 576), 576),
+        ("gate_up", q4(3072, 576), 576),
+        ("down", q4(576, 1536), 1536),
+    ];
+    let lm_head =
+        Q8_0Matrix::from_bytes("lm", &gguf(49152 * 576 / 32, 34, false), 49152, 576).unwrap();
+    println!("path: {:?}", lm_head.isa());
+    println!("tokens   layer ms   per token µs   GMAC/s   lm_head ms");
+    let input = |m: usize, k: usize| {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
+            .collect();
+        Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap()
+    };
+    let macs: usize = layer.iter().map(|(_, w, k)| w.rows() * k).sum();
+    for &m in &tokens {
+        let xs: Vec<Tensor> = layer.iter().map(|(_, _, k)| input(m, *k)).collect();
+        let runs = (2048 / m).clamp(3, 200);
+        let t = best_of(runs, || {
+            for ((_, w, _), x) in layer.iter().zip(&xs) {
+                w.forward(x).unwrap();
+            }
+        });
+        let x = input(m, 576);
+        let lm = best_of((runs / 4).max(2), || {
+            lm_head.forward(&x).unwrap();
+        });
+        let s = t.as_secs_f64();
+        println!(
+            "{m:6}   {:8.3}   {:12.1}   {:6.1}   {:10.3}",
+            s * 1e3,
+            s * 1e6 / m as f64,
+            (macs * m) as f64 / s / 1e9,
+            lm.as_secs_f64() * 1e3
+        );
+    }
+}
