@@ -1,8 +1,10 @@
 //! CPU references, one per kernel, in plain f32 loops. Each kernel's CPU
 //! implementation (the op's CPU path) is its reference, and the GPU check
 //! compares the kernels with them. Slices of rows may be strided: row `t`
-//! starts at `t * stride`.
+//! starts at `t * stride`. Row-wise ones split their rows across the rayon
+//! pool; a row's operations are the same either way.
 
+use rayon::prelude::*;
 use strata_types::{RopeStyle, BLOCK_SIZE};
 
 use crate::Heads;
@@ -47,11 +49,11 @@ pub fn add_rms_norm(
     out: &mut [f32],
 ) {
     let hidden = weight.len();
-    for (row, (r, o)) in residual
-        .chunks_mut(hidden)
-        .zip(out.chunks_mut(hidden))
-        .enumerate()
-    {
+    let rows = residual
+        .par_chunks_mut(hidden)
+        .zip(out.par_chunks_mut(hidden))
+        .enumerate();
+    rows.for_each(|(row, (r, o))| {
         if let Some(x) = x {
             for (r, x) in r.iter_mut().zip(&x[row * hidden..(row + 1) * hidden]) {
                 *r += x;
@@ -62,18 +64,19 @@ pub fn add_rms_norm(
         for ((o, r), w) in o.iter_mut().zip(r.iter()).zip(weight) {
             *o = r * inv * w;
         }
-    }
+    });
 }
 
 /// `kernels/activation.cu`: rows of `[gate | up]` (each `inter` wide) to
 /// `silu(gate) * up`.
 pub fn silu_and_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    for (gu, o) in gate_up.chunks(2 * inter).zip(out.chunks_mut(inter)) {
+    let rows = gate_up.par_chunks(2 * inter).zip(out.par_chunks_mut(inter));
+    rows.for_each(|(gu, o)| {
         let (g, u) = gu.split_at(inter);
         for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
             *o = g / (1.0 + (-g).exp()) * u;
         }
-    }
+    });
 }
 
 /// `kernels/rotary.cu`: rotates `x` (`[tokens, heads, head_dim]`) in place,
