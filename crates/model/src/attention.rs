@@ -637,6 +637,12 @@ unsafe fn attend_tile_fma<E: KvElem>(
         values,
         ..
     } = tile;
+    // A small tile (a decode: one token's queries of a KV head) reads the
+    // cache rows where they are: widening each block to f32 first would
+    // cost more than its few queries' products. Both ways give the same
+    // bits. The direct kernels hold three queries' sums in registers, which
+    // takes AVX-512's 32.
+    let direct = n <= 6 && avx512vl();
     // Rows past a block's last position are scored too, and ignored.
     keys.resize(BLOCK_SIZE * d, 0.0);
     values.resize(BLOCK_SIZE * dv, 0.0);
@@ -649,6 +655,43 @@ unsafe fn attend_tile_fma<E: KvElem>(
     {
         // How many of the block's positions each query sees (0: none).
         let seen = |i: usize| (pos[i] + 1).saturating_sub(first).min(BLOCK_SIZE);
+        if direct {
+            // Up to three queries of one position at a time (they see the
+            // same rows), each row widened once in a register for them all.
+            let mut i = 0;
+            while i < n {
+                let mut group = 1;
+                while group < 3 && i + group < n && pos[i + group] == pos[i] {
+                    group += 1;
+                }
+                let cnt = seen(i);
+                if cnt > 0 {
+                    let at = DirectBlock {
+                        k: head.k[k_base..].as_ptr(),
+                        v: head.v[v_base..].as_ptr(),
+                        k_row: head.k_row,
+                        v_row: head.v_row,
+                        rows: cnt,
+                    };
+                    let state = QueryState {
+                        q: &q[..],
+                        out: &mut out[..],
+                        max: &mut max[..],
+                        sum: &mut sum[..],
+                        scores: &mut scores[..],
+                        d,
+                        dv,
+                    };
+                    match group {
+                        1 => attend_block_direct::<E, 1>(at, state, i),
+                        2 => attend_block_direct::<E, 2>(at, state, i),
+                        _ => attend_block_direct::<E, 3>(at, state, i),
+                    }
+                }
+                i += group;
+            }
+            continue;
+        }
         for j in 0..rows {
             let k = &head.k[k_base + j * head.k_row..][..d];
             for (w, x) in keys[j * d..(j + 1) * d].iter_mut().zip(k) {
@@ -690,6 +733,129 @@ unsafe fn attend_tile_fma<E: KvElem>(
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+#[cfg(target_arch = "x86_64")]
+fn avx512vl() -> bool {
+    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vl")
+}
+
+/// Where a block's rows start in the cache, for the direct kernels.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct DirectBlock<E> {
+    k: *const E,
+    v: *const E,
+    k_row: usize,
+    v_row: usize,
+    /// Rows the queries see.
+    rows: usize,
+}
+
+/// The tile's per-query state, for the direct kernels.
+#[cfg(target_arch = "x86_64")]
+struct QueryState<'a> {
+    q: &'a [f32],
+    out: &'a mut [f32],
+    max: &'a mut [f32],
+    sum: &'a mut [f32],
+    scores: &'a mut [[f32; BLOCK_SIZE]],
+    d: usize,
+    dv: usize,
+}
+
+/// One block for queries `i..i + Q` of one position, reading keys and
+/// values from the cache: the scores as [`dot_8_rows`] makes them, the
+/// softmax step, and the weighted values as [`add_weighted_rows`] adds
+/// them, so each query's bits are those of the widened path.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn attend_block_direct<E: KvElem, const Q: usize>(
+    at: DirectBlock<E>,
+    s: QueryState<'_>,
+    i: usize,
+) {
+    let (d, dv) = (s.d, s.dv);
+    let qs: [*const f32; Q] = std::array::from_fn(|j| s.q[(i + j) * d..].as_ptr());
+    for g in (0..at.rows).step_by(8) {
+        let dots = dot_8_rows_direct::<E, Q>(qs, at.k.add(g * at.k_row), at.k_row, d);
+        for (j, v) in dots.into_iter().enumerate() {
+            _mm256_storeu_ps(s.scores[i + j][g..].as_mut_ptr(), v);
+        }
+    }
+    for j in i..i + Q {
+        let o = &mut s.out[j * dv..(j + 1) * dv];
+        softmax_block(&mut s.scores[j][..at.rows], &mut s.max[j], &mut s.sum[j], o);
+    }
+    let w: [&[f32]; Q] = std::array::from_fn(|j| &s.scores[i + j][..at.rows]);
+    let base = s.out.as_mut_ptr();
+    let mut c = 0;
+    while c + 64 <= dv {
+        let o = std::array::from_fn(|j| base.add((i + j) * dv + c));
+        add_weighted_rows_direct::<E, Q, 8>(o, w, at.v.add(c), at.v_row);
+        c += 64;
+    }
+    while c < dv {
+        let o = std::array::from_fn(|j| base.add((i + j) * dv + c));
+        add_weighted_rows_direct::<E, Q, 1>(o, w, at.v.add(c), at.v_row);
+        c += 8;
+    }
+}
+
+/// [`dot_8_rows`] for `Q` queries, with rows `stride` values apart in the
+/// cache: each row's 8 values are widened once for every query.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+#[inline]
+unsafe fn dot_8_rows_direct<E: KvElem, const Q: usize>(
+    q: [*const f32; Q],
+    k: *const E,
+    stride: usize,
+    d: usize,
+) -> [__m256; Q] {
+    let mut acc = [[_mm256_setzero_ps(); 8]; Q];
+    for c in (0..d).step_by(8) {
+        for r in 0..8 {
+            let row = E::load8(k.add(r * stride + c));
+            for (a, q) in acc.iter_mut().zip(&q) {
+                a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(c)), row, a[r]);
+            }
+        }
+    }
+    acc.map(|a| sum_8_rows(a))
+}
+
+/// [`add_weighted_rows`] for `Q` queries, with value rows `stride` values
+/// apart in the cache, each widened once for every query.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+#[inline]
+unsafe fn add_weighted_rows_direct<E: KvElem, const Q: usize, const L: usize>(
+    out: [*mut f32; Q],
+    w: [&[f32]; Q],
+    v: *const E,
+    stride: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); L]; Q];
+    for (a, o) in acc.iter_mut().zip(&out) {
+        for (l, a) in a.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(o.add(8 * l));
+        }
+    }
+    for j in 0..w[0].len() {
+        let row = v.add(j * stride);
+        for l in 0..L {
+            let x = E::load8(row.add(8 * l));
+            for (a, w) in acc.iter_mut().zip(&w) {
+                a[l] = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), x, a[l]);
+            }
+        }
+    }
+    for (a, o) in acc.iter().zip(&out) {
+        for (l, a) in a.iter().enumerate() {
+            _mm256_storeu_ps(o.add(8 * l), *a);
+        }
+    }
+}
+
 /// The dot products of `q` with 8 consecutive rows of `d` floats at `k`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -702,7 +868,15 @@ unsafe fn dot_8_rows(q: *const f32, k: *const f32, d: usize) -> __m256 {
             *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(k.add(r * d + c)), *a);
         }
     }
-    // Sum across each vector: pairs, quads, then the two halves.
+    sum_8_rows(acc)
+}
+
+/// Each of 8 vectors summed across, as one vector: pairs, quads, then the
+/// two halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn sum_8_rows(acc: [__m256; 8]) -> __m256 {
     let p01 = _mm256_hadd_ps(acc[0], acc[1]);
     let p23 = _mm256_hadd_ps(acc[2], acc[3]);
     let p45 = _mm256_hadd_ps(acc[4], acc[5]);
@@ -1122,7 +1296,15 @@ mod tests {
     fn a_query_attends_the_same_bits_alone_as_in_any_tile() {
         // Two sequences, three query heads per KV head: a prefill chunk of
         // eleven tokens (tiles of 8 and 3) beside one decoding token.
-        let d = 16;
+        // Widths of 16 and 80: the kernels' one-vector and 64-wide value
+        // chunks. A token alone (three queries) reads the cache directly
+        // where the CPU has AVX-512; tiles of 8 and 3 tokens widen it.
+        for d in [16, 80] {
+            same_bits_alone_as_in_any_tile(d);
+        }
+    }
+
+    fn same_bits_alone_as_in_any_tile(d: usize) {
         let heads = Heads {
             num_heads: 6,
             num_kv_heads: 2,
@@ -1183,7 +1365,10 @@ mod tests {
                     &mut alone,
                 );
                 let got = &together[t * width..(t + 1) * width];
-                assert_eq!(alone, got, "token {t}, spans of {span_blocks} blocks");
+                assert_eq!(
+                    alone, got,
+                    "d {d}, token {t}, spans of {span_blocks} blocks"
+                );
             }
         }
     }

@@ -45,6 +45,12 @@ impl Plane {
 pub trait KvElem: Copy + Send + Sync + 'static {
     fn get(self) -> f32;
     fn put(x: f32) -> Self;
+    /// Eight values from `p`, as f32 in one register.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `p` must point at eight values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl KvElem for f32 {
@@ -55,6 +61,12 @@ impl KvElem for f32 {
     #[inline(always)]
     fn put(x: f32) -> Self {
         x
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
     }
 }
 
@@ -67,6 +79,14 @@ impl KvElem for bf16 {
     #[inline(always)]
     fn put(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
 }
 
