@@ -520,15 +520,14 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
         scores,
         ..
     } = tile;
-    for CacheBlock {
-        first,
-        rows,
-        k_base,
-        v_base,
-    } in cache_blocks(pos, head, blocks)
-    {
-        // How many of the block's positions each query sees (0: none).
-        let seen = |i: usize| (pos[i] + 1).saturating_sub(first).min(BLOCK_SIZE);
+    for block in cache_blocks(pos, head, blocks) {
+        let CacheBlock {
+            rows,
+            k_base,
+            v_base,
+            ..
+        } = block;
+        let seen = |i: usize| block.seen(pos[i]);
         for j in 0..rows {
             let off = k_base + j * head.k_row;
             let k = &head.k[off..off + d];
@@ -563,11 +562,19 @@ fn attend_tile<E: KvElem>(tile: &mut Tile, head: &KvHead<E>, blocks: std::ops::R
 /// One cache block of a tile's pass: its first position, how many of its
 /// rows the tile's latest query sees, and where its rows start in each
 /// plane.
+#[derive(Clone, Copy)]
 struct CacheBlock {
     first: usize,
     rows: usize,
     k_base: usize,
     v_base: usize,
+}
+
+impl CacheBlock {
+    /// How many of the block's positions a query at `pos` sees (0: none).
+    fn seen(&self, pos: usize) -> usize {
+        (pos + 1).saturating_sub(self.first).min(BLOCK_SIZE)
+    }
 }
 
 /// The blocks of `blocks` (of the table) that some query at `pos` reaches.
@@ -646,15 +653,14 @@ unsafe fn attend_tile_fma<E: KvElem>(
     // Rows past a block's last position are scored too, and ignored.
     keys.resize(BLOCK_SIZE * d, 0.0);
     values.resize(BLOCK_SIZE * dv, 0.0);
-    for CacheBlock {
-        first,
-        rows,
-        k_base,
-        v_base,
-    } in cache_blocks(pos, head, blocks)
-    {
-        // How many of the block's positions each query sees (0: none).
-        let seen = |i: usize| (pos[i] + 1).saturating_sub(first).min(BLOCK_SIZE);
+    for block in cache_blocks(pos, head, blocks) {
+        let CacheBlock {
+            rows,
+            k_base,
+            v_base,
+            ..
+        } = block;
+        let seen = |i: usize| block.seen(pos[i]);
         if direct {
             // Up to three queries of one position at a time (they see the
             // same rows), each row widened once in a register for them all.

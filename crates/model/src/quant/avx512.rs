@@ -240,27 +240,23 @@ impl<P: Packing> Packed<P> {
         use rayon::prelude::*;
         let kb = self.kb;
         let mut xq = vec![ZERO_Q8; m * kb];
-        // For values stored as `q + 128`: -128 × each activation block's
-        // integer sum, where its dot products start.
-        let mut bias = vec![0i32; if P::BIASED { m * kb } else { 0 }];
+        // Each activation block's integer sum: for values stored as
+        // `q + 128`, a block's dot products start from -128 × it.
+        let mut sums = vec![0i32; m * kb];
         xq.par_chunks_mut(kb)
+            .zip(sums.par_chunks_mut(kb))
             .zip(x.par_chunks(k))
-            .for_each(|(q, row)| {
-                for (b, xs) in q.iter_mut().zip(row.chunks_exact(QK)) {
+            .for_each(|((q, sums), row)| {
+                for ((b, sum), xs) in q.iter_mut().zip(sums).zip(row.chunks_exact(QK)) {
                     // SAFETY: the caller vouches for the features.
-                    *b = unsafe { quantize_block(xs) };
+                    (*b, *sum) = unsafe { quantize_block(xs) };
                 }
             });
-        if P::BIASED {
-            for (bias, x) in bias.iter_mut().zip(&xq) {
-                *bias = -128 * x.qs.iter().map(|&q| q as i32).sum::<i32>();
-            }
-        }
         let out_ptr = SendPtr(out.as_mut_ptr());
         let work = Work {
             w: self,
             xq: &xq,
-            bias: &bias,
+            sums: &sums,
             m,
             n,
             out: &out_ptr,
@@ -281,12 +277,13 @@ impl<P: Packing> Packed<P> {
 }
 
 /// 32 activations to 8 bits with one scale (ggml's Q8_1), as
-/// [`super::quantize_block`] does but rounding ties to even.
+/// [`super::quantize_block`] does but rounding ties to even; with the
+/// block's integer sum.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F and BW.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn quantize_block(xs: &[f32]) -> BlockQ8_1 {
+unsafe fn quantize_block(xs: &[f32]) -> (BlockQ8_1, i32) {
     let lo = _mm512_loadu_ps(xs.as_ptr());
     let hi = _mm512_loadu_ps(xs[16..].as_ptr());
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -303,14 +300,14 @@ unsafe fn quantize_block(xs: &[f32]) -> BlockQ8_1 {
     );
     b.d = d;
     b.s = d * sum as f32;
-    b
+    (b, sum)
 }
 
 /// What the tasks of one matmul share.
 struct Work<'a, P: Packing> {
     w: &'a Packed<P>,
     xq: &'a [BlockQ8_1],
-    bias: &'a [i32],
+    sums: &'a [i32],
     m: usize,
     n: usize,
     out: &'a SendPtr,
@@ -359,7 +356,7 @@ impl<P: Packing> Work<'_, P> {
             let mut dots = [_mm512_setzero_si512(); T];
             if P::BIASED {
                 for (j, dot) in dots.iter_mut().enumerate() {
-                    *dot = _mm512_set1_epi32(self.bias[(t + j) * kb + b]);
+                    *dot = _mm512_set1_epi32(-128 * self.sums[(t + j) * kb + b]);
                 }
             }
             P::dots::<T>(&self.w.q[at * chunks..(at + 1) * chunks], &x, &mut dots);
