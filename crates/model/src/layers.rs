@@ -11,16 +11,20 @@ use strata_comm::Communicator;
 
 use crate::error::Result;
 use crate::fp8::Fp8Matrix;
+use crate::half_matrix::HalfMatrix;
 use crate::quant::{Q4_1Matrix, Q8_0Matrix};
 use crate::weights::{Shard, Weights};
 
 /// A weight matrix `[out, in]` and the kernel that multiplies by it: candle's
-/// (dense, or any GGUF type it has a fast kernel for) or strata's own Q4_1.
+/// (dense in the activations' dtype, or a GGUF type it has a fast kernel
+/// for) or strata's own (16-bit dense on the CPU, Q4_1, Q8_0, FP8).
 #[derive(Debug, Clone)]
 pub enum Matmul {
     Candle(QMatMul),
     /// Block-scaled FP8 (DeepSeek's checkpoints), dequantized inside the matmul.
     Fp8(Arc<Fp8Matrix>),
+    /// bf16 or f16 kept 16-bit on the CPU, widened inside the matmul.
+    Half(Arc<HalfMatrix>),
     Q4_1(Arc<Q4_1Matrix>),
     Q8_0(Arc<Q8_0Matrix>),
 }
@@ -33,6 +37,7 @@ impl Matmul {
             Matmul::Q4_1(m) => m.forward(x),
             Matmul::Q8_0(m) => m.forward(x),
             Matmul::Fp8(m) => m.forward(x),
+            Matmul::Half(m) => m.forward(x),
         }
     }
 
@@ -47,6 +52,7 @@ impl Matmul {
             Matmul::Q4_1(q) => q.dequantize()?,
             Matmul::Q8_0(q) => q.dequantize()?,
             Matmul::Fp8(q) => q.dequantize()?,
+            Matmul::Half(h) => h.dequantize()?,
         })
     }
 
@@ -62,6 +68,17 @@ impl Matmul {
             .collect::<Option<Vec<_>>>()
         {
             return Ok(Some(Matmul::Q4_1(Arc::new(Q4_1Matrix::concat_rows(&q)))));
+        }
+        if let Some(h) = parts
+            .iter()
+            .map(|p| match p {
+                Matmul::Half(h) => Some(h.as_ref()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .filter(|h| h.iter().all(|m| m.kind() == h[0].kind()))
+        {
+            return Ok(Some(Matmul::Half(Arc::new(HalfMatrix::concat_rows(&h)))));
         }
         if let Some(t) = parts
             .iter()

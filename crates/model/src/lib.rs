@@ -17,6 +17,7 @@ mod deepseek;
 mod device;
 mod error;
 mod fp8;
+mod half_matrix;
 mod kv_cache;
 mod layers;
 mod llama;
@@ -31,6 +32,7 @@ pub use batch::{BatchInput, SeqInfo, StageOutput};
 pub use deepseek::DeepseekConfig;
 pub use device::{dtype_from_name, dtype_name, parse_dtype, DeviceRequest, Placement};
 pub use error::{Error, Result};
+pub use half_matrix::{HalfKind, HalfMatrix};
 pub use kv_cache::{KvCache, LayerKv, Plane};
 pub use layers::{
     ColumnParallelLinear, Matmul, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,

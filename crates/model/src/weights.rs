@@ -18,6 +18,7 @@ use memmap2::Mmap;
 use crate::arch::Architecture;
 use crate::error::{Error, Result};
 use crate::fp8::Fp8Matrix;
+use crate::half_matrix::{HalfKind, HalfMatrix};
 use crate::layers::Matmul;
 use crate::quant::{Q4_1Matrix, Q8_0Matrix};
 
@@ -402,6 +403,27 @@ impl Weights {
             {
                 Ok(Matmul::Fp8(Arc::new(self.fp8(name, shard)?)))
             }
+            Source::Safetensors { entries, .. }
+                if self.keeps_half()
+                    && entries.get(name).is_some_and(|e| {
+                        e.shape.len() == 2
+                            && matches!(e.dtype, safetensors::Dtype::BF16 | safetensors::Dtype::F16)
+                    }) =>
+            {
+                let e = &entries[name];
+                let kind = match e.dtype {
+                    safetensors::Dtype::F16 => HalfKind::F16,
+                    _ => HalfKind::Bf16,
+                };
+                let Source::Safetensors { files, .. } = &*self.source else {
+                    unreachable!("matched above")
+                };
+                let bytes = &files[e.file][e.start..e.end];
+                let (shape, parts) = slice_rows(name, &e.shape, 2, bytes, shard)?;
+                self.record(name, parts.iter().map(|p| p.len()).sum());
+                let m = HalfMatrix::from_parts(name, kind, &parts, shape[0], shape[1])?;
+                Ok(Matmul::Half(Arc::new(m)))
+            }
             Source::Safetensors { .. } => Ok(Matmul::Candle(QMatMul::Tensor(
                 self.dense_safetensors(name, shard)?,
             ))),
@@ -418,6 +440,14 @@ impl Weights {
                             let m = Q8_0Matrix::from_bytes(name, &data, rows, cols)?;
                             return Ok(Matmul::Q8_0(Arc::new(m)));
                         }
+                        GgmlDType::F16 | GgmlDType::BF16 if self.keeps_half() => {
+                            let kind = match dtype {
+                                GgmlDType::F16 => HalfKind::F16,
+                                _ => HalfKind::Bf16,
+                            };
+                            let m = HalfMatrix::from_parts(name, kind, &[&data], rows, cols)?;
+                            return Ok(Matmul::Half(Arc::new(m)));
+                        }
                         _ => {}
                     }
                 }
@@ -430,6 +460,13 @@ impl Weights {
                 Ok(Matmul::Candle(QMatMul::from_arc(Arc::new(q))?))
             }
         }
+    }
+
+    /// Whether 16-bit dense weights stay 16-bit for [`HalfMatrix`]: on the
+    /// CPU with f32 activations, where candle would widen them to f32 at
+    /// load and read twice the bytes every step.
+    fn keeps_half(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
     }
 
     fn record(&self, name: &str, bytes: usize) {

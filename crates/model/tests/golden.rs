@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use strata_comm::SingleRank;
-use strata_model::{BatchInput, KvCache, SeqInfo, StageModel, StageOutput, Weights};
+use strata_model::{
+    BatchInput, HalfKind, KvCache, Matmul, SeqInfo, StageModel, StageOutput, Weights,
+};
 use strata_types::{LayerRange, BLOCK_SIZE};
 
 /// Observed differences are at most 3e-6 (summation order); a wrong
@@ -166,6 +168,17 @@ fn mistral_with_explicit_head_dim_matches_transformers() {
 fn bf16_and_f16_checkpoints_match_transformers() {
     check_variant("llama-bf16");
     check_variant("llama-f16");
+    // On the CPU their projections stay 16-bit (HalfMatrix), not f32.
+    for (variant, kind) in [("llama-bf16", HalfKind::Bf16), ("llama-f16", HalfKind::F16)] {
+        let w = Weights::open(&fixture(variant), &Device::Cpu).unwrap();
+        let m = w
+            .matmul("model.layers.0.mlp.down_proj.weight", None)
+            .unwrap();
+        assert!(
+            matches!(&m, Matmul::Half(h) if h.kind() == kind),
+            "{variant}: the projection is not a {kind:?} HalfMatrix"
+        );
+    }
 }
 
 #[test]
