@@ -352,6 +352,14 @@ impl<P: Packing> Work<'_, P> {
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..kb {
             let at = g * kb + b;
+            // The next group's block: a task's groups follow one another,
+            // so its weights arrive while this group computes (the hardware
+            // prefetcher alone leaves a few tokens paying for the reading
+            // and the compute one after the other).
+            let ahead = self.w.q.as_ptr().wrapping_add((at + kb) * chunks) as *const i8;
+            for c in 0..chunks {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * 64));
+            }
             let x: [&BlockQ8_1; T] = std::array::from_fn(|j| &self.xq[(t + j) * kb + b]);
             let mut dots = [_mm512_setzero_si512(); T];
             if P::BIASED {
