@@ -78,9 +78,15 @@ struct Args {
     /// Tokens of each random prompt.
     #[arg(long, default_value_t = 32)]
     input_len: usize,
-    /// Tokens generated per request (EOS ignored).
+    /// Tokens generated per request (EOS ignored, unless --stop-at-eos).
     #[arg(long, default_value_t = 128)]
     output_len: usize,
+    /// Let the concurrency levels' requests end at EOS (at most
+    /// --output-len tokens each), for --prompts whose answers have a natural
+    /// end, such as edit tasks: tokens forced past it are not grounded in
+    /// the prompt. Throughput counts the tokens generated.
+    #[arg(long)]
+    stop_at_eos: bool,
     /// JSONL prompts (`{"prompt": ...}` or `{"text": ...}` lines), used in
     /// turn instead of random ones.
     #[arg(long)]
@@ -232,6 +238,7 @@ async fn measure(
         prompts,
         progress: progress_bar(label, args)?,
         next_prompt: 0,
+        stop_at_eos: args.stop_at_eos,
     };
     driver.warm_up().await?;
     let mut levels = Vec::new();
@@ -258,6 +265,7 @@ async fn measure(
         prefill_512: prefill_512.is_finite().then_some(prefill_512),
         llama_bench: None,
         peak_rss_mib: None,
+        stop_at_eos: args.stop_at_eos,
     })
 }
 

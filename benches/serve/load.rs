@@ -103,14 +103,23 @@ pub struct Driver<'a> {
     pub progress: ProgressBar,
     /// Index of the next concurrency-level prompt.
     pub next_prompt: u64,
+    /// Whether concurrency-level requests end at EOS rather than always
+    /// generating `output_len` tokens.
+    pub stop_at_eos: bool,
 }
 
 impl Driver<'_> {
-    /// One streamed completion of `max_tokens` tokens, EOS ignored.
-    async fn stream_one(&self, prompt: &str, max_tokens: usize) -> Result<Sample> {
+    /// One streamed greedy completion of at most `max_tokens` tokens;
+    /// exactly that many where EOS is ignored.
+    async fn stream_one(
+        &self,
+        prompt: &str,
+        max_tokens: usize,
+        ignore_eos: bool,
+    ) -> Result<Sample> {
         let body = json!({
             "model": self.model, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": true, "stream": true,
+            "temperature": 0, "ignore_eos": ignore_eos, "stream": true,
             "stream_options": {"include_usage": true},
         });
         let start = Instant::now();
@@ -166,7 +175,7 @@ impl Driver<'_> {
     /// A short request, so lazy start-up work is not charged to the first level.
     pub async fn warm_up(&self) -> Result<()> {
         self.progress.set_message("warm-up");
-        let sample = self.stream_one("Hello", 8).await;
+        let sample = self.stream_one("Hello", 8, true).await;
         sample.map(drop).context("warm-up request")
     }
 
@@ -180,7 +189,9 @@ impl Driver<'_> {
         let samples: Vec<Result<Sample>> = futures::stream::iter(0..requests as u64)
             .map(|i| async move {
                 let prompt = this.prompts.get(first_index + i);
-                let result = this.stream_one(&prompt, output_len).await;
+                let result = this
+                    .stream_one(&prompt, output_len, !this.stop_at_eos)
+                    .await;
                 this.progress.inc(1);
                 result
             })
@@ -203,7 +214,7 @@ impl Driver<'_> {
         };
         for attempt in 0..2 {
             let prompt = filler(tokens, SWEEP_SEED + 16 * tokens as u64 + attempt);
-            match self.stream_one(&prompt, CONTEXT_OUTPUT_TOKENS).await {
+            match self.stream_one(&prompt, CONTEXT_OUTPUT_TOKENS, true).await {
                 Ok(s) => {
                     point.prompt_tokens = s.prompt_tokens.unwrap_or(tokens);
                     let prefill = point.prompt_tokens as f64 / s.first_token;
@@ -225,7 +236,7 @@ impl Driver<'_> {
         let mut best = f64::NAN;
         for attempt in 0..3 {
             let prompt = filler(512, SWEEP_SEED - 1 - attempt);
-            if let Ok(s) = self.stream_one(&prompt, 1).await {
+            if let Ok(s) = self.stream_one(&prompt, 1, true).await {
                 best = best.max(s.prompt_tokens.unwrap_or(512) as f64 / s.elapsed);
             }
             self.progress.inc(1);

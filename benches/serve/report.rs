@@ -34,6 +34,9 @@ pub struct Run {
     /// Peak RSS of a launched server's (leader) process.
     #[serde(default)]
     pub peak_rss_mib: Option<f64>,
+    /// Whether the levels' requests ended at EOS (`--stop-at-eos`).
+    #[serde(default)]
+    pub stop_at_eos: bool,
 }
 
 /// One concurrency level: `requests` requests, at most `concurrency` at once.
@@ -94,8 +97,13 @@ pub fn print_run(run: &Run) {
     let threads = run
         .threads
         .map_or(String::new(), |t| format!(", {t} threads"));
+    let eos = if run.stop_at_eos {
+        ", requests end at EOS"
+    } else {
+        ""
+    };
     println!(
-        "\n== {}  ({}, model {}{threads})",
+        "\n== {}  ({}, model {}{threads}{eos})",
         run.label, run.url, run.model
     );
     println!(
