@@ -4,7 +4,7 @@
 //! On the CPU a matrix stays FP8 in memory, one byte a weight, and is
 //! dequantized a block at a time inside the matmul.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -161,14 +161,7 @@ impl Fp8Matrix {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         const ROWS_PER_TASK: usize = 16;
         let dtype = x.dtype();
-        let (tokens, k) = x.dims2()?;
-        if k != self.cols {
-            return Err(Error::Config(format!(
-                "an FP8 matrix [{}, {}] times input width {k}",
-                self.rows, self.cols
-            )));
-        }
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (tokens, xs) = crate::layers::matmul_input(x, self.cols, "FP8")?;
         let simd = crate::quant::has_avx2();
         let strips: Vec<Vec<f32>> = (0..self.rows.div_ceil(ROWS_PER_TASK))
             .into_par_iter()

@@ -18,6 +18,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::layers::matmul_input;
 use crate::quant::Isa;
 
 /// How the 16 bits of a weight encode it.
@@ -140,14 +141,7 @@ impl HalfMatrix {
 
     /// `x [tokens, cols] → [tokens, rows]`, in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.cols {
-            return Err(Error::Candle(candle_core::Error::Msg(format!(
-                "{:?} matmul: input has {k} features, weight expects {}",
-                self.kind, self.cols
-            ))));
-        }
-        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (m, x) = matmul_input(x, self.cols, &format!("{:?}", self.kind))?;
         let mut out = vec![0f32; m * self.rows];
         self.forward_into(&x, m, &mut out);
         Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)

@@ -94,6 +94,19 @@ impl Matmul {
     }
 }
 
+/// The activations of a CPU matmul by a `[_, cols]` weight (`what` names
+/// it in the error): their token count and their values in f32, row-major.
+pub(crate) fn matmul_input(x: &Tensor, cols: usize, what: &str) -> Result<(usize, Vec<f32>)> {
+    let (tokens, k) = x.dims2()?;
+    if k != cols {
+        return Err(crate::error::Error::Config(format!(
+            "{what} matmul: input has {k} features, weight expects {cols}"
+        )));
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?.flatten_all()?;
+    Ok((tokens, x.to_vec1::<f32>()?))
+}
+
 fn shard(comm: &dyn Communicator, dim: usize) -> Option<Shard> {
     (comm.world_size() > 1).then(|| Shard::new(dim, comm.rank(), comm.world_size()))
 }

@@ -432,16 +432,8 @@ impl<B: WeightBlock> QuantMatrix<B> {
 
     /// `x [tokens, cols] → [tokens, rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.cols {
-            return Err(Error::Candle(candle_core::Error::Msg(format!(
-                "{} matmul: input has {k} features, weight expects {}",
-                B::NAME,
-                self.cols
-            ))));
-        }
-        let x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let n = self.rows;
+        let (m, x) = crate::layers::matmul_input(x, self.cols, B::NAME)?;
+        let (k, n) = (self.cols, self.rows);
         let mut out = vec![0f32; m * n];
         match &self.store {
             Store::Blocks(blocks) => {
