@@ -265,7 +265,8 @@ impl Strip<'_> {
     /// Every token over `rows` on AVX-512, in tiles as wide in tokens as the
     /// 32 registers allow: each chunk of a row is widened once per tile, and
     /// the widening shares a port with the FMAs. A lone token (a decode)
-    /// takes eight rows at a time, for enough independent FMA chains.
+    /// takes four rows at a time: enough independent FMA chains, and fewer
+    /// concurrent streams from memory than eight (which ran slower).
     ///
     /// # Safety
     /// AVX-512 F/BW/VL must be present; only one task may write `rows`.
