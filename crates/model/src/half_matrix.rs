@@ -29,6 +29,13 @@ pub enum HalfKind {
 }
 
 impl HalfKind {
+    fn name(self) -> &'static str {
+        match self {
+            HalfKind::Bf16 => "bf16",
+            HalfKind::F16 => "f16",
+        }
+    }
+
     fn to_f32(self, bits: u16) -> f32 {
         match self {
             HalfKind::Bf16 => bf16::from_bits(bits).to_f32(),
@@ -141,7 +148,7 @@ impl HalfMatrix {
 
     /// `x [tokens, cols] → [tokens, rows]`, in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (m, x) = matmul_input(x, self.cols, &format!("{:?}", self.kind))?;
+        let (m, x) = matmul_input(x, self.cols, self.kind.name())?;
         let mut out = vec![0f32; m * self.rows];
         self.forward_into(&x, m, &mut out);
         Ok(Tensor::from_vec(out, (m, self.rows), &Device::Cpu)?)

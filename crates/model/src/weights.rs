@@ -403,7 +403,7 @@ impl Weights {
             {
                 Ok(Matmul::Fp8(Arc::new(self.fp8(name, shard)?)))
             }
-            Source::Safetensors { entries, .. }
+            Source::Safetensors { files, entries, .. }
                 if self.keeps_half()
                     && entries.get(name).is_some_and(|e| {
                         e.shape.len() == 2
@@ -414,9 +414,6 @@ impl Weights {
                 let kind = match e.dtype {
                     safetensors::Dtype::F16 => HalfKind::F16,
                     _ => HalfKind::Bf16,
-                };
-                let Source::Safetensors { files, .. } = &*self.source else {
-                    unreachable!("matched above")
                 };
                 let bytes = &files[e.file][e.start..e.end];
                 let (shape, parts) = slice_rows(name, &e.shape, 2, bytes, shard)?;
