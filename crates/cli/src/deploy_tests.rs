@@ -344,7 +344,8 @@ fn the_kaito_workspace_runs_strata_with_kaitos_config_file() {
         "ConfigMap",
         "workspace-llama-3-3-70b-inference-config",
     );
-    let dir = std::env::temp_dir().join(format!("strata-kaito-{}", std::process::id()));
+    // Not the vllm_compat test's folder: the two run at once in one process.
+    let dir = std::env::temp_dir().join(format!("strata-kaito-workspace-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("inference_config.yaml");
     std::fs::write(
