@@ -7,14 +7,17 @@
 // does. Decode tokens and prefill tokens take the same path, so it serves
 // both; long prefills are bounded by one pass over the context per token.
 //
-// Grid (heads, tokens); ATTN_WARPS warps per block. Each warp walks every
+// Grid (heads, tokens), or (heads, rows) with a row list (`has_rows`: the
+// rows prefill_attention.cu does not take); ATTN_WARPS warps per block. Each warp walks every
 // ATTN_WARPS-th position with an online softmax (running max, sum and
 // weighted values, lane j holding elements j, j+32, ...); the warps' states
 // are merged at the end. No bound on the context length.
 // CPU reference: strata_model::paged_attention.
 #include "common.cuh"
 
-#define ATTN_WARPS 4
+// 16 warps: a decode step has one block per head and sequence, so at batch 1
+// each block's warps are all the parallelism there is over the context.
+#define ATTN_WARPS 16
 #define MAX_HEAD_DIM 256
 #define PER_LANE (MAX_HEAD_DIM / 32)
 
@@ -26,12 +29,12 @@ __device__ void paged_attention(const T* __restrict__ q, int64_t q_stride,
                                 const uint32_t* __restrict__ block_tables, int max_blocks,
                                 const float* __restrict__ cos, const float* __restrict__ sin,
                                 T* __restrict__ out, int heads, int kv_heads, int head_dim,
-                                int style) {
+                                int style, const uint32_t* __restrict__ rows, int has_rows) {
     __shared__ float qs[MAX_HEAD_DIM];
     __shared__ float warp_m[ATTN_WARPS], warp_s[ATTN_WARPS];
     __shared__ float warp_acc[ATTN_WARPS][MAX_HEAD_DIM];
     const int h = blockIdx.x;
-    const int64_t t = blockIdx.y;
+    const int64_t t = has_rows ? rows[blockIdx.y] : blockIdx.y;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int half = head_dim / 2;
     const int64_t pos = positions[t];
@@ -108,8 +111,9 @@ __device__ void paged_attention(const T* __restrict__ q, int64_t q_stride,
     extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) paged_attention_##NAME(        \
         const T* q, int64_t q_stride, const T* kv_cache, int64_t num_slots, const uint32_t* positions,               \
         const uint32_t* token_seq, const uint32_t* block_tables, int max_blocks, const float* cos, \
-        const float* sin, T* out, int heads, int kv_heads, int head_dim, int style) {            \
+        const float* sin, T* out, int heads, int kv_heads, int head_dim, int style,              \
+        const uint32_t* rows, int has_rows) {                                                     \
         paged_attention<T>(q, q_stride, kv_cache, num_slots, positions, token_seq, block_tables, max_blocks,  \
-                           cos, sin, out, heads, kv_heads, head_dim, style);                     \
+                           cos, sin, out, heads, kv_heads, head_dim, style, rows, has_rows);     \
     }
 STRATA_FOR_EACH_DTYPE(INSTANTIATE)

@@ -363,6 +363,7 @@ impl EngineCore {
                 self.handle(cmd);
             }
             self.drop_disconnected();
+            let scheduling = Instant::now();
             while in_flight.len() < depth {
                 let mut out = self.sched.schedule();
                 if out.is_empty() {
@@ -400,9 +401,24 @@ impl EngineCore {
                     Err(e) => self.step_failed(&out, e),
                 }
             }
+            let scheduled = scheduling.elapsed();
             if let Some(out) = in_flight.pop_front() {
+                let waiting = Instant::now();
                 match self.executor.collect() {
-                    Ok(result) => self.apply(&result),
+                    Ok(result) => {
+                        let waited = waiting.elapsed();
+                        self.apply(&result);
+                        // With the runner's line of the same step (worker side).
+                        tracing::debug!(
+                            target: "strata::step",
+                            "engine step {}: scheduled and sent in {:.2} ms, waited {:.2} ms, \
+                             applied in {:.2} ms",
+                            out.step_id,
+                            scheduled.as_secs_f64() * 1e3,
+                            waited.as_secs_f64() * 1e3,
+                            (waiting.elapsed() - waited).as_secs_f64() * 1e3
+                        );
+                    }
                     Err(e @ EngineError::NodeLost { .. }) => self.pause(e, &mut in_flight),
                     Err(e) => self.step_failed(&out, e),
                 }

@@ -256,12 +256,72 @@ impl InplaceOp3 for WriteKv<'_> {
     }
 }
 
+/// Query rows per tile of the tensor-core prefill kernel.
+pub const PREFILL_TILE: usize = 16;
+
+/// How a batch's rows split between the two attention kernels: sequences
+/// with at least [`PREFILL_TILE`] new tokens go to the tensor-core prefill
+/// kernel in tiles of up to 16 consecutive tokens, the rest (decodes, short
+/// chunks, speculative verifies) to the per-token kernel. Only the CUDA path
+/// of 16-bit caches with head_dim a multiple of 16 up to 128 uses it; every
+/// other path attends to every row the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefillPlan {
+    /// `(first token, rows)` of each tile.
+    pub tiles: Vec<[u32; 2]>,
+    /// The rows of the per-token kernel.
+    pub others: Vec<u32>,
+}
+
+impl PrefillPlan {
+    /// The plan for sequences of `query_lens` new tokens, laid out one after
+    /// another; `None` when no sequence is long enough.
+    pub fn new(query_lens: &[usize]) -> Option<Self> {
+        if query_lens.iter().all(|&n| n < PREFILL_TILE) {
+            return None;
+        }
+        let (mut tiles, mut others, mut start) = (Vec::new(), Vec::new(), 0u32);
+        for &n in query_lens {
+            let n = n as u32;
+            if n as usize >= PREFILL_TILE {
+                let tile = PREFILL_TILE as u32;
+                tiles.extend(
+                    (0..n.div_ceil(tile)).map(|i| [start + i * tile, tile.min(n - i * tile)]),
+                );
+            } else {
+                others.extend(start..start + n);
+            }
+            start += n;
+        }
+        Some(Self { tiles, others })
+    }
+
+    /// The plan as the kernels read it, on `device`.
+    pub fn upload(&self, device: &Device) -> Result<PrefillTiles> {
+        let flat: Vec<u32> = self.tiles.iter().flatten().copied().collect();
+        Ok(PrefillTiles {
+            tiles: Tensor::from_vec(flat, (self.tiles.len(), 2), device)?,
+            others: Tensor::new(self.others.as_slice(), device)?,
+        })
+    }
+}
+
+/// A [`PrefillPlan`] on the device: `tiles` `[n, 2]` and `others`, u32.
+#[derive(Debug, Clone)]
+pub struct PrefillTiles {
+    pub tiles: Tensor,
+    pub others: Tensor,
+}
+
 /// Causal attention for a flattened batch over the paged cache. `q` is
 /// `[tokens, ≥ num_heads * head_dim]` before rope (its first `num_heads *
 /// head_dim` columns are read, so a slice of the qkv output is fine); token
 /// `t` belongs to sequence `token_seq[t]` and attends to positions
 /// `0..=positions[t]` through row `token_seq[t]` of `block_tables`
-/// (`[seqs, max_blocks]`, u32). Returns `[tokens, num_heads * head_dim]`.
+/// (`[seqs, max_blocks]`, u32). `prefill` sends long chunks to the
+/// tensor-core kernel where it applies ([`PrefillPlan`]). Returns `[tokens,
+/// num_heads * head_dim]`.
+#[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     q: &Tensor,
     cache: &Tensor,
@@ -270,6 +330,7 @@ pub fn paged_attention(
     block_tables: &Tensor,
     rope: &RopeTables,
     num_heads: usize,
+    prefill: Option<&PrefillTiles>,
 ) -> Result<Tensor> {
     q.apply_op2_no_bwd(
         cache,
@@ -279,6 +340,7 @@ pub fn paged_attention(
             block_tables,
             rope,
             num_heads,
+            prefill,
         },
     )
 }
@@ -289,6 +351,9 @@ struct PagedAttention<'a> {
     block_tables: &'a Tensor,
     rope: &'a RopeTables,
     num_heads: usize,
+    /// Only the CUDA path reads it: the CPU attends to every row the same way.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    prefill: Option<&'a PrefillTiles>,
 }
 
 impl PagedAttention<'_> {
@@ -394,11 +459,26 @@ impl CustomOp2 for PagedAttention<'_> {
             }
             let dev = q.device().clone();
             let width = heads.num_heads * heads.head_dim;
-            // SAFETY: the kernel writes every element before anything reads it.
+            // SAFETY: the kernels write every element before anything reads it
+            // (the tiles and `others` cover every row).
             let out = unsafe { dev.alloc::<T>((t * width).max(1)) }?;
             if t == 0 {
                 return Ok(CudaStorage::wrap_cuda_slice(out, dev));
             }
+            let tiled = op.prefill.filter(|_| {
+                q.dtype() != candle_core::DType::F32
+                    && heads.head_dim % 16 == 0
+                    && heads.head_dim <= 128
+            });
+            // The per-token kernel's rows: all, or those outside the tiles.
+            let (rows, others) = match tiled {
+                None => (t, None),
+                Some(p) => (p.others.elem_count(), Some(p.others.storage_and_layout())),
+            };
+            let others = match &others {
+                Some((s, l)) => Some(view::<u32>(cuda(s, "the per-token rows")?, l)?),
+                None => None,
+            };
             let f = load(
                 &dev,
                 "paged_attention",
@@ -426,35 +506,104 @@ impl CustomOp2 for PagedAttention<'_> {
                 op.rope.style_code(),
             );
             let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(&qv)
-                .arg(&qs)
-                .arg(&cache)
-                .arg(&slots)
-                .arg(&pos)
-                .arg(&seq)
-                .arg(&tables)
-                .arg(&max_blocks)
-                .arg(&cos)
-                .arg(&sin)
-                .arg(&out)
-                .arg(&nh)
-                .arg(&nkv)
-                .arg(&hd)
-                .arg(&style);
-            let cfg = LaunchConfig {
-                grid_dim: (heads.num_heads as u32, t as u32, 1),
-                // ATTN_WARPS warps (paged_attention.cu).
-                block_dim: (4 * 32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the arguments match paged_attention in paged_attention.cu;
-            // block tables only name blocks inside the cache.
-            unsafe { b.launch(cfg) }.w()?;
+            if rows > 0 {
+                let has_rows = i32::from(tiled.is_some());
+                let mut b = stream.launch_builder(&f);
+                b.arg(&qv)
+                    .arg(&qs)
+                    .arg(&cache)
+                    .arg(&slots)
+                    .arg(&pos)
+                    .arg(&seq)
+                    .arg(&tables)
+                    .arg(&max_blocks)
+                    .arg(&cos)
+                    .arg(&sin)
+                    .arg(&out)
+                    .arg(&nh)
+                    .arg(&nkv)
+                    .arg(&hd)
+                    .arg(&style);
+                // Without a row list the kernel ignores this argument.
+                match &others {
+                    Some(rows) => b.arg(rows),
+                    None => b.arg(&pos),
+                };
+                b.arg(&has_rows);
+                let cfg = LaunchConfig {
+                    grid_dim: (heads.num_heads as u32, rows as u32, 1),
+                    // ATTN_WARPS warps (paged_attention.cu).
+                    block_dim: (16 * 32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the arguments match paged_attention in paged_attention.cu;
+                // block tables only name blocks inside the cache, `others`
+                // only rows of the batch.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            if let Some(p) = tiled {
+                let n = p.tiles.dims()[0];
+                if n > 0 {
+                    let f = load(
+                        &dev,
+                        "prefill_attention",
+                        q.dtype(),
+                        "prefill_attention",
+                        crate::ptx::PREFILL_ATTENTION,
+                    )?;
+                    let (ts, tl) = p.tiles.storage_and_layout();
+                    let tiles = view::<u32>(cuda(&ts, "the prefill tiles")?, tl)?;
+                    let mut b = stream.launch_builder(&f);
+                    b.arg(&qv)
+                        .arg(&qs)
+                        .arg(&cache)
+                        .arg(&slots)
+                        .arg(&pos)
+                        .arg(&seq)
+                        .arg(&tables)
+                        .arg(&max_blocks)
+                        .arg(&tiles)
+                        .arg(&cos)
+                        .arg(&sin)
+                        .arg(&out)
+                        .arg(&nh)
+                        .arg(&nkv)
+                        .arg(&hd)
+                        .arg(&style);
+                    let cfg = LaunchConfig {
+                        // PF_WARPS heads per block (prefill_attention.cu).
+                        grid_dim: (n as u32, heads.num_heads.div_ceil(4) as u32, 1),
+                        block_dim: (4 * 32, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: the arguments match prefill_attention in
+                    // prefill_attention.cu; each tile is consecutive rows of
+                    // one sequence (PrefillPlan), cached up to its positions.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+            }
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
         let (t, heads, ..) = self.dims(ql, cl)?;
         let out = by_dtype!(q.dtype(), run(self, q, ql, c, cl))?;
         Ok((out, Shape::from((t, heads.num_heads * heads.head_dim))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PrefillPlan;
+
+    #[test]
+    fn long_chunks_go_in_tiles_of_16_and_the_rest_row_by_row() {
+        assert_eq!(PrefillPlan::new(&[1, 15, 3]), None);
+        let p = PrefillPlan::new(&[1, 37, 2, 16]).unwrap();
+        assert_eq!(p.tiles, vec![[1, 16], [17, 16], [33, 5], [40, 16]]);
+        assert_eq!(p.others, vec![0, 38, 39]);
+        // Every row of the batch is in exactly one of them.
+        let mut rows: Vec<u32> = p.tiles.iter().flat_map(|&[s, n]| s..s + n).collect();
+        rows.extend(&p.others);
+        rows.sort();
+        assert_eq!(rows, (0..56).collect::<Vec<_>>());
     }
 }

@@ -6,7 +6,10 @@
 use candle_core::{DType, Device, Result, Tensor};
 use strata_types::{RopeStyle, BLOCK_SIZE};
 
-use crate::{add_rms_norm, paged_attention, rms_norm, rotary, silu_and_mul, write_kv, RopeTables};
+use crate::{
+    add_rms_norm, argmax_rows, paged_attention, rms_norm, rotary, silu_and_mul, write_kv,
+    RopeTables,
+};
 
 /// One kernel's largest difference from its reference.
 #[derive(Debug, Clone)]
@@ -89,6 +92,27 @@ pub fn check_kernels(device: &Device, dtype: DType) -> Result<Vec<KernelReport>>
         dtype,
     )?);
 
+    // Greedy choice: rows with the maximum twice (the first must win), a
+    // NaN, all -inf, and a row wider than a block's threads. Compared with
+    // the reference on the same values rounded to `dtype`.
+    let (n, vocab) = (6, 3000);
+    let mut logits = values(n * vocab, 7);
+    logits[5] = 2.0; // row 0: 2.0 at 5 and at 2900
+    logits[2900] = 2.0;
+    logits[vocab + 7] = f32::NAN; // row 1: a NaN, then the maximum
+    logits[vocab + 100] = 3.0;
+    logits[2 * vocab..3 * vocab].fill(f32::NEG_INFINITY); // row 2
+    logits[4 * vocab + 2999] = 5.0; // row 4: the last column
+    let logits = Tensor::from_vec(logits, (n, vocab), &cpu)?;
+    let rounded = logits.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    let got = argmax_rows(&on(&logits)?)?.to_dtype(DType::F32)?;
+    let want = argmax_rows(&rounded)?.to_dtype(DType::F32)?;
+    out.push(KernelReport {
+        kernel: "argmax_rows",
+        max_abs_err: report("argmax_rows", &got, &want, DType::F32)?.max_abs_err,
+        tolerance: 0.0,
+    });
+
     // Attention geometry: GQA 8 query heads over 2 KV heads of 128, two
     // sequences (a prefill chunk after cached tokens, and a decode) in
     // scattered blocks.
@@ -159,28 +183,56 @@ pub fn check_kernels(device: &Device, dtype: DType) -> Result<Vec<KernelReport>>
         }
         out.push(report("write_kv", &cache_dev, &cache_cpu, dtype)?);
 
-        // Attend from the last 30 tokens of sequence 0 and the last of 1.
-        let picks: Vec<usize> = (40..70).chain([all - 1]).collect();
-        let idx =
-            |dev: &Device| Tensor::new(picks.iter().map(|&i| i as u32).collect::<Vec<_>>(), dev);
-        let sel =
-            |v: &[u32], dev: &Device| u32s(&picks.iter().map(|&i| v[i]).collect::<Vec<_>>(), dev);
-        let mut results = Vec::new();
-        for (qkv, cache, dev) in [(&qkv, &cache_cpu, &cpu), (&qkv_dev, &cache_dev, device)] {
-            let q = qkv.index_select(&idx(dev)?, 0)?;
-            let rope = if dev.is_cpu() { &rope_cpu } else { &rope_dev };
-            let tables = Tensor::from_slice(&flat, (2, max_blocks), dev)?;
-            results.push(paged_attention(
-                &q.narrow(1, 0, heads * d)?,
-                cache,
-                &sel(&pos, dev)?,
-                &sel(&seq, dev)?,
-                &tables,
-                rope,
-                heads,
-            )?);
+        // Attend from the last 30 tokens of sequence 0 and the last of 1
+        // (a chunk after cached tokens, and a decode); then from all of
+        // sequence 1 and the last of 0 (a prompt from position 0, in tiles
+        // of 16 and a partial one, beside a decode). The prefill plan sends
+        // the long chunks to the tensor-core kernel where it applies.
+        let chunks: [(&str, Vec<usize>, [usize; 2]); 3] = [
+            (
+                "paged_attention",
+                (40..70).chain([all - 1]).collect(),
+                [30, 1],
+            ),
+            (
+                "prefill_attention (after cached tokens)",
+                (40..70).chain([all - 1]).collect(),
+                [30, 1],
+            ),
+            (
+                "prefill_attention (from position 0)",
+                (70..all).chain([69]).collect(),
+                [91, 1],
+            ),
+        ];
+        for (name, picks, lens) in chunks {
+            let plan = (name != "paged_attention")
+                .then(|| crate::PrefillPlan::new(&lens).expect("a long chunk"));
+            let idx = |dev: &Device| {
+                Tensor::new(picks.iter().map(|&i| i as u32).collect::<Vec<_>>(), dev)
+            };
+            let sel = |v: &[u32], dev: &Device| {
+                u32s(&picks.iter().map(|&i| v[i]).collect::<Vec<_>>(), dev)
+            };
+            let mut results = Vec::new();
+            for (qkv, cache, dev) in [(&qkv, &cache_cpu, &cpu), (&qkv_dev, &cache_dev, device)] {
+                let q = qkv.index_select(&idx(dev)?, 0)?;
+                let rope = if dev.is_cpu() { &rope_cpu } else { &rope_dev };
+                let tables = Tensor::from_slice(&flat, (2, max_blocks), dev)?;
+                let tiles = plan.as_ref().map(|p| p.upload(dev)).transpose()?;
+                results.push(paged_attention(
+                    &q.narrow(1, 0, heads * d)?,
+                    cache,
+                    &sel(&pos, dev)?,
+                    &sel(&seq, dev)?,
+                    &tables,
+                    rope,
+                    heads,
+                    tiles.as_ref(),
+                )?);
+            }
+            out.push(report(name, &results[1], &results[0], dtype)?);
         }
-        out.push(report("paged_attention", &results[1], &results[0], dtype)?);
     }
     Ok(out)
 }
@@ -199,6 +251,8 @@ mod tests {
             "rotary (half)",
             "write_kv",
             "paged_attention",
+            "prefill_attention (from position 0)",
+            "argmax_rows",
         ] {
             assert!(names.contains(&k), "{k} missing from {names:?}");
         }

@@ -14,9 +14,13 @@ pub mod check;
 mod cuda;
 mod ops;
 pub mod reference;
+mod sampling;
 
-pub use attention::{paged_attention, write_kv, RopeTables};
+pub use attention::{
+    paged_attention, write_kv, PrefillPlan, PrefillTiles, RopeTables, PREFILL_TILE,
+};
 pub use ops::{add_rms_norm, rms_norm, rotary, silu_and_mul};
+pub use sampling::argmax_rows;
 
 /// Head geometry of one tensor-parallel shard: `num_heads` query heads share
 /// `num_kv_heads` KV heads (GQA).
@@ -38,8 +42,10 @@ pub mod ptx {
     module!(ACTIVATION, "activation");
     module!(KV_CACHE, "kv_cache");
     module!(PAGED_ATTENTION, "paged_attention");
+    module!(PREFILL_ATTENTION, "prefill_attention");
     module!(RMS_NORM, "rms_norm");
     module!(ROTARY, "rotary");
+    module!(SAMPLING, "sampling");
 }
 
 /// Tokens per KV-cache block the kernels assume (`STRATA_BLOCK_SIZE` in

@@ -137,7 +137,8 @@ impl CustomOp1 for SiluAndMul {
             let inter_arg = inter as i32;
             let mut b = stream.launch_builder(&f);
             b.arg(&input).arg(&out).arg(&inter_arg);
-            let cfg = per_token(tokens, inter.min(1024) as u32);
+            // A block per 256 elements of a token's row (activation.cu).
+            let cfg = per_token(tokens * inter.div_ceil(256), 256);
             // SAFETY: the arguments match silu_and_mul in activation.cu.
             unsafe { b.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))

@@ -80,6 +80,7 @@ impl HeadAttention {
                     &d.block_tables,
                     tables,
                     heads.num_heads,
+                    d.prefill.as_ref(),
                 )?)
             }
         }

@@ -101,6 +101,8 @@ pub(crate) struct DeviceInputs {
     /// `[seqs, max_blocks]`, short tables padded with block 0 (never read:
     /// a token reads only the blocks up to its position).
     pub block_tables: Tensor,
+    /// The rows of long prefill chunks, for the tensor-core kernel.
+    pub prefill: Option<strata_kernels::PrefillTiles>,
 }
 
 impl<'a> Batch<'a> {
@@ -124,7 +126,13 @@ impl<'a> Batch<'a> {
                 for (row, t) in tables.chunks_mut(max_blocks).zip(&block_tables) {
                     row[..t.len()].copy_from_slice(t);
                 }
+                let query_lens: Vec<usize> = input.seqs.iter().map(|s| s.query_len).collect();
+                let prefill = match strata_kernels::PrefillPlan::new(&query_lens) {
+                    Some(plan) => Some(plan.upload(device)?),
+                    None => None,
+                };
                 Some(DeviceInputs {
+                    prefill,
                     positions: Tensor::new(input.positions, device)?,
                     slots: Tensor::new(input.slot_mapping, device)?,
                     token_seq: Tensor::new(token_seq.as_slice(), device)?,

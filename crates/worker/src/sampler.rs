@@ -146,14 +146,10 @@ fn apply_logit_rules(logits: &mut [f32], p: &SamplingParams, output: &[TokenId])
 }
 
 /// The first of equal maxima.
+/// The first index of the largest logit, NaN counting as -inf: the rule the
+/// kernels' `argmax_rows` follows on any device.
 pub(crate) fn argmax(logits: &[f32]) -> TokenId {
-    let mut best = 0;
-    for (i, l) in logits.iter().enumerate() {
-        if *l > logits[best] {
-            best = i;
-        }
-    }
-    best as TokenId
+    strata_kernels::reference::argmax(logits)
 }
 
 /// Temperature, then top-k, top-p and min-p on the survivors, then one draw.
