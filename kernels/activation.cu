@@ -3,7 +3,6 @@
 // CPU reference: strata_kernels::reference::silu_and_mul.
 #include "common.cuh"
 
-//
 // One thread per output element, a token's row over `chunks` blocks: a
 // decode step has a single token, and one block looping over its 14k-wide
 // row was bound by the latency of its serial loads.

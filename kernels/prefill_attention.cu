@@ -20,6 +20,12 @@
 #include "common.cuh"
 #include <mma.h>
 
+// bf16 tensor-core fragments need sm_80 or newer; for an older
+// CUDA_COMPUTE_CAP the kernels are empty and the launcher never uses them.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define PF_TENSOR_CORES 1
+#endif
+
 #define PF_WARPS 4
 #define PF_MAX_HEAD_DIM 128
 #define PF_TILE 16
@@ -29,6 +35,7 @@
 
 using namespace nvcuda;
 
+#ifdef PF_TENSOR_CORES
 template <typename T>
 __device__ void prefill_attention(const T* __restrict__ q, int64_t q_stride,
                                   const T* __restrict__ kv_cache, int64_t num_slots,
@@ -144,11 +151,26 @@ __device__ void prefill_attention(const T* __restrict__ q, int64_t q_stride,
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
         wmma::load_matrix_sync(pa, p_s, 16);
         const T* vp = v_cache + (int64_t)table[j] * STRATA_BLOCK_SIZE * kv_row;
+        unsigned ldv = (unsigned)kv_row;
+        if (j == key_blocks - 1) {
+            // The last block's slots past the tile were never written for
+            // this sequence (a freed block keeps its last owner's values):
+            // their probability is 0, but 0 * NaN is NaN on tensor cores, so
+            // they are read as zeros, through the free query tile.
+            const int written = (int)(p0 + n - (int64_t)j * STRATA_BLOCK_SIZE);
+            for (int idx = lane; idx < PF_TILE * d; idx += 32) {
+                const int r = idx / d, e = idx % d;
+                q_s[idx] = r < written ? vp[r * kv_row + e] : from_f32<T>(0.0f);
+            }
+            __syncwarp();
+            vp = q_s;
+            ldv = (unsigned)d;
+        }
 #pragma unroll
         for (int k = 0; k < PF_MAX_HEAD_DIM / 16; k++) {
             if (k < ksteps) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
-                wmma::load_matrix_sync(vb, vp + k * 16, (unsigned)kv_row);
+                wmma::load_matrix_sync(vb, vp + k * 16, ldv);
                 wmma::mma_sync(o[k], pa, vb, o[k]);
             }
         }
@@ -165,6 +187,13 @@ __device__ void prefill_attention(const T* __restrict__ q, int64_t q_stride,
         out[((t0 + r) * heads + h) * d + e] = from_f32<T>(o_s[r * d + e]);
     }
 }
+#define PF_BODY(T)                                                                            \
+    prefill_attention<T>(q, q_stride, kv_cache, num_slots, positions, token_seq,              \
+                         block_tables, max_blocks, tiles, cos, sin, out, heads, kv_heads,     \
+                         head_dim, style)
+#else
+#define PF_BODY(T)
+#endif
 
 #define INSTANTIATE(T, NAME)                                                                      \
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_##NAME(         \
@@ -172,9 +201,7 @@ __device__ void prefill_attention(const T* __restrict__ q, int64_t q_stride,
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables,       \
         int max_blocks, const uint32_t* tiles, const float* cos, const float* sin, T* out,        \
         int heads, int kv_heads, int head_dim, int style) {                                       \
-        prefill_attention<T>(q, q_stride, kv_cache, num_slots, positions, token_seq,              \
-                             block_tables, max_blocks, tiles, cos, sin, out, heads, kv_heads,     \
-                             head_dim, style);                                                    \
+        PF_BODY(T);                                                                               \
     }
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)

@@ -3,11 +3,21 @@
 // CPU sampler's rule, ties included, so a greedy token is the same on either
 // device; only the chosen ids leave the device, not the logits.
 // Grid (rows); blockDim a multiple of 32, at most 1024.
-// CPU reference: strata_kernels::reference::argmax_rows.
+// Values are compared as order-preserving integer keys: nvcc's fast math
+// flushes subnormals to zero in float comparisons, which the CPU does not.
+// CPU reference: strata_kernels::reference::argmax.
 #include "common.cuh"
 
+// A key whose unsigned order is the float order, with NaN as -inf and -0 as +0.
+__device__ __forceinline__ uint32_t order_key(float x) {
+    uint32_t b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) b = 0xff800000u;  // NaN -> -inf
+    if (b == 0x80000000u) b = 0u;                          // -0 -> +0
+    return (b >> 31) ? ~b : (b | 0x80000000u);
+}
+
 // (v, i) beats (w, j) when larger, or equal and earlier.
-__device__ __forceinline__ void keep_best(float& v, uint32_t& i, float w, uint32_t j) {
+__device__ __forceinline__ void keep_best(uint32_t& v, uint32_t& i, uint32_t w, uint32_t j) {
     if (w > v || (w == v && j < i)) {
         v = w;
         i = j;
@@ -16,16 +26,12 @@ __device__ __forceinline__ void keep_best(float& v, uint32_t& i, float w, uint32
 
 template <typename T>
 __device__ void argmax_rows(const T* __restrict__ x, int64_t cols, uint32_t* __restrict__ out) {
-    __shared__ float best_v[32];
+    __shared__ uint32_t best_v[32];
     __shared__ uint32_t best_i[32];
     const T* row = x + blockIdx.x * cols;
-    float v = -INFINITY;
-    uint32_t i = 0xffffffffu;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        float w = to_f32(row[c]);
-        if (w != w) w = -INFINITY;  // NaN
-        keep_best(v, i, w, (uint32_t)c);
-    }
+    uint32_t v = 0u, i = 0xffffffffu;  // below every key (-inf's is 0x007fffff)
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+        keep_best(v, i, order_key(to_f32(row[c])), (uint32_t)c);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
         keep_best(v, i, __shfl_xor_sync(0xffffffff, v, o), __shfl_xor_sync(0xffffffff, i, o));
@@ -36,7 +42,7 @@ __device__ void argmax_rows(const T* __restrict__ x, int64_t cols, uint32_t* __r
     }
     __syncthreads();
     if (warp == 0) {
-        v = lane < warps ? best_v[lane] : -INFINITY;
+        v = lane < warps ? best_v[lane] : 0u;
         i = lane < warps ? best_i[lane] : 0xffffffffu;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1)

@@ -301,16 +301,20 @@ impl PrefillPlan {
         let flat: Vec<u32> = self.tiles.iter().flatten().copied().collect();
         Ok(PrefillTiles {
             tiles: Tensor::from_vec(flat, (self.tiles.len(), 2), device)?,
-            others: Tensor::new(self.others.as_slice(), device)?,
+            others: match self.others.is_empty() {
+                true => None,
+                false => Some(Tensor::new(self.others.as_slice(), device)?),
+            },
         })
     }
 }
 
-/// A [`PrefillPlan`] on the device: `tiles` `[n, 2]` and `others`, u32.
+/// A [`PrefillPlan`] on the device: `tiles` `[n, 2]` and `others` (none
+/// when every row is in a tile), u32.
 #[derive(Debug, Clone)]
 pub struct PrefillTiles {
     pub tiles: Tensor,
-    pub others: Tensor,
+    pub others: Option<Tensor>,
 }
 
 /// Causal attention for a flattened batch over the paged cache. `q` is
@@ -465,15 +469,25 @@ impl CustomOp2 for PagedAttention<'_> {
             if t == 0 {
                 return Ok(CudaStorage::wrap_cuda_slice(out, dev));
             }
-            let tiled = op.prefill.filter(|_| {
-                q.dtype() != candle_core::DType::F32
-                    && heads.head_dim % 16 == 0
-                    && heads.head_dim <= 128
-            });
+            // Tensor cores take bf16 from sm_80 on (prefill_attention.cu).
+            let tiled = match op.prefill {
+                Some(p)
+                    if q.dtype() != candle_core::DType::F32
+                        && heads.head_dim % 16 == 0
+                        && heads.head_dim <= 128
+                        && dev.cuda_stream().context().compute_capability().w()?.0 >= 8 =>
+                {
+                    Some(p)
+                }
+                _ => None,
+            };
             // The per-token kernel's rows: all, or those outside the tiles.
             let (rows, others) = match tiled {
                 None => (t, None),
-                Some(p) => (p.others.elem_count(), Some(p.others.storage_and_layout())),
+                Some(p) => match &p.others {
+                    Some(o) => (o.elem_count(), Some(o.storage_and_layout())),
+                    None => (0, None),
+                },
             };
             let others = match &others {
                 Some((s, l)) => Some(view::<u32>(cuda(s, "the per-token rows")?, l)?),

@@ -145,7 +145,6 @@ fn apply_logit_rules(logits: &mut [f32], p: &SamplingParams, output: &[TokenId])
     }
 }
 
-/// The first of equal maxima.
 /// The first index of the largest logit, NaN counting as -inf: the rule the
 /// kernels' `argmax_rows` follows on any device.
 pub(crate) fn argmax(logits: &[f32]) -> TokenId {
