@@ -97,4 +97,27 @@ mod tests {
         let sliced = super::argmax_rows(&t.narrow(1, 0, 2).unwrap()).unwrap();
         assert_eq!(sliced.to_vec1::<u32>().unwrap(), [1, 1, 0, 0, 0]);
     }
+
+    #[test]
+    fn rows_longer_than_the_lanes_find_the_first_maximum() {
+        // 40 columns: two chunks of 16 lanes and a tail of 8.
+        let row = |marks: &[(usize, f32)]| {
+            let mut r: Vec<f32> = (0..40).map(|i| (i % 7) as f32 * 0.1).collect();
+            for &(i, v) in marks {
+                r[i] = v;
+            }
+            r
+        };
+        let rows = [
+            row(&[(3, 9.0), (19, 9.0)]), // same lane, two chunks
+            row(&[(20, 9.0), (5, 9.0)]), // different lanes
+            row(&[(37, 9.0)]),           // in the tail
+            row(&[(2, f32::NAN), (30, f32::INFINITY)]),
+            vec![f32::NEG_INFINITY; 40],
+        ];
+        let flat: Vec<f32> = rows.concat();
+        let t = Tensor::from_vec(flat, (5, 40), &Device::Cpu).unwrap();
+        let got = super::argmax_rows(&t).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(got, [3, 5, 37, 30, 0]);
+    }
 }
