@@ -4,8 +4,8 @@
 // per query token and head; here 16 consecutive tokens of one sequence share
 // each read, and the products run on tensor cores.
 //
-// Grid (tiles, ceil(heads / PF_WARPS)); each warp takes one query head of one
-// tile: `tiles` is [n, 2] (first token of the tile in the flattened batch,
+// Arguments: paged_attention.cu's, then the tiles. Grid (tiles,
+// ceil(heads / PF_WARPS)); each warp takes one query head of one tile: `tiles` is [n, 2] (first token of the tile in the flattened batch,
 // rows <= 16), every row of a tile from the same sequence, at consecutive
 // positions. Key tiles are the sequence's cache blocks (16 positions each).
 // Two passes over the keys: the first finds each row's softmax max and sum,
@@ -42,10 +42,9 @@ __device__ void prefill_attention(const T* __restrict__ q, int64_t q_stride,
                                   const uint32_t* __restrict__ positions,
                                   const uint32_t* __restrict__ token_seq,
                                   const uint32_t* __restrict__ block_tables, int max_blocks,
-                                  const uint32_t* __restrict__ tiles,
                                   const float* __restrict__ cos, const float* __restrict__ sin,
                                   T* __restrict__ out, int heads, int kv_heads, int head_dim,
-                                  int style) {
+                                  int style, const uint32_t* __restrict__ tiles) {
     __shared__ __align__(128) unsigned char smem[PF_WARPS][PF_WARP_BYTES];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int h = blockIdx.y * PF_WARPS + warp;
@@ -189,8 +188,8 @@ __device__ void prefill_attention(const T* __restrict__ q, int64_t q_stride,
 }
 #define PF_BODY(T)                                                                            \
     prefill_attention<T>(q, q_stride, kv_cache, num_slots, positions, token_seq,              \
-                         block_tables, max_blocks, tiles, cos, sin, out, heads, kv_heads,     \
-                         head_dim, style)
+                         block_tables, max_blocks, cos, sin, out, heads, kv_heads, head_dim,  \
+                         style, tiles)
 #else
 #define PF_BODY(T)
 #endif
@@ -199,8 +198,8 @@ __device__ void prefill_attention(const T* __restrict__ q, int64_t q_stride,
     extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_##NAME(         \
         const T* q, int64_t q_stride, const T* kv_cache, int64_t num_slots,                       \
         const uint32_t* positions, const uint32_t* token_seq, const uint32_t* block_tables,       \
-        int max_blocks, const uint32_t* tiles, const float* cos, const float* sin, T* out,        \
-        int heads, int kv_heads, int head_dim, int style) {                                       \
+        int max_blocks, const float* cos, const float* sin, T* out, int heads, int kv_heads,      \
+        int head_dim, int style, const uint32_t* tiles) {                                         \
         PF_BODY(T);                                                                               \
     }
 INSTANTIATE(__half, f16)

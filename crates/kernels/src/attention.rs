@@ -520,24 +520,30 @@ impl CustomOp2 for PagedAttention<'_> {
                 op.rope.style_code(),
             );
             let stream = dev.cuda_stream();
+            // The arguments both kernels start with, in their order.
+            macro_rules! geometry {
+                ($b:expr) => {
+                    $b.arg(&qv)
+                        .arg(&qs)
+                        .arg(&cache)
+                        .arg(&slots)
+                        .arg(&pos)
+                        .arg(&seq)
+                        .arg(&tables)
+                        .arg(&max_blocks)
+                        .arg(&cos)
+                        .arg(&sin)
+                        .arg(&out)
+                        .arg(&nh)
+                        .arg(&nkv)
+                        .arg(&hd)
+                        .arg(&style)
+                };
+            }
             if rows > 0 {
                 let has_rows = i32::from(tiled.is_some());
                 let mut b = stream.launch_builder(&f);
-                b.arg(&qv)
-                    .arg(&qs)
-                    .arg(&cache)
-                    .arg(&slots)
-                    .arg(&pos)
-                    .arg(&seq)
-                    .arg(&tables)
-                    .arg(&max_blocks)
-                    .arg(&cos)
-                    .arg(&sin)
-                    .arg(&out)
-                    .arg(&nh)
-                    .arg(&nkv)
-                    .arg(&hd)
-                    .arg(&style);
+                geometry!(b);
                 // Without a row list the kernel ignores this argument.
                 match &others {
                     Some(rows) => b.arg(rows),
@@ -568,22 +574,7 @@ impl CustomOp2 for PagedAttention<'_> {
                     let (ts, tl) = p.tiles.storage_and_layout();
                     let tiles = view::<u32>(cuda(&ts, "the prefill tiles")?, tl)?;
                     let mut b = stream.launch_builder(&f);
-                    b.arg(&qv)
-                        .arg(&qs)
-                        .arg(&cache)
-                        .arg(&slots)
-                        .arg(&pos)
-                        .arg(&seq)
-                        .arg(&tables)
-                        .arg(&max_blocks)
-                        .arg(&tiles)
-                        .arg(&cos)
-                        .arg(&sin)
-                        .arg(&out)
-                        .arg(&nh)
-                        .arg(&nkv)
-                        .arg(&hd)
-                        .arg(&style);
+                    geometry!(b).arg(&tiles);
                     let cfg = LaunchConfig {
                         // PF_WARPS heads per block (prefill_attention.cu).
                         grid_dim: (n as u32, heads.num_heads.div_ceil(4) as u32, 1),
