@@ -96,9 +96,10 @@ def main():
     for _ in range(a.prefill_runs):
         sent, first, _, _ = stream(a.base, a.model, ids(a.prefill), 1)
         ttfts.append(first - sent)
-    ttft = sorted(ttfts)[len(ttfts) // 2]
-    out[f"prefill{a.prefill}_tok_s"] = a.prefill / ttft
-    out[f"prefill{a.prefill}_ttft_ms"] = 1000 * ttft
+    if ttfts:
+        ttft = sorted(ttfts)[len(ttfts) // 2]
+        out[f"prefill{a.prefill}_tok_s"] = a.prefill / ttft
+        out[f"prefill{a.prefill}_ttft_ms"] = 1000 * ttft
     print(json.dumps(out))
 
 

@@ -15,7 +15,9 @@
 #   d. the same figures for transformers' generate on the same card.
 # Logs and results go to $OUT (default /tmp/gpu-check). Exits non-zero when a
 # check fails; speed targets are reported, not enforced. SKIP_TRANSFORMERS=1
-# leaves out d. (a minute; its figures do not change with strata's code).
+# leaves out d. (a minute; its figures do not change with strata's code);
+# NCU=1 adds Nsight Compute's GPU time per kernel over one decode step.
+# The 8B server logs each step's timing (step_times.py summarizes it).
 set -uo pipefail
 DIST=${1:-dist/strata-cuda}
 # deploy/build-cuda.sh also packs the folder as DIST.tar.xz (small enough to
@@ -86,17 +88,35 @@ M=/dev/shm/strata-llama8b
 [ -f "$M/config.json" ] || python3 "$HERE/make_model.py" "$M" >"$OUT/weight_bytes.txt"
 weight_bytes=$(python3 -c "import json;print(json.load(open('$M/model.safetensors.index.json'))['metadata']['total_size'])")
 python3 "$HERE/hf_baseline.py" "$M" --skip-generate | tee "$OUT/bandwidth.json"
-"$BIN" serve --model "$M" --served-model-name llama8b --device cuda --port 8123 \
-    --max-num-seqs 64 --max-num-batched-tokens 2048 --max-model-len 8192 >"$OUT/serve-8b.log" 2>&1 &
+RUST_LOG="$RUST_LOG,strata::step=debug" "$BIN" serve --model "$M" --served-model-name llama8b \
+    --device cuda --port 8123 --max-num-seqs 64 --max-num-batched-tokens 2048 --max-model-len 8192 \
+    >"$OUT/serve-8b.log" 2>&1 &
 pid=$!
 if ready=$(wait_ready http://127.0.0.1:8123 $pid); then
     echo "time to ready: ${ready}s"
     grep -E "KV cache|computing on" "$OUT/serve-8b.log"
     python3 "$HERE/client.py" http://127.0.0.1:8123 llama8b 128256 | tee "$OUT/strata.json"
+    echo "where a step goes (the runner's step log):"
+    python3 "$HERE/step_times.py" "$OUT/serve-8b.log" | tee "$OUT/steps.txt"
 else
     failed+=("serving the 8B model"); tail -20 "$OUT/serve-8b.log"
 fi
 kill $pid 2>/dev/null; wait $pid 2>/dev/null
+
+if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
+    step "c. GPU time per kernel over ~one decode step at batch 1 (Nsight Compute)"
+    timeout 150 ncu --clock-control none --target-processes all --launch-skip 4000 \
+        --launch-count 420 --csv --metrics gpu__time_duration.sum "$BIN" serve --model "$M" \
+        --served-model-name llama8b --device cuda --port 8124 --max-model-len 8192 \
+        >"$OUT/ncu.csv" 2>"$OUT/ncu.log" &
+    pid=$!
+    if wait_ready http://127.0.0.1:8124 $pid >/dev/null; then
+        timeout 120 python3 "$HERE/client.py" http://127.0.0.1:8124 llama8b 128256 --batches 1 \
+            --tokens 48 --prefill-runs 0 >/dev/null 2>&1
+    fi
+    kill $pid 2>/dev/null; wait $pid 2>/dev/null
+    python3 "$HERE/kernel_times.py" "$OUT/ncu.csv" | tee "$OUT/kernels.txt"
+fi
 
 step "d. transformers generate on the same card"
 if [ "${SKIP_TRANSFORMERS:-0}" = 1 ]; then
