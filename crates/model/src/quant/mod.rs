@@ -1,20 +1,19 @@
 //! strata's own CPU kernels for the GGUF formats candle has no fast path
 //! for (Q4_1) or a slow one at batch sizes above one (Q8_0).
 //!
-//! They follow ggml's AVX2 scheme: activations are quantized per 32-element
-//! block to 8 bits (with the block sum kept for Q4_1's offset term), and each
-//! block's dot product is a `maddubs` of weight bytes by activation bytes.
-//! Each unpacked weight block is multiplied with four tokens at once, and
-//! rows of the output are split across the rayon pool.
-//!
-//! Where the CPU has AVX-512 VNNI, [`avx512`] takes over: weights are
-//! repacked at load, 16 rows to a register, so that `vpdpbusd` sums a whole
-//! block in integers before its scales apply, a tile of tokens at a time.
-//! [`Isa`] is the run-time choice; `STRATA_CPU_ISA` caps it (benchmarks and
-//! tests compare the paths on one machine).
+//! Activations are quantized per 32-element block to 8 bits (ggml's Q8_1,
+//! with the block sum kept for Q4_1's offset term). Where the CPU has AVX2
+//! or AVX-512 VNNI, weights are repacked at load ([`packed`]): one register
+//! holds four consecutive values of each of 8 (AVX2) or 16 (AVX-512) rows,
+//! so a block's integer dot products for all those rows come from
+//! multiply-adds against four activation bytes broadcast to every lane, and
+//! a tile of tokens shares each unpacked weight register. [`Isa`] is the
+//! run-time choice; `STRATA_CPU_ISA` caps it (benchmarks and tests compare
+//! the paths on one machine). The scalar path reads the GGUF blocks as they
+//! are.
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+mod packed;
 
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -43,9 +42,11 @@ const ZERO_Q8: BlockQ8_1 = BlockQ8_1 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
-    /// AVX2, FMA and F16C: ggml's scheme, one weight row by four tokens.
+    /// AVX2, FMA and F16C: repacked weights, tiles of 8 rows × 4 tokens,
+    /// `vpmaddubsw` products summed in 16 bits within a block.
     Avx2,
-    /// AVX-512 F/BW/VL with VNNI: repacked weights, tiles of rows × tokens.
+    /// AVX-512 F/BW/VL with VNNI: repacked weights, tiles of 16 rows × 8
+    /// tokens, `vpdpbusd`.
     Avx512Vnni,
 }
 
@@ -106,11 +107,11 @@ impl Isa {
 pub trait WeightBlock: Copy + Send + Sync + std::fmt::Debug + 'static {
     const NAME: &'static str;
     const BYTES: usize;
-    /// The block of zeros (pads the last group of rows in the AVX-512 layout).
+    /// The block of zeros (pads the last group of rows in the packed layout).
     const ZERO: Self;
-    /// How the AVX-512 kernel lays the blocks out.
+    /// How the SIMD kernels lay the blocks out.
     #[cfg(target_arch = "x86_64")]
-    type Packing: avx512::Packing<Block = Self>;
+    type Packing: packed::Packing<Block = Self>;
     fn parse(b: &[u8]) -> Self;
     /// The block's scale.
     fn d(&self) -> f16;
@@ -118,12 +119,6 @@ pub trait WeightBlock: Copy + Send + Sync + std::fmt::Debug + 'static {
     fn min(&self) -> Option<f16>;
     fn dequantize(&self, out: &mut Vec<f32>);
     fn dot_scalar(w: &[Self], x: &[BlockQ8_1]) -> f32;
-    /// One weight row against `N` activation rows.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_avx2<const N: usize>(w: &[Self], x: [&[BlockQ8_1]; N]) -> [f32; N];
 }
 
 /// GGUF Q4_1: `x[j] = d * (qs[j] & 15) + m`, `x[j + 16] = d * (qs[j] >> 4) + m`.
@@ -162,7 +157,7 @@ impl WeightBlock for BlockQ4_1 {
         qs: [0; 16],
     };
     #[cfg(target_arch = "x86_64")]
-    type Packing = avx512::Q4_1Packing;
+    type Packing = packed::Q4_1Packing;
 
     fn d(&self) -> f16 {
         self.d
@@ -198,40 +193,6 @@ impl WeightBlock for BlockQ4_1 {
         }
         total
     }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_avx2<const N: usize>(w: &[Self], x: [&[BlockQ8_1]; N]) -> [f32; N] {
-        use std::arch::x86_64::*;
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut offsets = [0f32; N];
-        let low = _mm_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        for (i, a) in w.iter().enumerate() {
-            // d and m are adjacent f16s: convert both with one instruction.
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                (a as *const Self as *const i32).read_unaligned(),
-            ));
-            let d = _mm_cvtss_f32(dm);
-            let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
-            let raw = _mm_loadu_si128(a.qs.as_ptr() as *const __m128i);
-            let lo = _mm_and_si128(raw, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-            let q = _mm256_set_m128i(hi, lo);
-            for j in 0..N {
-                let b = &x[j][i];
-                offsets[j] += m * b.s;
-                let y = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * b.d), _mm256_cvtepi32_ps(p), acc[j]);
-            }
-        }
-        let mut out = [0f32; N];
-        for j in 0..N {
-            out[j] = hsum(acc[j]) + offsets[j];
-        }
-        out
-    }
 }
 
 impl WeightBlock for BlockQ8_0 {
@@ -242,7 +203,7 @@ impl WeightBlock for BlockQ8_0 {
         qs: [0; 32],
     };
     #[cfg(target_arch = "x86_64")]
-    type Packing = avx512::Q8_0Packing;
+    type Packing = packed::Q8_0Packing;
 
     fn d(&self) -> f16 {
         self.d
@@ -281,32 +242,6 @@ impl WeightBlock for BlockQ8_0 {
             })
             .sum()
     }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_avx2<const N: usize>(w: &[Self], x: [&[BlockQ8_1]; N]) -> [f32; N] {
-        use std::arch::x86_64::*;
-        let mut acc = [_mm256_setzero_ps(); N];
-        let ones = _mm256_set1_epi16(1);
-        for (i, a) in w.iter().enumerate() {
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(a.d.to_bits() as i32)));
-            let q = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
-            // maddubs multiplies unsigned by signed: move q's sign onto y.
-            let q_abs = _mm256_sign_epi8(q, q);
-            for j in 0..N {
-                let b = &x[j][i];
-                let y = _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i);
-                let p =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(y, q)), ones);
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * b.d), _mm256_cvtepi32_ps(p), acc[j]);
-            }
-        }
-        let mut out = [0f32; N];
-        for j in 0..N {
-            out[j] = hsum(acc[j]);
-        }
-        out
-    }
 }
 
 /// A `[rows, cols]` quantized weight matrix (rows = output features).
@@ -322,10 +257,10 @@ pub struct QuantMatrix<B: WeightBlock> {
 /// The blocks as the chosen [`Isa`] reads them.
 #[derive(Debug)]
 enum Store<B: WeightBlock> {
-    /// GGUF order (scalar and AVX2).
+    /// GGUF order (the scalar path).
     Blocks(Vec<B>),
     #[cfg(target_arch = "x86_64")]
-    Groups(avx512::Packed<B::Packing>),
+    Groups(packed::Packed<B::Packing>),
 }
 
 pub type Q4_1Matrix = QuantMatrix<BlockQ4_1>;
@@ -366,7 +301,9 @@ impl<B: WeightBlock> QuantMatrix<B> {
         let isa = isa.min(Isa::supported());
         let store = match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => Store::Groups(avx512::Packed::new(&blocks, rows, cols / QK)),
+            Isa::Avx2 | Isa::Avx512Vnni => {
+                Store::Groups(packed::Packed::new(&blocks, rows, cols / QK))
+            }
             _ => Store::Blocks(blocks),
         };
         Ok(Self {
@@ -393,7 +330,7 @@ impl<B: WeightBlock> QuantMatrix<B> {
             // Groups of 16 rows do not stack where a part's rows leave one
             // short: pack the stacked blocks afresh.
             #[cfg(target_arch = "x86_64")]
-            Store::Groups(_) => Store::Groups(avx512::Packed::new(&blocks, rows, cols / QK)),
+            Store::Groups(_) => Store::Groups(packed::Packed::new(&blocks, rows, cols / QK)),
         };
         Self {
             rows,
@@ -436,21 +373,18 @@ impl<B: WeightBlock> QuantMatrix<B> {
         let (k, n) = (self.cols, self.rows);
         let mut out = vec![0f32; m * n];
         match &self.store {
-            Store::Blocks(blocks) => {
-                forward_blocks(blocks, self.isa == Isa::Avx2, &x, m, k, n, &mut out)
-            }
+            Store::Blocks(blocks) => forward_blocks(blocks, &x, m, k, n, &mut out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Groups` is only built where the CPU has AVX-512 VNNI.
-            Store::Groups(packed) => unsafe { packed.forward(&x, m, k, n, &mut out) },
+            // SAFETY: `Groups` is only built for a path the CPU supports.
+            Store::Groups(packed) => unsafe { packed.forward(self.isa, &x, m, k, n, &mut out) },
         }
         Ok(Tensor::from_vec(out, (m, n), &Device::Cpu)?)
     }
 }
 
-/// The scalar and AVX2 paths: `x [m, k] → out [m, n]` over GGUF-order blocks.
+/// The scalar path: `x [m, k] → out [m, n]` over GGUF-order blocks.
 fn forward_blocks<B: WeightBlock>(
     blocks: &[B],
-    simd: bool,
     x: &[f32],
     m: usize,
     k: usize,
@@ -478,15 +412,8 @@ fn forward_blocks<B: WeightBlock>(
                 n,
                 out: &out_ptr,
             };
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` only where the CPU has the features; `strip`
-                // writes only the columns in `rows`, which no other task owns.
-                unsafe { strip.rows_avx2(rows) };
-                return;
-            }
-            let _ = simd;
-            // SAFETY: as above.
+            // SAFETY: `strip` writes only the columns in `rows`, which no
+            // other task owns.
             unsafe { strip.rows_scalar(rows) };
         });
 }
@@ -516,32 +443,6 @@ impl<B: WeightBlock> Strip<'_, B> {
         for r in rows {
             for t in 0..self.m {
                 *self.out.0.add(t * self.n + r) = B::dot_scalar(self.wrow(r), self.xrow(t));
-            }
-        }
-    }
-
-    /// # Safety
-    /// AVX2, FMA and F16C must be present; only one task may write `rows`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows_avx2(&self, rows: std::ops::Range<usize>) {
-        for r in rows {
-            let w = self.wrow(r);
-            let mut t = 0;
-            while t + 4 <= self.m {
-                let x = [
-                    self.xrow(t),
-                    self.xrow(t + 1),
-                    self.xrow(t + 2),
-                    self.xrow(t + 3),
-                ];
-                for (i, v) in B::dot_avx2(w, x).into_iter().enumerate() {
-                    *self.out.0.add((t + i) * self.n + r) = v;
-                }
-                t += 4;
-            }
-            for t in t..self.m {
-                *self.out.0.add(t * self.n + r) = B::dot_avx2(w, [self.xrow(t)])[0];
             }
         }
     }
@@ -683,21 +584,22 @@ mod tests {
     }
 
     #[test]
-    fn the_avx512_layout_gives_back_the_gguf_blocks() {
-        if Isa::supported() < Isa::Avx512Vnni {
+    fn the_packed_layout_gives_back_the_gguf_blocks() {
+        let isa = Isa::supported();
+        if isa < Isa::Avx2 {
             return;
         }
         let (rows, cols) = (5, 96);
         let gguf = bytes::<BlockQ4_1>(rows, cols);
         let plain = Q4_1Matrix::from_bytes_for(Isa::Scalar, "w", &gguf, rows, cols).unwrap();
-        let packed = Q4_1Matrix::from_bytes_for(Isa::Avx512Vnni, "w", &gguf, rows, cols).unwrap();
+        let packed = Q4_1Matrix::from_bytes_for(isa, "w", &gguf, rows, cols).unwrap();
         let stacked = Q4_1Matrix::concat_rows(&[&packed, &packed]);
         let dense = |m: &Q4_1Matrix| m.dequantize().unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(dense(&packed), dense(&plain));
         assert_eq!(dense(&stacked)[rows..], dense(&plain)[..]);
         let gguf = bytes::<BlockQ8_0>(rows, cols);
         let plain = Q8_0Matrix::from_bytes_for(Isa::Scalar, "w", &gguf, rows, cols).unwrap();
-        let packed = Q8_0Matrix::from_bytes_for(Isa::Avx512Vnni, "w", &gguf, rows, cols).unwrap();
+        let packed = Q8_0Matrix::from_bytes_for(isa, "w", &gguf, rows, cols).unwrap();
         assert_eq!(
             packed.dequantize().unwrap().to_vec2::<f32>().unwrap(),
             plain.dequantize().unwrap().to_vec2::<f32>().unwrap()

@@ -1,18 +1,22 @@
-//! The AVX-512 VNNI path of [`super::QuantMatrix`].
+//! The SIMD paths of [`super::QuantMatrix`]: AVX-512 VNNI and AVX2.
 //!
-//! Weights are repacked once, at load, so that one 512-bit register holds
-//! four consecutive quantized values of each of 16 rows, one row per 32-bit
-//! lane. `vpdpbusd` of that register with four activation bytes broadcast to
-//! every lane adds 64 products into the 16 rows' integer sums. A block's 32
-//! values all share their scales, so its dot products stay integers until
-//! the block ends: then one conversion and two FMAs per 16 rows and token
-//! apply the weight and activation scales (and Q4_1's offsets). The block
-//! scales cost three floating-point operations per 512 products, not per
-//! 64, and an output is a lane of a vector, never a horizontal sum.
+//! Weights are repacked once, at load, so that 64 bytes hold four
+//! consecutive quantized values of each of 16 rows, one row per 32-bit
+//! lane. AVX-512 reads those bytes as one register, AVX2 as two (rows 0–7
+//! and 8–15). A multiply-add of such a register with four activation bytes
+//! broadcast to every lane adds the products into each row's sum: `vpdpbusd`
+//! (VNNI) straight into 32-bit sums; on AVX2, `vpmaddubsw` into 16-bit pairs,
+//! which are summed in 16 bits over the block (4-bit values cannot overflow
+//! them) and widened once. A block's 32 values all share their scales, so its
+//! dot products stay integers until the block ends: then one conversion and
+//! two FMAs per register of rows and token apply the weight and activation
+//! scales (and Q4_1's offsets). An output is a lane of a vector, never a
+//! horizontal sum.
 //!
-//! A tile is 16 rows × up to eight tokens: each weight register is unpacked
-//! once and used for every token of the tile, so a step of many tokens is a
-//! matrix-matrix product, not many matrix-vector ones.
+//! A tile is a register of rows × up to eight (AVX-512) or four (AVX2)
+//! tokens: each weight register is unpacked once and used for every token
+//! of the tile, so a step of many tokens is a matrix-matrix product, not
+//! many matrix-vector ones.
 //!
 //! Every output goes through the same operations whatever the number of
 //! tokens in the matmul and wherever it falls in a tile, so a sequence's
@@ -24,10 +28,12 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{BlockQ4_1, BlockQ8_0, BlockQ8_1, SendPtr, WeightBlock, QK, ZERO_Q8};
+use super::{BlockQ4_1, BlockQ8_0, BlockQ8_1, Isa, SendPtr, WeightBlock, QK, ZERO_Q8};
 
-/// Rows per group: one 32-bit lane of a register each.
+/// Rows per group: one 32-bit lane of an AVX-512 register each.
 const LANES: usize = 16;
+/// Rows per AVX2 register: half a group.
+const HALF: usize = 8;
 
 /// 64 bytes: four values of each of a group's 16 rows.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +59,17 @@ pub trait Packing: Send + Sync + std::fmt::Debug + 'static {
     /// The CPU must have the features [`super::Isa::Avx512Vnni`] names;
     /// `q` holds `Q_BYTES / 4` chunks.
     unsafe fn dots<const T: usize>(q: &[Chunk], x: &[&BlockQ8_1; T], acc: &mut [__m512i; T]);
+    /// As [`Packing::dots`] for rows `8 * half..8 * half + 8` of the group,
+    /// on AVX2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `q` holds `Q_BYTES / 4` chunks.
+    unsafe fn dots_avx2<const T: usize>(
+        q: &[Chunk],
+        half: usize,
+        x: &[&BlockQ8_1; T],
+        acc: &mut [__m256i; T],
+    );
 }
 
 /// Four activation bytes from `at`, in every lane.
@@ -60,6 +77,20 @@ pub trait Packing: Send + Sync + std::fmt::Debug + 'static {
 #[inline]
 unsafe fn broadcast4(x: &BlockQ8_1, at: usize) -> __m512i {
     _mm512_set1_epi32((x.qs.as_ptr().add(at) as *const i32).read_unaligned())
+}
+
+/// Four activation bytes from `at`, in every lane of an AVX2 register.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn broadcast4_avx2(x: &BlockQ8_1, at: usize) -> __m256i {
+    _mm256_set1_epi32((x.qs.as_ptr().add(at) as *const i32).read_unaligned())
+}
+
+/// Half `half` of a chunk: four values of each of 8 rows.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load_half(chunk: &Chunk, half: usize) -> __m256i {
+    _mm256_load_si256(chunk.0.as_ptr().add(32 * half) as *const __m256i)
 }
 
 /// Q4_1: chunk `c` holds each row's nibble bytes `4c..4c + 4`, whose low
@@ -108,6 +139,35 @@ impl Packing for Q4_1Packing {
             }
         }
     }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dots_avx2<const T: usize>(
+        q: &[Chunk],
+        half: usize,
+        x: &[&BlockQ8_1; T],
+        acc: &mut [__m256i; T],
+    ) {
+        let low = _mm256_set1_epi8(0x0F);
+        // `vpmaddubsw` pairs of 4-bit values by 8-bit activations: at most
+        // 2 × 15 × 128 = 3,840 each, so the block's eight stay within i16.
+        let mut pairs = [_mm256_setzero_si256(); T];
+        for (c, chunk) in q.iter().enumerate().take(4) {
+            let raw = load_half(chunk, half);
+            let lo = _mm256_and_si256(raw, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            for j in 0..T {
+                let p = _mm256_maddubs_epi16(lo, broadcast4_avx2(x[j], 4 * c));
+                pairs[j] = _mm256_add_epi16(pairs[j], p);
+                let p = _mm256_maddubs_epi16(hi, broadcast4_avx2(x[j], 16 + 4 * c));
+                pairs[j] = _mm256_add_epi16(pairs[j], p);
+            }
+        }
+        let ones = _mm256_set1_epi16(1);
+        for j in 0..T {
+            acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs[j], ones));
+        }
+    }
 }
 
 /// Q8_0: chunk `c` holds each row's values `4c..4c + 4`, as `q + 128`.
@@ -148,6 +208,41 @@ impl Packing for Q8_0Packing {
             for j in 0..T {
                 acc[j] = _mm512_add_epi32(acc[j], odd[j]);
             }
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dots_avx2<const T: usize>(
+        q: &[Chunk],
+        half: usize,
+        x: &[&BlockQ8_1; T],
+        acc: &mut [__m256i; T],
+    ) {
+        // A biased byte times an 8-bit activation can pass i16 in
+        // `vpmaddubsw`'s pairs: split it into nibbles, `q + 128 = 16 h + l`,
+        // whose pairs sum within i16 over the block as Q4_1's do.
+        let low = _mm256_set1_epi8(0x0F);
+        let mut lows = [_mm256_setzero_si256(); T];
+        let mut highs = [_mm256_setzero_si256(); T];
+        for (c, chunk) in q.iter().enumerate().take(8) {
+            let raw = load_half(chunk, half);
+            let lo = _mm256_and_si256(raw, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            for j in 0..T {
+                let y = broadcast4_avx2(x[j], 4 * c);
+                lows[j] = _mm256_add_epi16(lows[j], _mm256_maddubs_epi16(lo, y));
+                highs[j] = _mm256_add_epi16(highs[j], _mm256_maddubs_epi16(hi, y));
+            }
+        }
+        let ones = _mm256_set1_epi16(1);
+        let sixteens = _mm256_set1_epi16(16);
+        for j in 0..T {
+            let sum = _mm256_add_epi32(
+                _mm256_madd_epi16(lows[j], ones),
+                _mm256_madd_epi16(highs[j], sixteens),
+            );
+            acc[j] = _mm256_add_epi32(acc[j], sum);
         }
     }
 }
@@ -232,11 +327,22 @@ impl<P: Packing> Packed<P> {
         out
     }
 
-    /// `x [m, k] → out [m, n]` for this matrix of `n` rows.
+    /// `x [m, k] → out [m, n]` for this matrix of `n` rows, on the path
+    /// `isa` (AVX2 or AVX-512 VNNI).
     ///
     /// # Safety
-    /// The CPU must have the features [`super::Isa::Avx512Vnni`] names.
-    pub unsafe fn forward(&self, x: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    /// The CPU must have the features `isa` names.
+    pub unsafe fn forward(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        debug_assert!(isa >= Isa::Avx2);
+        let avx512 = isa == Isa::Avx512Vnni;
         use rayon::prelude::*;
         let kb = self.kb;
         let mut xq = vec![ZERO_Q8; m * kb];
@@ -248,8 +354,13 @@ impl<P: Packing> Packed<P> {
             .zip(x.par_chunks(k))
             .for_each(|((q, sums), row)| {
                 for ((b, sum), xs) in q.iter_mut().zip(sums).zip(row.chunks_exact(QK)) {
-                    // SAFETY: the caller vouches for the features.
-                    (*b, *sum) = unsafe { quantize_block(xs) };
+                    (*b, *sum) = if avx512 {
+                        // SAFETY: the caller vouches for the features.
+                        unsafe { quantize_block(xs) }
+                    } else {
+                        let b = super::quantize_block(xs);
+                        (b, b.qs.iter().map(|&q| q as i32).sum())
+                    };
                 }
             });
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -271,7 +382,13 @@ impl<P: Packing> Packed<P> {
             .for_each(|g| {
                 // SAFETY: the caller vouches for the features; this task alone
                 // writes group `g`'s columns of `out`.
-                unsafe { work.group(g) };
+                unsafe {
+                    if avx512 {
+                        work.group(g)
+                    } else {
+                        work.group_avx2(g)
+                    }
+                };
             });
     }
 }
@@ -394,6 +511,91 @@ impl<P: Packing> Work<'_, P> {
         };
         for (j, v) in acc.into_iter().enumerate() {
             _mm512_mask_storeu_ps(self.out.0.add((t + j) * self.n + r), mask, v);
+        }
+    }
+
+    /// [`Work::group`] on AVX2: each half of the group in turn.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C present; only this call writes group `g`'s columns.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_avx2(&self, g: usize) {
+        const TOKENS_PER_PASS: usize = 64;
+        for t0 in (0..self.m).step_by(TOKENS_PER_PASS) {
+            let t1 = (t0 + TOKENS_PER_PASS).min(self.m);
+            // The group's second half is padding where the matrix ends.
+            for half in (0..2).filter(|h| g * LANES + h * HALF < self.n) {
+                let mut t = t0;
+                while t + 4 <= t1 {
+                    self.tile_avx2::<4>(g, half, t);
+                    t += 4;
+                }
+                match t1 - t {
+                    0 => {}
+                    1 => self.tile_avx2::<1>(g, half, t),
+                    2 => self.tile_avx2::<2>(g, half, t),
+                    _ => self.tile_avx2::<3>(g, half, t),
+                }
+            }
+        }
+    }
+
+    /// Rows `8 * half..8 * half + 8` of group `g` × tokens `t..t + T`, on AVX2.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_avx2<const T: usize>(&self, g: usize, half: usize, t: usize) {
+        let kb = self.w.kb;
+        let chunks = Packed::<P>::CHUNKS;
+        let has_min = !self.w.m.is_empty();
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..kb {
+            let at = g * kb + b;
+            if half == 0 {
+                // As in `tile`; the second half finds the lines in cache.
+                let ahead = self.w.q.as_ptr().wrapping_add((at + kb) * chunks) as *const i8;
+                for c in 0..chunks {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * 64));
+                }
+            }
+            let x: [&BlockQ8_1; T] = std::array::from_fn(|j| &self.xq[(t + j) * kb + b]);
+            let mut dots = [_mm256_setzero_si256(); T];
+            if P::BIASED {
+                for (j, dot) in dots.iter_mut().enumerate() {
+                    *dot = _mm256_set1_epi32(-128 * self.sums[(t + j) * kb + b]);
+                }
+            }
+            P::dots_avx2::<T>(
+                &self.w.q[at * chunks..(at + 1) * chunks],
+                half,
+                &x,
+                &mut dots,
+            );
+            let rows = at * LANES + half * HALF;
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(self.w.d[rows..].as_ptr() as *const __m128i));
+            for j in 0..T {
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[j].d));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[j]), scale, acc[j]);
+            }
+            if has_min {
+                let m =
+                    _mm256_cvtph_ps(_mm_loadu_si128(self.w.m[rows..].as_ptr() as *const __m128i));
+                for j in 0..T {
+                    acc[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[j].s), acc[j]);
+                }
+            }
+        }
+        // The last register of rows may be short.
+        let r = g * LANES + half * HALF;
+        let live = (self.n - r).min(HALF);
+        for (j, v) in acc.into_iter().enumerate() {
+            let dst = self.out.0.add((t + j) * self.n + r);
+            if live == HALF {
+                _mm256_storeu_ps(dst, v);
+            } else {
+                let mut lanes = [0f32; HALF];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, live);
+            }
         }
     }
 }
