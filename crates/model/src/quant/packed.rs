@@ -86,11 +86,15 @@ unsafe fn broadcast4_avx2(x: &BlockQ8_1, at: usize) -> __m256i {
     _mm256_set1_epi32((x.qs.as_ptr().add(at) as *const i32).read_unaligned())
 }
 
-/// Half `half` of a chunk: four values of each of 8 rows.
+/// The low and high nibbles of half `half` of a chunk (four bytes of each
+/// of 8 rows), as bytes.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn load_half(chunk: &Chunk, half: usize) -> __m256i {
-    _mm256_load_si256(chunk.0.as_ptr().add(32 * half) as *const __m256i)
+unsafe fn nibbles(chunk: &Chunk, half: usize) -> (__m256i, __m256i) {
+    let raw = _mm256_load_si256(chunk.0.as_ptr().add(32 * half) as *const __m256i);
+    let low = _mm256_set1_epi8(0x0F);
+    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+    (_mm256_and_si256(raw, low), hi)
 }
 
 /// Q4_1: chunk `c` holds each row's nibble bytes `4c..4c + 4`, whose low
@@ -148,14 +152,11 @@ impl Packing for Q4_1Packing {
         x: &[&BlockQ8_1; T],
         acc: &mut [__m256i; T],
     ) {
-        let low = _mm256_set1_epi8(0x0F);
         // `vpmaddubsw` pairs of 4-bit values by 8-bit activations: at most
         // 2 × 15 × 128 = 3,840 each, so the block's eight stay within i16.
         let mut pairs = [_mm256_setzero_si256(); T];
         for (c, chunk) in q.iter().enumerate().take(4) {
-            let raw = load_half(chunk, half);
-            let lo = _mm256_and_si256(raw, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            let (lo, hi) = nibbles(chunk, half);
             for j in 0..T {
                 let p = _mm256_maddubs_epi16(lo, broadcast4_avx2(x[j], 4 * c));
                 pairs[j] = _mm256_add_epi16(pairs[j], p);
@@ -222,13 +223,10 @@ impl Packing for Q8_0Packing {
         // A biased byte times an 8-bit activation can pass i16 in
         // `vpmaddubsw`'s pairs: split it into nibbles, `q + 128 = 16 h + l`,
         // whose pairs sum within i16 over the block as Q4_1's do.
-        let low = _mm256_set1_epi8(0x0F);
         let mut lows = [_mm256_setzero_si256(); T];
         let mut highs = [_mm256_setzero_si256(); T];
         for (c, chunk) in q.iter().enumerate().take(8) {
-            let raw = load_half(chunk, half);
-            let lo = _mm256_and_si256(raw, low);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            let (lo, hi) = nibbles(chunk, half);
             for j in 0..T {
                 let y = broadcast4_avx2(x[j], 4 * c);
                 lows[j] = _mm256_add_epi16(lows[j], _mm256_maddubs_epi16(lo, y));
