@@ -4,8 +4,9 @@
 // per query token and head; here 16 consecutive tokens of one sequence share
 // each read, and the products run on tensor cores.
 //
-// Arguments: paged_attention.cu's, then the tiles. Grid (tiles,
-// ceil(heads / PF_WARPS)); each warp takes one query head of one tile: `tiles` is [n, 2] (first token of the tile in the flattened batch,
+// Arguments: paged_attention.cu's leading ones, then the tiles. Grid
+// (tiles, ceil(heads / PF_WARPS)); each warp takes one query head of one
+// tile: `tiles` is [n, 2] (first token of the tile in the flattened batch,
 // rows <= 16), every row of a tile from the same sequence, at consecutive
 // positions. Key tiles are the sequence's cache blocks (16 positions each).
 // Two passes over the keys: the first finds each row's softmax max and sum,

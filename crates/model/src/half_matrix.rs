@@ -388,6 +388,17 @@ impl Kernel for Avx512 {
     }
 }
 
+/// The sum of a register's eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
 #[cfg(target_arch = "x86_64")]
 struct Avx2;
 
@@ -437,7 +448,7 @@ impl Kernel for Avx2 {
                 for j in i..k {
                     tail += kind.to_f32(*w[r].add(j)) * *x[t].add(j);
                 }
-                out[r][t] = crate::quant::hsum(acc[r][t]) + tail;
+                out[r][t] = hsum(acc[r][t]) + tail;
             }
         }
         out
