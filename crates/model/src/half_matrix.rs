@@ -178,7 +178,7 @@ impl HalfMatrix {
                 // strip writes only the output columns `rows`, which no other
                 // task owns.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Vnni => unsafe {
+                Isa::Avx512Vnni | Isa::Amx => unsafe {
                     match self.kind {
                         HalfKind::Bf16 => strip.rows_avx512::<true>(rows),
                         HalfKind::F16 => strip.rows_avx512::<false>(rows),

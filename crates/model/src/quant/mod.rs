@@ -7,11 +7,14 @@
 //! holds four consecutive values of each of 8 (AVX2) or 16 (AVX-512) rows,
 //! so a block's integer dot products for all those rows come from
 //! multiply-adds against four activation bytes broadcast to every lane, and
-//! a tile of tokens shares each unpacked weight register. [`Isa`] is the
-//! run-time choice; `STRATA_CPU_ISA` caps it (benchmarks and tests compare
+//! a tile of tokens shares each unpacked weight register; with AMX
+//! ([`amx`]), 16 tokens × 16 rows of a block are one tile product. [`Isa`]
+//! is the run-time choice; `STRATA_CPU_ISA` caps it (benchmarks and tests compare
 //! the paths on one machine). The scalar path reads the GGUF blocks as they
 //! are.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod packed;
 
@@ -48,6 +51,10 @@ pub enum Isa {
     /// AVX-512 F/BW/VL with VNNI: repacked weights, tiles of 16 rows × 8
     /// tokens, `vpdpbusd`.
     Avx512Vnni,
+    /// AVX-512 VNNI with AMX-INT8 (Sapphire Rapids and later): the same
+    /// layout, with every 16 tokens × 16 rows of a matmul one AMX tile
+    /// product per block.
+    Amx,
 }
 
 impl Isa {
@@ -62,7 +69,11 @@ impl Isa {
                 && has!("avx512vnni")
                 && has_avx2()
             {
-                return Isa::Avx512Vnni;
+                return if amx::usable() {
+                    Isa::Amx
+                } else {
+                    Isa::Avx512Vnni
+                };
             }
         }
         if has_avx2() {
@@ -73,7 +84,7 @@ impl Isa {
     }
 
     /// The path matmuls take: [`Isa::supported`], capped by
-    /// `STRATA_CPU_ISA` (`scalar`, `avx2` or `avx512`; a path the CPU lacks
+    /// `STRATA_CPU_ISA` (`scalar`, `avx2`, `avx512` or `amx`; a path the CPU lacks
     /// is never taken). Read once per process.
     pub fn chosen() -> Isa {
         static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
@@ -92,9 +103,10 @@ impl Isa {
             Some("scalar") => Isa::Scalar,
             Some("avx2") => Isa::Avx2,
             Some("avx512") => Isa::Avx512Vnni,
+            Some("amx") => Isa::Amx,
             Some(other) => {
                 tracing::warn!(
-                    "STRATA_CPU_ISA={other:?} is not one of scalar, avx2, avx512: using {best:?}"
+                    "STRATA_CPU_ISA={other:?} is not one of scalar, avx2, avx512, amx: using {best:?}"
                 );
                 return best;
             }
@@ -291,7 +303,7 @@ impl<B: WeightBlock> QuantMatrix<B> {
         let isa = isa.min(Isa::supported());
         let store = match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512Vnni => {
+            Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => {
                 Store::Groups(packed::Packed::new(&blocks, rows, cols / QK))
             }
             _ => Store::Blocks(blocks),
@@ -506,7 +518,8 @@ mod tests {
             .map(|i| ((i * 13) % 29) as f32 / 29.0 - 0.5)
             .collect();
         let input = Tensor::from_vec(x.clone(), (tokens, cols), &Device::Cpu).unwrap();
-        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni] {
+        let mut vnni = None;
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx] {
             if isa > Isa::supported() {
                 continue;
             }
@@ -521,6 +534,13 @@ mod tests {
                 .unwrap();
             let blocks: Vec<B> = gguf.chunks_exact(B::BYTES).map(B::parse).collect();
             let got: Vec<Vec<f32>> = w.forward(&input).unwrap().to_vec2().unwrap();
+            // AMX computes the same integer sums as VNNI and scales them
+            // alike: the same bits.
+            match isa {
+                Isa::Avx512Vnni => vnni = Some(got.clone()),
+                Isa::Amx => assert!(vnni.as_ref() == Some(&got), "{}: AMX != VNNI", B::NAME),
+                _ => {}
+            }
             for t in 0..tokens {
                 let mut q = vec![ZERO_Q8; cols / QK];
                 quantize_row(&x[t * cols..(t + 1) * cols], &mut q);
@@ -607,7 +627,11 @@ mod tests {
                 && has!("avx512bw")
                 && has!("avx512vl")
                 && has!("avx512vnni");
+            // AMX-INT8 is CPUID leaf 7's EDX bit 25; the kernel may still
+            // refuse it (then the test expects VNNI).
+            let amx = vnni && (std::arch::x86_64::__cpuid_count(7, 0).edx >> 25) & 1 == 1;
             let want = match (avx2, vnni) {
+                (_, true) if amx && amx::usable() => Isa::Amx,
                 (_, true) => Isa::Avx512Vnni,
                 (true, false) => Isa::Avx2,
                 _ => Isa::Scalar,
@@ -618,9 +642,43 @@ mod tests {
         assert_eq!(Isa::capped(None), best);
         assert_eq!(Isa::capped(Some("scalar")), Isa::Scalar);
         assert_eq!(Isa::capped(Some("avx2")), best.min(Isa::Avx2));
+        assert_eq!(Isa::capped(Some("avx512")), best.min(Isa::Avx512Vnni));
         // Never a path the CPU lacks, and nonsense changes nothing.
-        assert_eq!(Isa::capped(Some("avx512")), best);
+        assert_eq!(Isa::capped(Some("amx")), best);
         assert_eq!(Isa::capped(Some("sse9")), best);
+    }
+
+    /// AMX tiles give the VNNI kernel's bits at every block count: the
+    /// tile pipeline runs a few blocks ahead, so rows of one to six blocks
+    /// take its start and end paths. (Skipped where the CPU has no AMX.)
+    fn amx_matches_vnni<B: WeightBlock>() {
+        if Isa::supported() < Isa::Amx {
+            return;
+        }
+        let (rows, tokens) = (21, 40);
+        for cols in (QK..=6 * QK).step_by(QK) {
+            let gguf = bytes::<B>(rows, cols);
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|i| ((i * 17) % 31) as f32 / 31.0 - 0.5)
+                .collect();
+            let input = Tensor::from_vec(x, (tokens, cols), &Device::Cpu).unwrap();
+            let run = |isa| {
+                let w = QuantMatrix::<B>::from_bytes_for(isa, "w", &gguf, rows, cols).unwrap();
+                w.forward(&input).unwrap().to_vec2::<f32>().unwrap()
+            };
+            assert_eq!(
+                run(Isa::Amx),
+                run(Isa::Avx512Vnni),
+                "{} {cols} columns",
+                B::NAME
+            );
+        }
+    }
+
+    #[test]
+    fn amx_tiles_give_the_vnni_bits() {
+        amx_matches_vnni::<BlockQ4_1>();
+        amx_matches_vnni::<BlockQ8_0>();
     }
 
     #[test]

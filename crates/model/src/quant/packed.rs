@@ -16,7 +16,10 @@
 //! A tile is a register of rows × up to eight (AVX-512) or four (AVX2)
 //! tokens: each weight register is unpacked once and used for every token
 //! of the tile, so a step of many tokens is a matrix-matrix product, not
-//! many matrix-vector ones.
+//! many matrix-vector ones. With AMX, each 16 tokens of a group are one
+//! tile: a block's 8 chunks are an AMX weight tile as they stand (Q8_0) or
+//! once their nibbles are split (Q4_1), the 16 tokens' activation blocks
+//! the other operand, and one instruction gives all 256 integer sums.
 //!
 //! Every output goes through the same operations whatever the number of
 //! tokens in the matmul and wherever it falls in a tile, so a sequence's
@@ -28,7 +31,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{BlockQ4_1, BlockQ8_0, BlockQ8_1, Isa, SendPtr, WeightBlock, QK, ZERO_Q8};
+use super::{amx, BlockQ4_1, BlockQ8_0, BlockQ8_1, Isa, SendPtr, WeightBlock, QK, ZERO_Q8};
 
 /// Rows per group: one 32-bit lane of an AVX-512 register each.
 const LANES: usize = 16;
@@ -70,6 +73,14 @@ pub trait Packing: Send + Sync + std::fmt::Debug + 'static {
         x: &[&BlockQ8_1; T],
         acc: &mut [__m256i; T],
     );
+    /// A block's values as an AMX weight tile: 8 rows of 64 bytes, each
+    /// four values of the 16 rows as unsigned bytes (the chunks themselves,
+    /// or their nibbles unpacked into `buf`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW; `q` holds `Q_BYTES / 4` chunks;
+    /// `buf` is writable (not necessarily initialized).
+    unsafe fn amx_weights(q: &[Chunk], buf: *mut [Chunk; 8]) -> *const u8;
 }
 
 /// Four activation bytes from `at`, in every lane.
@@ -169,6 +180,21 @@ impl Packing for Q4_1Packing {
             acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs[j], ones));
         }
     }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn amx_weights(q: &[Chunk], buf: *mut [Chunk; 8]) -> *const u8 {
+        let buf = buf as *mut __m512i;
+        // Low nibbles are values 0..16 (tile rows 0..4), high ones 16..32.
+        let low = _mm512_set1_epi8(0x0F);
+        for (c, chunk) in q.iter().enumerate().take(4) {
+            let raw = _mm512_load_si512(chunk.0.as_ptr() as *const __m512i);
+            let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+            _mm512_store_si512(buf.add(c), _mm512_and_si512(raw, low));
+            _mm512_store_si512(buf.add(4 + c), hi);
+        }
+        buf as *const u8
+    }
 }
 
 /// Q8_0: chunk `c` holds each row's values `4c..4c + 4`, as `q + 128`.
@@ -242,6 +268,11 @@ impl Packing for Q8_0Packing {
             );
             acc[j] = _mm256_add_epi32(acc[j], sum);
         }
+    }
+
+    /// Q8_0's chunks are a weight tile as they are.
+    unsafe fn amx_weights(q: &[Chunk], _buf: *mut [Chunk; 8]) -> *const u8 {
+        q.as_ptr() as *const u8
     }
 }
 
@@ -340,7 +371,7 @@ impl<P: Packing> Packed<P> {
         out: &mut [f32],
     ) {
         debug_assert!(isa >= Isa::Avx2);
-        let avx512 = isa == Isa::Avx512Vnni;
+        let avx512 = isa >= Isa::Avx512Vnni;
         use rayon::prelude::*;
         let kb = self.kb;
         let mut xq = vec![ZERO_Q8; m * kb];
@@ -370,6 +401,7 @@ impl<P: Packing> Packed<P> {
             m,
             n,
             out: &out_ptr,
+            amx: isa == Isa::Amx,
         };
         // A task owns one group of output features; tokens go through it 64
         // at a time so its activations stay in the core's L2 cache.
@@ -464,7 +496,13 @@ struct Work<'a, P: Packing> {
     m: usize,
     n: usize,
     out: &'a SendPtr,
+    /// Full tiles of 16 tokens go through AMX.
+    amx: bool,
 }
+
+/// One AMX tile's integer sums: 16 tokens × 16 rows.
+#[repr(C, align(64))]
+struct TileSums([i32; 256]);
 
 impl<P: Packing> Work<'_, P> {
     /// # Safety
@@ -475,6 +513,12 @@ impl<P: Packing> Work<'_, P> {
         for t0 in (0..self.m).step_by(TOKENS_PER_PASS) {
             let t1 = (t0 + TOKENS_PER_PASS).min(self.m);
             let mut t = t0;
+            if self.amx {
+                while t + 16 <= t1 {
+                    self.tile_amx(g, t);
+                    t += 16;
+                }
+            }
             while t + 8 <= t1 {
                 self.tile::<8>(g, t);
                 t += 8;
@@ -539,6 +583,105 @@ impl<P: Packing> Work<'_, P> {
             }
         }
         // The last group may hold fewer than 16 rows.
+        let r = g * LANES;
+        let mask: __mmask16 = if self.n - r >= LANES {
+            0xFFFF
+        } else {
+            (1u16 << (self.n - r)) - 1
+        };
+        for (j, v) in acc.into_iter().enumerate() {
+            _mm512_mask_storeu_ps(self.out.0.add((t + j) * self.n + r), mask, v);
+        }
+    }
+
+    /// [`Work::tile`] for 16 tokens, with each block's integer sums from
+    /// one AMX tile product. The scales then go on exactly as in `tile`, so
+    /// every output has the same bits whichever path made it.
+    ///
+    /// # Safety
+    /// As [`Work::group`], and [`amx::usable`] returned true.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
+    unsafe fn tile_amx(&self, g: usize, t: usize) {
+        const T: usize = 16;
+        amx::configure();
+        let kb = self.w.kb;
+        let chunks = Packed::<P>::CHUNKS;
+        let has_min = !self.w.m.is_empty();
+        let mut acc = [_mm512_setzero_ps(); T];
+        // Scratch the tile instructions write before anything reads it (left
+        // uninitialized: zeroing it cost more than the products).
+        let mut sums = std::mem::MaybeUninit::<[TileSums; amx::SUM_TILES]>::uninit();
+        let sums = sums.as_mut_ptr() as *mut TileSums;
+        let mut unpacked = std::mem::MaybeUninit::<[[Chunk; 8]; amx::SUM_TILES]>::uninit();
+        let unpacked = unpacked.as_mut_ptr() as *mut [Chunk; 8];
+        // Token j's block b is `xq[(t + j) * kb + b]`: one tile row per
+        // token, a row of blocks apart.
+        let x_stride = kb * std::mem::size_of::<BlockQ8_1>();
+        // A pipeline, so no step waits on what it has just written: step i
+        // unpacks block i + 2's weights, starts block i's product, stores
+        // block i - 1's sums and scales block i - 2's. (A tile load of
+        // bytes stored a moment before stalls until they reach the cache.)
+        const AHEAD: usize = 2;
+        let weights = |b: usize| {
+            let at = g * kb + b;
+            let ahead = self.w.q.as_ptr().wrapping_add((at + kb) * chunks) as *const i8;
+            for c in 0..chunks {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * 64));
+            }
+            let q = &self.w.q[at * chunks..(at + 1) * chunks];
+            P::amx_weights(q, unpacked.add(b % amx::SUM_TILES))
+        };
+        let mut w = [std::ptr::null(); amx::SUM_TILES];
+        for b in 0..AHEAD.min(kb) {
+            w[b] = weights(b);
+        }
+        for i in 0..kb + 2 {
+            if i + AHEAD < kb {
+                w[(i + AHEAD) % amx::SUM_TILES] = weights(i + AHEAD);
+            }
+            if i < kb {
+                let slot = i % amx::SUM_TILES;
+                amx::multiply(slot, self.xq[t * kb + i].qs.as_ptr(), x_stride, w[slot]);
+            }
+            if (1..=kb).contains(&i) {
+                let slot = (i - 1) % amx::SUM_TILES;
+                amx::store(slot, sums.add(slot) as *mut i32);
+            }
+            if i < 2 {
+                continue;
+            }
+            let b = i - 2;
+            let sums = sums.add(b % amx::SUM_TILES) as *const i32;
+            let at = g * kb + b;
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(
+                self.w.d[at * LANES..].as_ptr() as *const __m256i
+            ));
+            let m = if has_min {
+                _mm512_cvtph_ps(_mm256_loadu_si256(
+                    self.w.m[at * LANES..].as_ptr() as *const __m256i
+                ))
+            } else {
+                _mm512_setzero_ps()
+            };
+            // Token j's block and integer sum are `kb` entries after j - 1's
+            // (pointers: the bounds checks kept the loop from unrolling).
+            let xs = self.xq[t * kb + b..].as_ptr();
+            let x_sums = self.sums[t * kb + b..].as_ptr();
+            debug_assert!((t + T - 1) * kb + b < self.xq.len());
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let x = &*xs.add(j * kb);
+                let mut dot = _mm512_load_si512(sums.add(16 * j) as *const __m512i);
+                if P::BIASED {
+                    let bias = _mm512_set1_epi32(-128 * *x_sums.add(j * kb));
+                    dot = _mm512_add_epi32(bias, dot);
+                }
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
+                if has_min {
+                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s), *acc);
+                }
+            }
+        }
         let r = g * LANES;
         let mask: __mmask16 = if self.n - r >= LANES {
             0xFFFF
