@@ -632,8 +632,8 @@ impl<P: Packing> Work<'_, P> {
             P::amx_weights(q, unpacked.add(b % amx::SUM_TILES))
         };
         let mut w = [std::ptr::null(); amx::SUM_TILES];
-        for b in 0..AHEAD.min(kb) {
-            w[b] = weights(b);
+        for (b, w) in w.iter_mut().enumerate().take(AHEAD.min(kb)) {
+            *w = weights(b);
         }
         for i in 0..kb + 2 {
             if i + AHEAD < kb {
