@@ -30,8 +30,9 @@ mkdir -p "$DEST/src"
 tar -xzf "$DEST"/sdist/llama_cpp_python-"$VERSION".tar.gz -C "$DEST/src" --strip-components=1
 
 export PATH=$DEST/venv/bin:$PATH
-# No AMX: on a VM whose Xeon has it, ggml's AMX path crashes at start (the
-# guest may not grant the tile state), and the comparison is about AVX-512.
+# No AMX: on a VM whose Xeon has it, ggml's AMX path crashes at its first
+# matmul (SIGSEGV on `ldtilecfg` in ggml_backend_amx_mul_mat, though the
+# kernel grants the tile state: strata's AMX kernel runs there).
 NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$DEST/src/vendor/llama.cpp" -B "$DEST/build" -G Ninja \
     -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
