@@ -96,7 +96,11 @@ impl Placement {
         };
         match cuda {
             None => match dtype {
-                None | Some(DType::F32) => Ok(Self::cpu()),
+                None | Some(DType::F32) => {
+                    // Which matmul path this CPU takes (`STRATA_CPU_ISA` caps it).
+                    tracing::info!("CPU matmul kernels: {:?}", crate::quant::Isa::chosen());
+                    Ok(Self::cpu())
+                }
                 Some(d) => Err(Error::Config(format!(
                     "the CPU computes in float32; --dtype {} needs --device cuda",
                     dtype_name(d)

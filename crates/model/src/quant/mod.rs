@@ -9,9 +9,9 @@
 //! multiply-adds against four activation bytes broadcast to every lane, and
 //! a tile of tokens shares each unpacked weight register; with AMX
 //! ([`amx`]), 16 tokens × 16 rows of a block are one tile product. [`Isa`]
-//! is the run-time choice; `STRATA_CPU_ISA` caps it (benchmarks and tests compare
-//! the paths on one machine). The scalar path reads the GGUF blocks as they
-//! are.
+//! is the run-time choice; `STRATA_CPU_ISA` caps it (benchmarks and tests
+//! compare the paths on one machine). The scalar path reads the GGUF
+//! blocks as they are.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
