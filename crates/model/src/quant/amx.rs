@@ -9,8 +9,8 @@
 //! some twenty times its VNNI rate, and the kernel is bound instead by the
 //! vector work around the products (unpacking, scales). The packed layout's 64-byte chunks (four values of each of 16 weight rows)
 //! are already the right-hand tile's row format, so a block of 16 rows ×
-//! 32 values is 8 tile rows, and 16 tokens' activation blocks are the
-//! left-hand tile, read in place with their stride.
+//! 32 values is 8 tile rows, and up to 16 tokens' activation blocks are
+//! the left-hand tile, read in place with their stride.
 //!
 //! The instructions go through inline assembly: Rust's AMX intrinsics are
 //! not stable.
@@ -61,19 +61,19 @@ pub fn usable() -> bool {
 /// reads each back a block or two after starting it.
 pub const SUM_TILES: usize = 4;
 
-/// The tile configuration (`ldtilecfg`'s 64-byte operand, palette 1):
-/// `tmm0..=tmm3` a block's sums each (16 rows of 16 i32), `tmm4` and
-/// `tmm5` activations (16 rows of 32 bytes), `tmm6` and `tmm7` weights (8
-/// rows of 64 bytes).
+/// The tile configuration (`ldtilecfg`'s 64-byte operand, palette 1) for
+/// products of `tokens` tokens (1 to 16): `tmm0..=tmm3` a block's sums
+/// each (`tokens` rows of 16 i32), `tmm4` and `tmm5` activations (`tokens`
+/// rows of 32 bytes), `tmm6` and `tmm7` weights (8 rows of 64 bytes).
 #[repr(C, align(64))]
 struct Config([u8; 64]);
 
 impl Config {
-    fn new() -> Self {
+    fn new(tokens: u8) -> Self {
         let mut c = Config([0; 64]);
         c.0[0] = 1;
-        let sums = (16u8, 64u16);
-        let (x, w) = ((16, 32), (8, 64));
+        let sums = (tokens, 64u16);
+        let (x, w) = ((tokens, 32), (8, 64));
         let shapes: [(u8, u16); 8] = [sums, sums, sums, sums, x, x, w, w];
         const { assert!(SUM_TILES == 4) };
         for (tile, (rows, bytes)) in shapes.into_iter().enumerate() {
@@ -85,31 +85,33 @@ impl Config {
 }
 
 thread_local! {
-    static CONFIGURED: Cell<bool> = const { Cell::new(false) };
+    /// The token count this thread's tiles are configured for (0: none).
+    static CONFIGURED: Cell<usize> = const { Cell::new(0) };
 }
 
-/// Sets this thread's tiles to the shapes above (once per thread: the
-/// configuration stays until something else loads another).
+/// Sets this thread's tiles to the shapes above for `tokens` tokens (only
+/// when they change: the configuration stays until another is loaded).
 ///
 /// # Safety
-/// [`usable`] must have returned true.
+/// [`usable`] must have returned true; `tokens` is 1 to 16.
 #[inline]
-pub unsafe fn configure() {
-    if !CONFIGURED.get() {
-        let config = Config::new();
+pub unsafe fn configure(tokens: usize) {
+    debug_assert!((1..=16).contains(&tokens));
+    if CONFIGURED.get() != tokens {
+        let config = Config::new(tokens as u8);
         asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
-        CONFIGURED.set(true);
+        CONFIGURED.set(tokens);
     }
 }
 
-/// Starts a block's integer dot products of 16 tokens with 16 weight rows
+/// Starts a block's integer dot products of the configured tokens with 16 weight rows
 /// in sum tile `tile`: `Σ_k x[t][k] × w[k / 4][4r + k % 4]` for k < 32, the
 /// activations `x` signed bytes (32 per token, `x_stride` bytes apart), the
 /// weights `w` unsigned bytes (8 rows of 64). [`store`] reads them out.
 ///
 /// # Safety
-/// [`configure`] must have run on this thread; `x` must be readable for 16
-/// rows of 32 bytes at its stride and `w` for 512 bytes.
+/// [`configure`] must have run on this thread; `x` must be readable for the
+/// configured tokens' rows of 32 bytes at its stride and `w` for 512 bytes.
 #[inline]
 pub unsafe fn multiply(tile: usize, x: *const i8, x_stride: usize, w: *const u8) {
     match tile % SUM_TILES {
@@ -143,7 +145,7 @@ unsafe fn multiply_in<const K: usize>(x: *const i8, x_stride: usize, w: *const u
 ///
 /// # Safety
 /// [`multiply`] into `tile` must have run on this thread; `sums` must be
-/// writable for 256 values.
+/// writable for 16 values per configured token.
 #[inline]
 pub unsafe fn store(tile: usize, sums: *mut i32) {
     match tile % SUM_TILES {

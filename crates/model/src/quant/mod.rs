@@ -8,7 +8,7 @@
 //! so a block's integer dot products for all those rows come from
 //! multiply-adds against four activation bytes broadcast to every lane, and
 //! a tile of tokens shares each unpacked weight register; with AMX
-//! ([`amx`]), 16 tokens × 16 rows of a block are one tile product. [`Isa`]
+//! ([`amx`]), up to 16 tokens × 16 rows of a block are one tile product. [`Isa`]
 //! is the run-time choice; `STRATA_CPU_ISA` caps it (benchmarks and tests
 //! compare the paths on one machine). The scalar path reads the GGUF
 //! blocks as they are.
@@ -52,8 +52,8 @@ pub enum Isa {
     /// tokens, `vpdpbusd`.
     Avx512Vnni,
     /// AVX-512 VNNI with AMX-INT8 (Sapphire Rapids and later): the same
-    /// layout, with every 16 tokens × 16 rows of a matmul one AMX tile
-    /// product per block.
+    /// layout, with tiles of 8 to 16 tokens × 16 rows one AMX product per
+    /// block.
     Amx,
 }
 
@@ -648,15 +648,21 @@ mod tests {
         assert_eq!(Isa::capped(Some("sse9")), best);
     }
 
-    /// AMX tiles give the VNNI kernel's bits at every block count: the
-    /// tile pipeline runs a few blocks ahead, so rows of one to six blocks
-    /// take its start and end paths. (Skipped where the CPU has no AMX.)
+    /// AMX tiles give the VNNI kernel's bits at every block count and tile
+    /// height: the tile pipeline runs a few blocks ahead, so rows of one to
+    /// six blocks take its start and end paths. (Skipped where the CPU has
+    /// no AMX.)
     fn amx_matches_vnni<B: WeightBlock>() {
         if Isa::supported() < Isa::Amx {
             return;
         }
-        let (rows, tokens) = (21, 40);
-        for cols in (QK..=6 * QK).step_by(QK) {
+        // 40 tokens: two full tiles and a tile of 8; 27: one and a tile of
+        // 11; 7: VNNI alone (and the tile shapes change between them).
+        let rows = 21;
+        for (tokens, cols) in [40, 27, 7]
+            .into_iter()
+            .flat_map(|t| (QK..=6 * QK).step_by(QK).map(move |c| (t, c)))
+        {
             let gguf = bytes::<B>(rows, cols);
             let x: Vec<f32> = (0..tokens * cols)
                 .map(|i| ((i * 17) % 31) as f32 / 31.0 - 0.5)
@@ -669,7 +675,7 @@ mod tests {
             assert_eq!(
                 run(Isa::Amx),
                 run(Isa::Avx512Vnni),
-                "{} {cols} columns",
+                "{} {cols} columns, {tokens} tokens",
                 B::NAME
             );
         }

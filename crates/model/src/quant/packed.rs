@@ -16,10 +16,11 @@
 //! A tile is a register of rows × up to eight (AVX-512) or four (AVX2)
 //! tokens: each weight register is unpacked once and used for every token
 //! of the tile, so a step of many tokens is a matrix-matrix product, not
-//! many matrix-vector ones. With AMX, each 16 tokens of a group are one
-//! tile: a block's 8 chunks are an AMX weight tile as they stand (Q8_0) or
-//! once their nibbles are split (Q4_1), the 16 tokens' activation blocks
-//! the other operand, and one instruction gives all 256 integer sums.
+//! many matrix-vector ones. With AMX, each 16 tokens of a group (and a
+//! rest of 8 to 15) are one tile: a block's 8 chunks are an AMX weight
+//! tile as they stand (Q8_0) or once their nibbles are split (Q4_1), the
+//! tokens' activation blocks the other operand, and one instruction gives
+//! all their integer sums.
 //!
 //! Every output goes through the same operations whatever the number of
 //! tokens in the matmul and wherever it falls in a tile, so a sequence's
@@ -496,11 +497,11 @@ struct Work<'a, P: Packing> {
     m: usize,
     n: usize,
     out: &'a SendPtr,
-    /// Full tiles of 16 tokens go through AMX.
+    /// Tiles of 8 to 16 tokens go through AMX.
     amx: bool,
 }
 
-/// One AMX tile's integer sums: 16 tokens × 16 rows.
+/// One AMX tile's integer sums: up to 16 tokens × 16 rows.
 #[repr(C, align(64))]
 struct TileSums([i32; 256]);
 
@@ -515,8 +516,23 @@ impl<P: Packing> Work<'_, P> {
             let mut t = t0;
             if self.amx {
                 while t + 16 <= t1 {
-                    self.tile_amx(g, t);
+                    self.tile_amx::<16>(g, t);
                     t += 16;
+                }
+                // A rest of 8 or more tokens is one shorter AMX tile (fewer
+                // tile rows); below that VNNI is as fast (`matmul_bench`).
+                if t1 - t >= 8 {
+                    match t1 - t {
+                        8 => self.tile_amx::<8>(g, t),
+                        9 => self.tile_amx::<9>(g, t),
+                        10 => self.tile_amx::<10>(g, t),
+                        11 => self.tile_amx::<11>(g, t),
+                        12 => self.tile_amx::<12>(g, t),
+                        13 => self.tile_amx::<13>(g, t),
+                        14 => self.tile_amx::<14>(g, t),
+                        _ => self.tile_amx::<15>(g, t),
+                    }
+                    t = t1;
                 }
             }
             while t + 8 <= t1 {
@@ -594,16 +610,15 @@ impl<P: Packing> Work<'_, P> {
         }
     }
 
-    /// [`Work::tile`] for 16 tokens, with each block's integer sums from
-    /// one AMX tile product. The scales then go on exactly as in `tile`, so
+    /// [`Work::tile`] for `T` tokens (up to 16), with each block's integer
+    /// sums from one AMX tile product. The scales then go on exactly as in `tile`, so
     /// every output has the same bits whichever path made it.
     ///
     /// # Safety
     /// As [`Work::group`], and [`amx::usable`] returned true.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
-    unsafe fn tile_amx(&self, g: usize, t: usize) {
-        const T: usize = 16;
-        amx::configure();
+    unsafe fn tile_amx<const T: usize>(&self, g: usize, t: usize) {
+        amx::configure(T);
         let kb = self.w.kb;
         let chunks = Packed::<P>::CHUNKS;
         let has_min = !self.w.m.is_empty();
