@@ -561,18 +561,10 @@ impl<P: Packing> Work<'_, P> {
     unsafe fn tile<const T: usize>(&self, g: usize, t: usize) {
         let kb = self.w.kb;
         let chunks = Packed::<P>::CHUNKS;
-        let has_min = !self.w.m.is_empty();
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..kb {
             let at = g * kb + b;
-            // The next group's block: a task's groups follow one another,
-            // so its weights arrive while this group computes (the hardware
-            // prefetcher alone leaves a few tokens paying for the reading
-            // and the compute one after the other).
-            let ahead = self.w.q.as_ptr().wrapping_add((at + kb) * chunks) as *const i8;
-            for c in 0..chunks {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * 64));
-            }
+            self.prefetch_next_group(at);
             let x: [&BlockQ8_1; T] = std::array::from_fn(|j| &self.xq[(t + j) * kb + b]);
             let mut dots = [_mm512_setzero_si512(); T];
             if P::BIASED {
@@ -581,24 +573,61 @@ impl<P: Packing> Work<'_, P> {
                 }
             }
             P::dots::<T>(&self.w.q[at * chunks..(at + 1) * chunks], &x, &mut dots);
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(
-                self.w.d[at * LANES..].as_ptr() as *const __m256i
+            self.scale_block(at, &dots, &x, &mut acc);
+        }
+        self.store_tile(g, t, acc);
+    }
+
+    /// The next group's block `at`'s weights into the cache: a task's
+    /// groups follow one another, so its weights arrive while this group
+    /// computes (the hardware prefetcher alone leaves a few tokens paying
+    /// for the reading and the compute one after the other).
+    #[inline]
+    fn prefetch_next_group(&self, at: usize) {
+        let chunks = Packed::<P>::CHUNKS;
+        let ahead = self.w.q.as_ptr().wrapping_add((at + self.w.kb) * chunks) as *const i8;
+        for c in 0..chunks {
+            // SAFETY: a prefetch reads nothing; past the end it is dropped.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * 64)) };
+        }
+    }
+
+    /// Adds block `at`'s share to a tile's 16-row outputs from its integer
+    /// sums `dots` with the tokens' activation blocks `x`: the weight and
+    /// activation scales, then Q4_1's offsets (m × the activation block's
+    /// sum). Every AVX-512 path goes through here, so an output has the same
+    /// bits whichever made its sums.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
+    #[inline]
+    unsafe fn scale_block<const T: usize>(
+        &self,
+        at: usize,
+        dots: &[__m512i; T],
+        x: &[&BlockQ8_1; T],
+        acc: &mut [__m512; T],
+    ) {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(
+            self.w.d[at * LANES..].as_ptr() as *const __m256i
+        ));
+        for j in 0..T {
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(x[j].d));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[j]), scale, acc[j]);
+        }
+        if !self.w.m.is_empty() {
+            let m = _mm512_cvtph_ps(_mm256_loadu_si256(
+                self.w.m[at * LANES..].as_ptr() as *const __m256i
             ));
             for j in 0..T {
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(x[j].d));
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[j]), scale, acc[j]);
-            }
-            if has_min {
-                // Q4_1's offsets: m × the activation block's sum.
-                let m = _mm512_cvtph_ps(_mm256_loadu_si256(
-                    self.w.m[at * LANES..].as_ptr() as *const __m256i
-                ));
-                for j in 0..T {
-                    acc[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(x[j].s), acc[j]);
-                }
+                acc[j] = _mm512_fmadd_ps(m, _mm512_set1_ps(x[j].s), acc[j]);
             }
         }
-        // The last group may hold fewer than 16 rows.
+    }
+
+    /// A tile's outputs: tokens `t..t + T` × group `g`'s rows (the last
+    /// group may hold fewer than 16).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store_tile<const T: usize>(&self, g: usize, t: usize, acc: [__m512; T]) {
         let r = g * LANES;
         let mask: __mmask16 = if self.n - r >= LANES {
             0xFFFF
@@ -611,8 +640,8 @@ impl<P: Packing> Work<'_, P> {
     }
 
     /// [`Work::tile`] for `T` tokens (up to 16), with each block's integer
-    /// sums from one AMX tile product. The scales then go on exactly as in `tile`, so
-    /// every output has the same bits whichever path made it.
+    /// sums from one AMX tile product; the scales go through the same
+    /// [`Work::scale_block`].
     ///
     /// # Safety
     /// As [`Work::group`], and [`amx::usable`] returned true.
@@ -621,7 +650,6 @@ impl<P: Packing> Work<'_, P> {
         amx::configure(T);
         let kb = self.w.kb;
         let chunks = Packed::<P>::CHUNKS;
-        let has_min = !self.w.m.is_empty();
         let mut acc = [_mm512_setzero_ps(); T];
         // Scratch the tile instructions write before anything reads it (left
         // uninitialized: zeroing it cost more than the products).
@@ -639,10 +667,7 @@ impl<P: Packing> Work<'_, P> {
         const AHEAD: usize = 2;
         let weights = |b: usize| {
             let at = g * kb + b;
-            let ahead = self.w.q.as_ptr().wrapping_add((at + kb) * chunks) as *const i8;
-            for c in 0..chunks {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * 64));
-            }
+            self.prefetch_next_group(at);
             let q = &self.w.q[at * chunks..(at + 1) * chunks];
             P::amx_weights(q, unpacked.add(b % amx::SUM_TILES))
         };
@@ -667,45 +692,23 @@ impl<P: Packing> Work<'_, P> {
             }
             let b = i - 2;
             let sums = sums.add(b % amx::SUM_TILES) as *const i32;
-            let at = g * kb + b;
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(
-                self.w.d[at * LANES..].as_ptr() as *const __m256i
-            ));
-            let m = if has_min {
-                _mm512_cvtph_ps(_mm256_loadu_si256(
-                    self.w.m[at * LANES..].as_ptr() as *const __m256i
-                ))
-            } else {
-                _mm512_setzero_ps()
-            };
             // Token j's block and integer sum are `kb` entries after j - 1's
-            // (pointers: the bounds checks kept the loop from unrolling).
+            // (pointers: bounds checks kept the loops from unrolling).
             let xs = self.xq[t * kb + b..].as_ptr();
             let x_sums = self.sums[t * kb + b..].as_ptr();
             debug_assert!((t + T - 1) * kb + b < self.xq.len());
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let x = &*xs.add(j * kb);
-                let mut dot = _mm512_load_si512(sums.add(16 * j) as *const __m512i);
+            let x: [&BlockQ8_1; T] = std::array::from_fn(|j| &*xs.add(j * kb));
+            let dots: [__m512i; T] = std::array::from_fn(|j| {
+                let dot = _mm512_load_si512(sums.add(16 * j) as *const __m512i);
                 if P::BIASED {
-                    let bias = _mm512_set1_epi32(-128 * *x_sums.add(j * kb));
-                    dot = _mm512_add_epi32(bias, dot);
+                    _mm512_add_epi32(_mm512_set1_epi32(-128 * *x_sums.add(j * kb)), dot)
+                } else {
+                    dot
                 }
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(x.d));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
-                if has_min {
-                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s), *acc);
-                }
-            }
+            });
+            self.scale_block(g * kb + b, &dots, &x, &mut acc);
         }
-        let r = g * LANES;
-        let mask: __mmask16 = if self.n - r >= LANES {
-            0xFFFF
-        } else {
-            (1u16 << (self.n - r)) - 1
-        };
-        for (j, v) in acc.into_iter().enumerate() {
-            _mm512_mask_storeu_ps(self.out.0.add((t + j) * self.n + r), mask, v);
-        }
+        self.store_tile(g, t, acc);
     }
 
     /// [`Work::group`] on AVX2: each half of the group in turn.
@@ -745,11 +748,8 @@ impl<P: Packing> Work<'_, P> {
         for b in 0..kb {
             let at = g * kb + b;
             if half == 0 {
-                // As in `tile`; the second half finds the lines in cache.
-                let ahead = self.w.q.as_ptr().wrapping_add((at + kb) * chunks) as *const i8;
-                for c in 0..chunks {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c * 64));
-                }
+                // The second half finds the lines in cache.
+                self.prefetch_next_group(at);
             }
             let x: [&BlockQ8_1; T] = std::array::from_fn(|j| &self.xq[(t + j) * kb + b]);
             let mut dots = [_mm256_setzero_si256(); T];
