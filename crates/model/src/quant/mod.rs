@@ -83,9 +83,9 @@ impl Isa {
         }
     }
 
-    /// The path matmuls take: [`Isa::supported`] short of AMX, which
-    /// `STRATA_CPU_ISA=amx` turns on; `scalar`, `avx2` or `avx512` cap it (a
-    /// path the CPU lacks is never taken). Read once per process.
+    /// The path matmuls take: [`Isa::supported`], capped by
+    /// `STRATA_CPU_ISA` (`scalar`, `avx2`, `avx512` or `amx`; a path the CPU lacks
+    /// is never taken). Read once per process.
     pub fn chosen() -> Isa {
         static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
@@ -99,20 +99,16 @@ impl Isa {
     pub fn capped(cap: Option<&str>) -> Isa {
         let best = Self::supported();
         let cap = match cap.map(str::trim) {
-            // AMX is opt-in for now: with it, a recovery test (a killed
-            // middle stage started again) fails about one run in twenty,
-            // never without it, and the cause is not found yet.
-            None | Some("") => return best.min(Isa::Avx512Vnni),
+            None | Some("") => return best,
             Some("scalar") => Isa::Scalar,
             Some("avx2") => Isa::Avx2,
             Some("avx512") => Isa::Avx512Vnni,
             Some("amx") => Isa::Amx,
             Some(other) => {
-                let default = best.min(Isa::Avx512Vnni);
                 tracing::warn!(
-                    "STRATA_CPU_ISA={other:?} is not one of scalar, avx2, avx512, amx: using {default:?}"
+                    "STRATA_CPU_ISA={other:?} is not one of scalar, avx2, avx512, amx: using {best:?}"
                 );
-                return default;
+                return best;
             }
         };
         best.min(cap)
@@ -643,14 +639,13 @@ mod tests {
             assert_eq!(Isa::supported(), want);
         }
         let best = Isa::supported();
-        // AMX only when asked for.
-        assert_eq!(Isa::capped(None), best.min(Isa::Avx512Vnni));
+        assert_eq!(Isa::capped(None), best);
         assert_eq!(Isa::capped(Some("scalar")), Isa::Scalar);
         assert_eq!(Isa::capped(Some("avx2")), best.min(Isa::Avx2));
         assert_eq!(Isa::capped(Some("avx512")), best.min(Isa::Avx512Vnni));
         // Never a path the CPU lacks, and nonsense changes nothing.
         assert_eq!(Isa::capped(Some("amx")), best);
-        assert_eq!(Isa::capped(Some("sse9")), best.min(Isa::Avx512Vnni));
+        assert_eq!(Isa::capped(Some("sse9")), best);
     }
 
     /// AMX tiles give the VNNI kernel's bits at every block count and tile
