@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Tokens above this are refused rather than allocated.
@@ -23,17 +24,70 @@ pub(crate) fn send(
     s.write_all(&hello)
 }
 
-/// Connects to `addr` and says hello, retrying until `deadline` so the peer
-/// may start listening later.
+/// How long a link setup waits for its peer: up to a timeout, and no
+/// longer than the setup is wanted (`unless`: a node stops connecting
+/// for a start that a newer one replaced). A `Duration` is a plain timeout.
+#[derive(Clone)]
+pub struct Wait {
+    timeout: Duration,
+    deadline: Instant,
+    abandoned: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+}
+
+impl Wait {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            deadline: Instant::now() + timeout,
+            abandoned: None,
+        }
+    }
+
+    /// Also stops waiting once `abandoned` says so.
+    pub fn unless(mut self, abandoned: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.abandoned = Some(Arc::new(abandoned));
+        self
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.abandoned.as_ref().is_some_and(|f| f())
+    }
+
+    /// Why to stop waiting now, if it is time to: "within <timeout>" (as
+    /// in "did not connect within 2s") or the setup was abandoned.
+    pub(crate) fn over(&self) -> Option<String> {
+        if self.is_abandoned() {
+            Some("before a newer start replaced this one".into())
+        } else if Instant::now() >= self.deadline {
+            Some(format!("within {:?}", self.timeout))
+        } else {
+            None
+        }
+    }
+}
+
+impl From<Duration> for Wait {
+    fn from(timeout: Duration) -> Self {
+        Self::new(timeout)
+    }
+}
+
+/// Connects to `addr` and says hello, retrying while `wait` lasts so the
+/// peer may start listening later.
 pub(crate) fn dial(
     addr: SocketAddr,
-    deadline: Instant,
+    wait: &Wait,
     magic: &[u8; 8],
     rank: u64,
     token: &str,
 ) -> std::io::Result<TcpStream> {
     loop {
-        let last_try = Instant::now() >= deadline;
+        if wait.is_abandoned() {
+            return Err(std::io::Error::other(
+                "abandoned: a newer start replaced this one",
+            ));
+        }
+        let last_try = Instant::now() >= wait.deadline;
         match TcpStream::connect(addr) {
             // Dialing a port no one listens on yet can connect the socket to
             // itself (TCP simultaneous open) when the kernel picks that same

@@ -16,6 +16,7 @@ use std::fmt::Debug;
 
 use candle_core::{Result, Tensor};
 
+pub use hello::Wait;
 #[cfg(feature = "nccl")]
 pub use nccl::{nccl_unique_id, NcclComm};
 pub use tcp::TcpComm;

@@ -6,11 +6,12 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::{hello, last_dim, ring_chunk, Communicator};
+use crate::hello::{self, Wait};
+use crate::{last_dim, ring_chunk, Communicator};
 
 const MAGIC: &[u8; 8] = b"strataTP";
 /// Messages up to this size are sent before receiving; the kernel's send
@@ -55,10 +56,10 @@ impl TcpComm {
         listener: TcpListener,
         addrs: &[SocketAddr],
         token: &str,
-        timeout: Duration,
+        wait: impl Into<Wait>,
     ) -> Result<Self> {
         let comm = Self::new(rank, addrs.len());
-        comm.connect(&listener, addrs, token, timeout)?;
+        comm.connect(&listener, addrs, token, wait)?;
         Ok(comm)
     }
 
@@ -70,8 +71,9 @@ impl TcpComm {
         listener: &TcpListener,
         addrs: &[SocketAddr],
         token: &str,
-        timeout: Duration,
+        wait: impl Into<Wait>,
     ) -> Result<()> {
+        let wait = wait.into();
         let (rank, world_size) = (self.rank, self.world_size);
         // Old links first: a peer that reconnects must not meet them.
         *self.links.lock().expect("poisoned") = None;
@@ -86,13 +88,13 @@ impl TcpComm {
         }
         let next_rank = (rank + 1) % world_size;
         let prev_rank = (rank + world_size - 1) % world_size;
-        let deadline = Instant::now() + timeout;
         // Connect in a helper thread while this one accepts: every rank does
         // both, so doing them in turn could deadlock.
         let next_addr = addrs[next_rank];
         let own_token = token.to_string();
+        let dial_wait = wait.clone();
         let connector = std::thread::spawn(move || {
-            hello::dial(next_addr, deadline, MAGIC, rank as u64, &own_token)
+            hello::dial(next_addr, &dial_wait, MAGIC, rank as u64, &own_token)
         });
         listener.set_nonblocking(true).map_err(err)?;
         let prev = loop {
@@ -110,9 +112,9 @@ impl TcpComm {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
+                    if let Some(why) = wait.over() {
                         return Err(err(format!(
-                            "rank {rank}: the previous rank did not connect within {timeout:?}"
+                            "rank {rank}: the previous rank did not connect {why}"
                         )));
                     }
                     std::thread::sleep(Duration::from_millis(5));

@@ -5,11 +5,11 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::hello;
+use crate::hello::{self, Wait};
 
 const MAGIC: &[u8; 4] = b"STRA";
 /// Opens every data-plane connection (see `hello`).
@@ -49,18 +49,28 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
-    /// Connects to the next stage as node `rank`, retrying until `timeout`
-    /// (it may start later), and presents the cluster token.
-    pub fn connect(addr: SocketAddr, rank: u64, token: &str, timeout: Duration) -> Result<Self> {
-        let stream = hello::dial(addr, Instant::now() + timeout, HELLO, rank, token)
-            .map_err(|e| err(format!("could not reach {addr} within {timeout:?}: {e}")))?;
+    /// Connects to the next stage as node `rank`, retrying while `wait`
+    /// lasts (it may start later), and presents the cluster token.
+    pub fn connect(
+        addr: SocketAddr,
+        rank: u64,
+        token: &str,
+        wait: impl Into<Wait>,
+    ) -> Result<Self> {
+        let wait = wait.into();
+        let stream = hello::dial(addr, &wait, HELLO, rank, token)
+            .map_err(|e| err(format!("could not reach {addr}: {e}")))?;
         Self::from_stream(stream)
     }
 
-    /// Accepts the previous stage's connection, waiting up to `timeout`, and
+    /// Accepts the previous stage's connection while `wait` lasts, and
     /// refuses callers without the cluster token. Returns the caller's rank.
-    pub fn accept(listener: &TcpListener, token: &str, timeout: Duration) -> Result<(Self, u64)> {
-        let deadline = Instant::now() + timeout;
+    pub fn accept(
+        listener: &TcpListener,
+        token: &str,
+        wait: impl Into<Wait>,
+    ) -> Result<(Self, u64)> {
+        let wait = wait.into();
         listener.set_nonblocking(true).map_err(err)?;
         loop {
             match listener.accept() {
@@ -73,10 +83,8 @@ impl TcpTransport {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(err(format!(
-                            "the previous stage did not connect within {timeout:?}"
-                        )));
+                    if let Some(why) = wait.over() {
+                        return Err(err(format!("the previous stage did not connect {why}")));
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -249,6 +257,32 @@ mod tests {
         // Nobody else calls: the wait ends with a clear error.
         let e = TcpTransport::accept(&listener, "s3cret", Duration::from_millis(50)).unwrap_err();
         assert!(e.to_string().contains("did not connect"), "{e}");
+    }
+
+    #[test]
+    fn an_abandoned_wait_ends_before_its_timeout() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // A port that was bound and let go: nobody will ever answer there.
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let replaced = Arc::new(AtomicBool::new(false));
+        let wait = || {
+            let r = replaced.clone();
+            Wait::new(Duration::from_secs(60)).unless(move || r.load(Ordering::SeqCst))
+        };
+        let (dial, accept) = (wait(), wait());
+        let dialer = std::thread::spawn(move || TcpTransport::connect(dead, 1, "", dial));
+        let acceptor = std::thread::spawn(move || TcpTransport::accept(&listener, "", accept));
+        replaced.store(true, Ordering::SeqCst);
+        // Both end now, saying why, not in a minute.
+        let e = dialer.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("newer start"), "{e}");
+        let e = acceptor.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("newer start"), "{e}");
     }
 
     #[test]

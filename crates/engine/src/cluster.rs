@@ -690,13 +690,14 @@ async fn heartbeat(rank: usize, epoch: u64, members: Arc<Members>, state: Arc<Cl
             continue;
         };
         let mut client = member.client;
+        let sent = Instant::now();
         let beat = tokio::time::timeout(
             HEARTBEAT_TIMEOUT,
             client.health(pb::HealthRequest { epoch }),
         )
         .await;
         match beat {
-            Ok(Ok(r)) if r.get_ref().instance == member.instance => state.beat(rank),
+            Ok(Ok(r)) if r.get_ref().instance == member.instance => state.beat(rank, sent),
             _ => state.missed(rank),
         }
     }

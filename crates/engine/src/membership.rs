@@ -147,9 +147,14 @@ impl ClusterState {
             .collect()
     }
 
-    /// A heartbeat answered by the process the leader knows as `node`.
-    pub fn beat(&self, node: usize) {
-        self.with(node, |n| n.last_heartbeat = Some(Instant::now()));
+    /// A heartbeat sent at `sent` and answered by the process the leader
+    /// knows as `node`. The send time, not the answer's, is what counts: a
+    /// beat the node answered just before it died can be read after its
+    /// loss was noticed, and must not pass for an answer since the loss.
+    pub fn beat(&self, node: usize, sent: Instant) {
+        self.with(node, |n| {
+            n.last_heartbeat = n.last_heartbeat.max(Some(sent));
+        });
     }
 
     /// A heartbeat that went unanswered: a ready node silent for
@@ -213,7 +218,7 @@ impl ClusterState {
     /// Every node joined, loaded and started: the cluster can step.
     pub fn set_all_ready(&self) {
         for node in 0..self.nnodes() {
-            self.beat(node);
+            self.beat(node, Instant::now());
             self.set_phase(node, NodePhase::Ready);
         }
     }
@@ -283,7 +288,11 @@ mod tests {
         assert_eq!(s.recovering(), [1]);
 
         assert!(!s.answers_since_lost(1));
-        s.beat(1);
+        // A beat sent before the loss, its answer read after it: the old
+        // process may be dead by now, so it proves nothing.
+        s.beat(1, Instant::now() - Duration::from_millis(50));
+        assert!(!s.answers_since_lost(1));
+        s.beat(1, Instant::now());
         assert!(s.answers_since_lost(1));
         s.set_phase(
             1,

@@ -14,7 +14,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::DType;
-use strata_comm::TcpTransport;
+use strata_comm::{TcpTransport, Wait};
 use strata_model::{Architecture, DeviceRequest, Placement, Weights};
 use strata_types::{SchedulerOutput, StageSlot, StepMasks, StepResult};
 use tokio::sync::oneshot;
@@ -112,6 +112,10 @@ struct Shared {
     bytes_sent: AtomicU64,
     /// The running data plane's connections, for `interrupt`.
     links: Mutex<Vec<TcpStream>>,
+    /// Starts asked for so far: a start still connecting gives up once a
+    /// newer one is asked for, so a recovery try that failed half-way (a
+    /// neighbour it dialed was already dead) cannot hold up the next.
+    starts: AtomicU64,
     masks: Arc<MaskBoard>,
 }
 
@@ -126,6 +130,7 @@ impl NodeRuntime {
             current: None,
             stages: State::Empty,
             run: 0,
+            starts_taken: 0,
             sent_before: 0,
         };
         std::thread::Builder::new()
@@ -151,7 +156,9 @@ impl NodeRuntime {
     /// connects the data plane. Answers the run number that steps must
     /// carry: steps of an earlier run are refused.
     pub fn start(&self, spec: StartSpec) -> Reply<u64> {
-        // A step blocked on a neighbour that is gone must not hold the start.
+        // A step blocked on a neighbour that is gone must not hold the
+        // start, nor an earlier start still connecting.
+        self.shared.starts.fetch_add(1, Ordering::SeqCst);
         self.interrupt();
         let (tx, rx) = oneshot::channel();
         self.send(Command::Start(spec, tx));
@@ -232,6 +239,8 @@ struct Runtime {
     stages: State,
     /// Bumped by every start; steps carry the run they belong to.
     run: u64,
+    /// Starts taken from the queue (`Shared::starts` counts those asked).
+    starts_taken: u64,
     /// Activation bytes sent on links since replaced.
     sent_before: u64,
 }
@@ -244,6 +253,7 @@ impl Runtime {
                     let _ = reply.send(self.load(spec));
                 }
                 Command::Start(spec, reply) => {
+                    self.starts_taken += 1;
                     let _ = reply.send(self.start(spec));
                 }
                 Command::Step(run, out, reply) => reply(self.step(run, &out)),
@@ -329,7 +339,10 @@ impl Runtime {
     /// nodes if this node holds a rank of one. Every node starts at once, so
     /// each connection's peer is connecting too.
     fn links(&self, spec: &StartSpec) -> Result<Links, RunnerError> {
-        let (token, timeout, rank) = (&self.cfg.token, self.cfg.timeout, self.cfg.rank);
+        let (token, rank) = (&self.cfg.token, self.cfg.rank);
+        let (shared, this_start) = (self.shared.clone(), self.starts_taken);
+        let wait = Wait::new(self.cfg.timeout)
+            .unless(move || shared.starts.load(Ordering::SeqCst) > this_start);
         let link = |e: candle_core::Error| RunnerError::Link(e.to_string());
         let ring = match &self.stages {
             State::Loaded(n) => n.ring(),
@@ -348,12 +361,12 @@ impl Runtime {
                 .comm
                 .as_ref()
                 .ok_or_else(|| RunnerError::Setup("this node has no ring listener".into()))?;
-            ring.connect(listener, &spec.ring, token, timeout)
+            ring.connect(listener, &spec.ring, token, wait.clone())
                 .map_err(link)?;
         }
         let output = spec
             .next
-            .map(|a| TcpTransport::connect(a, rank as u64, token, timeout))
+            .map(|a| TcpTransport::connect(a, rank as u64, token, wait.clone()))
             .transpose()
             .map_err(link)?;
         let input = if spec.has_previous {
@@ -362,11 +375,7 @@ impl Runtime {
                 .data
                 .as_ref()
                 .ok_or_else(|| RunnerError::Setup("this node has no data listener".into()))?;
-            Some(
-                TcpTransport::accept(listener, token, timeout)
-                    .map_err(link)?
-                    .0,
-            )
+            Some(TcpTransport::accept(listener, token, wait).map_err(link)?.0)
         } else {
             None
         };

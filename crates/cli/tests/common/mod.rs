@@ -45,12 +45,32 @@ pub struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let ended = self.child.try_wait().ok().flatten();
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Some(log) = &self.log {
-            let _ = std::fs::remove_file(log);
+            show_log_if_failing(log, ended);
         }
     }
+}
+
+/// A failing test shows the end of each node's log and whether the node had
+/// ended by itself (`ended`: its exit status), which is all there is to go
+/// on when a cluster test fails once in many runs; a passing one deletes
+/// the log.
+fn show_log_if_failing(log: &std::path::Path, ended: Option<std::process::ExitStatus>) {
+    if std::thread::panicking() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+        eprintln!(
+            "--- {} ({}), last {} lines ---\n{tail}",
+            log.display(),
+            ended.map_or("still running".to_string(), |s| format!("ended: {s}")),
+            lines.len().min(80)
+        );
+    }
+    let _ = std::fs::remove_file(log);
 }
 
 /// A fresh file for a process's stderr.
@@ -383,9 +403,10 @@ pub struct Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        let ended = self.child.try_wait().ok().flatten();
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
+        show_log_if_failing(&self.log, ended);
     }
 }
 
