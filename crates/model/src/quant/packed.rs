@@ -379,9 +379,14 @@ impl<P: Packing> Packed<P> {
         // Each activation block's integer sum: for values stored as
         // `q + 128`, a block's dot products start from -128 × it.
         let mut sums = vec![0i32; m * kb];
+        // A few tokens' blocks take microseconds: waking the pool for them
+        // would cost more than it saves (a verify of 2 to 7 tokens paid
+        // ~15 µs a matmul for it on a 2-vCPU VM).
+        const BLOCKS_PER_TASK: usize = 2048;
         xq.par_chunks_mut(kb)
             .zip(sums.par_chunks_mut(kb))
             .zip(x.par_chunks(k))
+            .with_min_len(BLOCKS_PER_TASK.div_ceil(kb))
             .for_each(|((q, sums), row)| {
                 for ((b, sum), xs) in q.iter_mut().zip(sums).zip(row.chunks_exact(QK)) {
                     // SAFETY: the caller vouches for the features.
