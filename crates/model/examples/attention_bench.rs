@@ -59,30 +59,32 @@ fn main() {
 
     println!("context  queries   ms/layer (best of the runs)");
     // On one of rayon's workers, as the server runs a step.
-    rayon::scope(|_| for &context in &contexts {
-        for queries in [1, 5, 512] {
-            if queries > context {
-                continue;
+    rayon::scope(|_| {
+        for &context in &contexts {
+            for queries in [1, 5, 512] {
+                if queries > context {
+                    continue;
+                }
+                let qpos: Vec<u32> = (context - queries..context).map(|p| p as u32).collect();
+                let q: Vec<f32> = (0..queries * heads.num_heads * d)
+                    .map(|i| val(i + 13))
+                    .collect();
+                let seq = vec![0u32; queries];
+                let mut out = vec![0f32; q.len()];
+                let tables = [&table[..]];
+                let mut run = || {
+                    let t = Instant::now();
+                    paged_attention(&q, &cache, &qpos, &seq, &tables, &rope, heads, &mut out);
+                    t.elapsed()
+                };
+                run(); // warm up
+                let reps = (2_000_000 / (context * queries)).clamp(3, 200);
+                let best = (0..reps).map(|_| run()).min().unwrap_or(Duration::ZERO);
+                println!(
+                    "{context:>7}  {queries:>7}   {:>8.3}",
+                    best.as_secs_f64() * 1e3
+                );
             }
-            let qpos: Vec<u32> = (context - queries..context).map(|p| p as u32).collect();
-            let q: Vec<f32> = (0..queries * heads.num_heads * d)
-                .map(|i| val(i + 13))
-                .collect();
-            let seq = vec![0u32; queries];
-            let mut out = vec![0f32; q.len()];
-            let tables = [&table[..]];
-            let mut run = || {
-                let t = Instant::now();
-                paged_attention(&q, &cache, &qpos, &seq, &tables, &rope, heads, &mut out);
-                t.elapsed()
-            };
-            run(); // warm up
-            let reps = (2_000_000 / (context * queries)).clamp(3, 200);
-            let best = (0..reps).map(|_| run()).min().unwrap_or(Duration::ZERO);
-            println!(
-                "{context:>7}  {queries:>7}   {:>8.3}",
-                best.as_secs_f64() * 1e3
-            );
         }
     });
 }

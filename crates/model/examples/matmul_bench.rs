@@ -71,7 +71,9 @@ fn main() {
         }
     };
     let format = std::env::args().nth(2).unwrap_or_else(|| "q4_1".into());
-    let (matrix, lm_head): (&(dyn Fn(usize, usize) -> Forward + Sync), Forward) = match format.as_str() {
+    let (matrix, lm_head): (&(dyn Fn(usize, usize) -> Forward + Sync), Forward) = match format
+        .as_str()
+    {
         "q4_1" => {
             let lm = Q8_0Matrix::from_bytes("lm", &gguf(49152 * 576 / 32, 34, false), 49152, 576)
                 .unwrap();
@@ -105,25 +107,27 @@ fn main() {
     // On one of rayon's workers, as the server runs a step: the matmuls'
     // parallel loops then split inside the pool rather than each handing a
     // job in from outside.
-    rayon::scope(|_| for &m in &tokens {
-        let xs: Vec<Tensor> = layer.iter().map(|(_, _, _, k)| input(m, *k)).collect();
-        let runs = (2048 / m).clamp(3, 200);
-        let t = best_of(runs, || {
-            for ((_, w, _, _), x) in layer.iter().zip(&xs) {
-                w(x);
-            }
-        });
-        let x = input(m, 576);
-        let lm = best_of((runs / 4).max(2), || {
-            lm_head(&x);
-        });
-        let s = t.as_secs_f64();
-        println!(
-            "{m:6}   {:8.3}   {:12.1}   {:6.1}   {:10.3}",
-            s * 1e3,
-            s * 1e6 / m as f64,
-            (macs * m) as f64 / s / 1e9,
-            lm.as_secs_f64() * 1e3
-        );
+    rayon::scope(|_| {
+        for &m in &tokens {
+            let xs: Vec<Tensor> = layer.iter().map(|(_, _, _, k)| input(m, *k)).collect();
+            let runs = (2048 / m).clamp(3, 200);
+            let t = best_of(runs, || {
+                for ((_, w, _, _), x) in layer.iter().zip(&xs) {
+                    w(x);
+                }
+            });
+            let x = input(m, 576);
+            let lm = best_of((runs / 4).max(2), || {
+                lm_head(&x);
+            });
+            let s = t.as_secs_f64();
+            println!(
+                "{m:6}   {:8.3}   {:12.1}   {:6.1}   {:10.3}",
+                s * 1e3,
+                s * 1e6 / m as f64,
+                (macs * m) as f64 / s / 1e9,
+                lm.as_secs_f64() * 1e3
+            );
+        }
     });
 }

@@ -600,11 +600,14 @@ fn cache_blocks<'a, E>(
 
 /// One query's online-softmax step over a block's scores `s`: rescales its
 /// output and sum when the block raises its max, then turns `s` into
-/// weights and adds them to the sum. The exponentials vectorise; the sum
-/// keeps its order.
+/// weights and adds them to the sum. The max, the exponentials and the sum
+/// all vectorise: the max and the sum go through eight lanes, then a fixed
+/// tree (one running scalar each would be a chain of 16 dependent
+/// instructions a block, as long as the block's products). Every path calls
+/// this, so a query's bits do not depend on the path.
 #[inline(always)]
 fn softmax_block(s: &mut [f32], max: &mut f32, sum: &mut f32, out: &mut [f32]) {
-    let block_max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let block_max = across_8(s, f32::NEG_INFINITY, |a, x| if x > a { x } else { a });
     if block_max > *max {
         let c = fast_exp(*max - block_max);
         *sum *= c;
@@ -613,7 +616,27 @@ fn softmax_block(s: &mut [f32], max: &mut f32, sum: &mut f32, out: &mut [f32]) {
     }
     let m = *max;
     s.iter_mut().for_each(|x| *x = fast_exp(*x - m));
-    *sum += s.iter().fold(0.0, |a, &x| a + x);
+    *sum += across_8(s, 0.0, |a, x| a + x);
+}
+
+/// `xs` folded by `f` in eight lanes (element `i` into lane `i % 8`, each
+/// lane from `init`), the lanes then combined pairwise: 0+4, 2+6, 1+5, 3+7,
+/// and so on. The order is fixed, so the result does not depend on how the
+/// compiler vectorises it.
+#[inline(always)]
+fn across_8(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            lanes[l] = f(lanes[l], c[l]);
+        }
+    }
+    for (l, &x) in chunks.remainder().iter().enumerate() {
+        lanes[l] = f(lanes[l], x);
+    }
+    let q: [f32; 4] = std::array::from_fn(|l| f(lanes[l], lanes[l + 4]));
+    f(f(q[0], q[2]), f(q[1], q[3]))
 }
 
 /// [`attend_tile`] in AVX2 and FMA intrinsics, for widths that are whole
