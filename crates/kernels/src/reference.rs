@@ -74,9 +74,45 @@ pub fn silu_and_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     rows.for_each(|(gu, o)| {
         let (g, u) = gu.split_at(inter);
         for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-            *o = g / (1.0 + (-g).exp()) * u;
+            *o = silu(*g) * u;
         }
     });
+}
+
+/// `x · sigmoid(x)`, with `e^-|x|` from [`fast_exp`] so that a row
+/// vectorises (libm's `expf` was 2.5% of a 16-stream step on the CPU).
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    let e = fast_exp(-x.abs());
+    let sigmoid = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+    x * sigmoid
+}
+
+/// `e^x` for `x <= 0` to 4e-6 relative error (the f32 rounding of `x·log2 e`
+/// dominates), in plain arithmetic the
+/// compiler can vectorise (libm's `expf` is a call per element).
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    let z = x.max(-87.0) * std::f32::consts::LOG2_E;
+    // Ties to even: one vector instruction (`round` has no SIMD form).
+    let n = z.round_ties_even();
+    let f = z - n;
+    // 2^f for f in [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 7.
+    const C: [f32; 7] = [
+        std::f32::consts::LN_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+        0.001_333_356,
+        0.000_154_035_3,
+        0.000_015_252_73,
+    ];
+    let mut p = C[6];
+    for c in C[..6].iter().rev() {
+        p = p * f + c;
+    }
+    let p = 1.0 + f * p;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// `kernels/rotary.cu`: rotates `x` (`[tokens, heads, head_dim]`) in place,
@@ -200,6 +236,35 @@ pub fn argmax(row: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate_on_the_softmax_range() {
+        for i in 0..=20_000 {
+            let x = -(i as f32) * 0.005;
+            let (got, want) = (fast_exp(x), x.exp());
+            assert!(
+                (got - want).abs() <= 4e-6 * want + 1e-30,
+                "exp({x}): {got} vs {want}"
+            );
+        }
+        assert_eq!(fast_exp(f32::NEG_INFINITY), fast_exp(-87.0));
+        assert!(fast_exp(-200.0) < 1e-37);
+    }
+
+    #[test]
+    fn silu_matches_the_plain_formula() {
+        for i in -40_000..=40_000 {
+            let x = i as f32 * 0.005;
+            let want = x as f64 / (1.0 + (-x as f64).exp());
+            let got = silu(x) as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs() + 1e-30,
+                "silu({x}): {got} vs {want}"
+            );
+        }
+        assert!(silu(-1000.0) <= 0.0 && silu(-1000.0) > -1e-30);
+        assert_eq!(silu(1000.0), 1000.0);
+    }
 
     #[test]
     fn add_rms_norm_updates_the_residual_and_normalizes_each_row() {

@@ -6,6 +6,7 @@
 
 use candle_core::{Storage, Tensor};
 use rayon::prelude::*;
+use strata_kernels::reference::fast_exp;
 use strata_types::BLOCK_SIZE;
 
 pub use strata_kernels::Heads;
@@ -1088,33 +1089,6 @@ struct KvHead<'a, E> {
     v_row: usize,
 }
 
-/// `e^x` for `x <= 0` to 4e-6 relative error (the f32 rounding of `x·log2 e`
-/// dominates), in plain arithmetic the
-/// compiler can vectorise (libm's `expf` is a call per element).
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    let z = x.max(-87.0) * std::f32::consts::LOG2_E;
-    // Ties to even: one vector instruction (`round` has no SIMD form).
-    let n = z.round_ties_even();
-    let f = z - n;
-    // 2^f for f in [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 7.
-    const C: [f32; 7] = [
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_356,
-        0.000_154_035_3,
-        0.000_015_252_73,
-    ];
-    let mut p = C[6];
-    for c in C[..6].iter().rev() {
-        p = p * f + c;
-    }
-    let p = 1.0 + f * p;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 #[inline(always)]
 fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
     // Eight independent lanes let the compiler vectorise the loop.
@@ -1157,20 +1131,6 @@ mod tests {
         (0..d)
             .map(|j| e.iter().zip(v).map(|(w, v)| w * v[j]).sum::<f32>() / z)
             .collect()
-    }
-
-    #[test]
-    fn fast_exp_is_accurate_on_the_softmax_range() {
-        for i in 0..=20_000 {
-            let x = -(i as f32) * 0.005;
-            let (got, want) = (fast_exp(x), x.exp());
-            assert!(
-                (got - want).abs() <= 4e-6 * want + 1e-30,
-                "exp({x}): {got} vs {want}"
-            );
-        }
-        assert_eq!(fast_exp(f32::NEG_INFINITY), fast_exp(-87.0));
-        assert!(fast_exp(-200.0) < 1e-37);
     }
 
     /// `paged_attention` over a cache of `dtype` against dense attention of
