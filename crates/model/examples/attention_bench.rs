@@ -6,6 +6,11 @@
 //!     RAYON_NUM_THREADS=2 cargo run --release -p strata-model --example attention_bench [CONTEXTS]
 //!
 //! CONTEXTS: comma-separated positions (default 1024,4096,8192).
+//!
+//! With `STREAMS=N`, a decode step of N sequences instead, each at every
+//! context, over 30 layers' caches (SmolLM2's count) with the sequences'
+//! blocks interleaved: the cache then exceeds the CPU's, as in a server,
+//! and the time is per layer.
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +44,10 @@ fn main() {
     );
     // A reproducible, unremarkable fill.
     let val = |i: usize| ((i * 2_654_435_761 % 1_000_003) as f32 / 1_000_003.0 - 0.5) * 2.0;
+    if let Ok(streams) = std::env::var("STREAMS") {
+        let streams: usize = streams.parse().expect("STREAMS: a count");
+        return many_streams(streams, &contexts, heads, &rope, val);
+    }
     let blocks = max.div_ceil(BLOCK_SIZE);
     let row = heads.num_kv_heads * d;
     let plane = || Plane::Bf16(vec![bf16::ZERO; blocks * BLOCK_SIZE * row]);
@@ -87,4 +96,70 @@ fn main() {
             }
         }
     });
+}
+
+/// A decode step of `streams` sequences at each context over 30 layers.
+fn many_streams(
+    streams: usize,
+    contexts: &[usize],
+    heads: Heads,
+    rope: &Rope,
+    val: impl Fn(usize) -> f32,
+) {
+    const LAYERS: usize = 30;
+    let d = heads.head_dim;
+    let row = heads.num_kv_heads * d;
+    println!("streams  context   ms/layer (best of the runs, {LAYERS} layers' caches)");
+    for &context in contexts {
+        let per_seq = context.div_ceil(BLOCK_SIZE);
+        let blocks = per_seq * streams;
+        // Sequence s holds blocks s, s + streams, s + 2·streams, ...
+        let tables: Vec<Vec<u32>> = (0..streams)
+            .map(|s| (0..per_seq).map(|b| (b * streams + s) as u32).collect())
+            .collect();
+        let caches: Vec<LayerKv> = (0..LAYERS)
+            .map(|l| {
+                let fill = |off: usize| {
+                    Plane::Bf16(
+                        (0..blocks * BLOCK_SIZE * row)
+                            .map(|i| bf16::from_f32(val(i + off + l)))
+                            .collect(),
+                    )
+                };
+                LayerKv {
+                    k: fill(0),
+                    v: fill(7),
+                }
+            })
+            .collect();
+        let positions = vec![context as u32 - 1; streams];
+        let seqs: Vec<u32> = (0..streams as u32).collect();
+        let table_refs: Vec<&[u32]> = tables.iter().map(Vec::as_slice).collect();
+        let q: Vec<f32> = (0..streams * heads.num_heads * d)
+            .map(|i| val(i + 13))
+            .collect();
+        let mut out = vec![0f32; q.len()];
+        let mut run = || {
+            let t = Instant::now();
+            for cache in &caches {
+                paged_attention(
+                    &q,
+                    cache,
+                    &positions,
+                    &seqs,
+                    &table_refs,
+                    rope,
+                    heads,
+                    &mut out,
+                );
+            }
+            t.elapsed() / LAYERS as u32
+        };
+        run();
+        let best = (0..5).map(|_| run()).min().unwrap_or(Duration::ZERO);
+        println!(
+            "{streams:>7}  {context:>7}   {:>8.3}",
+            best.as_secs_f64() * 1e3
+        );
+    }
 }
