@@ -5,12 +5,13 @@
 //! An AMX tile multiply takes 16 rows of 64 bytes from each side and adds
 //! 16 × 16 integer sums into a third tile: 16,384 multiply-adds in one
 //! instruction (the kernel uses half-depth tiles, one 32-value block). On
-//! the development Xeon one core does about 2 × 10^12 of them a second so,
-//! some twenty times its VNNI rate, and the kernel is bound instead by the
-//! vector work around the products (unpacking, scales). The packed layout's 64-byte chunks (four values of each of 16 weight rows)
-//! are already the right-hand tile's row format, so a block of 16 rows ×
-//! 32 values is 8 tile rows, and up to 16 tokens' activation blocks are
-//! the left-hand tile, read in place with their stride.
+//! the development Xeon one core did about 2 × 10^12 of them a second, and
+//! the kernel spends most of its time on the vector work around the
+//! products (unpacking, scales). The packed layout's 64-byte chunks (four
+//! values of each of 16 weight rows) are already the right-hand tile's row
+//! format, so a block of 16 rows × 32 values is 8 tile rows, and up to 16
+//! tokens' activation blocks are the left-hand tile, read in place with
+//! their stride.
 //!
 //! The instructions go through inline assembly: Rust's AMX intrinsics are
 //! not stable.
