@@ -54,17 +54,58 @@ pub fn add_rms_norm(
         .zip(out.par_chunks_mut(hidden))
         .enumerate();
     rows.for_each(|(row, (r, o))| {
-        if let Some(x) = x {
-            for (r, x) in r.iter_mut().zip(&x[row * hidden..(row + 1) * hidden]) {
-                *r += x;
+        wide(|| {
+            if let Some(x) = x {
+                for (r, x) in r.iter_mut().zip(&x[row * hidden..(row + 1) * hidden]) {
+                    *r += x;
+                }
             }
-        }
-        let mean = r.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
-        let inv = 1.0 / (mean + eps).sqrt();
-        for ((o, r), w) in o.iter_mut().zip(r.iter()).zip(weight) {
-            *o = r * inv * w;
-        }
+            let mean = sum_of_squares(r) / hidden as f32;
+            let inv = 1.0 / (mean + eps).sqrt();
+            for ((o, r), w) in o.iter_mut().zip(r.iter()).zip(weight) {
+                *o = r * inv * w;
+            }
+        })
     });
+}
+
+/// `Σ x²` in eight running lanes, added up in a fixed tree: one vector of
+/// work per eight elements, where a single running sum is a chain of
+/// dependent scalar additions.
+#[inline(always)]
+fn sum_of_squares(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            lanes[l] += c[l] * c[l];
+        }
+    }
+    for (l, x) in chunks.remainder().iter().enumerate() {
+        lanes[l] += x * x;
+    }
+    let q: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// Runs `f` compiled for AVX2 where the CPU has it. The row loops here are
+/// plain Rust, which x86-64's baseline target vectorizes four floats wide
+/// at most. The bits are the same either way: the operations and their
+/// order do not change, and Rust never fuses `a * b + c`.
+#[inline(always)]
+fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
 }
 
 /// `kernels/activation.cu`: rows of `[gate | up]` (each `inter` wide) to
@@ -73,9 +114,11 @@ pub fn silu_and_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     let rows = gate_up.par_chunks(2 * inter).zip(out.par_chunks_mut(inter));
     rows.for_each(|(gu, o)| {
         let (g, u) = gu.split_at(inter);
-        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-            *o = silu(*g) * u;
-        }
+        wide(|| {
+            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                *o = silu(*g) * u;
+            }
+        })
     });
 }
 
@@ -94,8 +137,7 @@ pub fn silu(x: f32) -> f32 {
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     let z = x.max(-87.0) * std::f32::consts::LOG2_E;
-    // Ties to even: one vector instruction (`round` has no SIMD form).
-    let n = z.round_ties_even();
+    let n = nearest(z);
     let f = z - n;
     // 2^f for f in [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 7.
     const C: [f32; 7] = [
@@ -113,6 +155,17 @@ pub fn fast_exp(x: f32) -> f32 {
     }
     let p = 1.0 + f * p;
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `z` rounded to the nearest integer, ties to even, for `|z| < 2^22`, in
+/// two additions: at 1.5 · 2^23 an f32 has no fraction bits left.
+/// `round_ties_even` is the same value, but x86-64's baseline has no
+/// instruction for it, and its libm call (`rintf`) was 5% of a 64-stream
+/// step.
+#[inline(always)]
+fn nearest(z: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    (z + SHIFT) - SHIFT
 }
 
 /// `kernels/rotary.cu`: rotates `x` (`[tokens, heads, head_dim]`) in place,
@@ -252,6 +305,17 @@ mod tests {
     }
 
     #[test]
+    fn nearest_rounds_ties_to_even() {
+        for i in -300_000..=300_000 {
+            let z = i as f32 * 0.000_5;
+            assert_eq!(nearest(z), z.round_ties_even(), "{z}");
+        }
+        for z in [-0.5f32, -1.5, -2.5, 0.5, 125.5, -125.5, 4_194_303.5] {
+            assert_eq!(nearest(z), z.round_ties_even(), "{z}");
+        }
+    }
+
+    #[test]
     fn silu_matches_the_plain_formula() {
         for i in -40_000..=40_000 {
             let x = i as f32 * 0.005;
@@ -284,6 +348,21 @@ mod tests {
         let before = residual;
         add_rms_norm(None, &mut residual, &weight, 0.0, &mut out);
         assert_eq!(residual, before);
+    }
+
+    #[test]
+    fn sum_of_squares_counts_every_element() {
+        for n in [0, 1, 7, 8, 13, 576, 1001] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let want: f64 = xs.iter().map(|&x| x as f64 * x as f64).sum();
+            let got = sum_of_squares(&xs) as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * want,
+                "n = {n}: {got} vs {want}"
+            );
+        }
     }
 
     #[test]
