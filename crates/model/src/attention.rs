@@ -767,7 +767,7 @@ unsafe fn attend_tile_fma<E: KvElem>(
 /// register for them all.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-unsafe fn attend_block_grouped<E: KvElem>(at: DirectBlock<E>, s: QueryState<'_>) {
+unsafe fn attend_block_grouped<E: KvElem>(at: DirectBlock<E>, mut s: QueryState<'_>) {
     let n = s.pos.len();
     let mut i = 0;
     while i < n {
@@ -777,20 +777,10 @@ unsafe fn attend_block_grouped<E: KvElem>(at: DirectBlock<E>, s: QueryState<'_>)
         }
         let rows = at.block.seen(s.pos[i]);
         if rows > 0 {
-            let state = QueryState {
-                q: s.q,
-                pos: s.pos,
-                out: &mut *s.out,
-                max: &mut *s.max,
-                sum: &mut *s.sum,
-                scores: &mut *s.scores,
-                d: s.d,
-                dv: s.dv,
-            };
             match group {
-                1 => attend_block_direct::<E, 1>(at, rows, state, i),
-                2 => attend_block_direct::<E, 2>(at, rows, state, i),
-                _ => attend_block_direct::<E, 3>(at, rows, state, i),
+                1 => attend_block_direct::<E, 1>(at, rows, &mut s, i),
+                2 => attend_block_direct::<E, 2>(at, rows, &mut s, i),
+                _ => attend_block_direct::<E, 3>(at, rows, &mut s, i),
             }
         }
         i += group;
@@ -839,7 +829,7 @@ struct QueryState<'a> {
 unsafe fn attend_block_direct<E: KvElem, const Q: usize>(
     at: DirectBlock<E>,
     rows: usize,
-    s: QueryState<'_>,
+    s: &mut QueryState<'_>,
     i: usize,
 ) {
     let (d, dv) = (s.d, s.dv);
