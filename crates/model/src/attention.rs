@@ -684,7 +684,13 @@ unsafe fn attend_tile_fma<E: KvElem>(
     // Rows past a block's last position are scored too, and ignored.
     keys.resize(BLOCK_SIZE * d, 0.0);
     values.resize(BLOCK_SIZE * dv, 0.0);
-    for block in cache_blocks(pos, head, blocks) {
+    let mut blocks = cache_blocks(pos, head, blocks).peekable();
+    while let Some(block) = blocks.next() {
+        if direct {
+            if let Some(next) = blocks.peek() {
+                prefetch_rows(head, next, d, dv);
+            }
+        }
         let CacheBlock {
             rows,
             k_base,
@@ -757,6 +763,31 @@ unsafe fn attend_tile_fma<E: KvElem>(
             while c < dv {
                 add_weighted_rows::<1>(o.add(c), s, values[c..].as_ptr(), dv);
                 c += 8;
+            }
+        }
+    }
+}
+
+/// Asks for `block`'s rows of this head while the current block computes.
+/// A decode reads each row once, and a sequence's blocks lie anywhere in
+/// the cache: the hardware prefetcher follows the rows within a block but
+/// not the jump to the next, so without this each block started with
+/// misses to memory. `STREAMS=16 attention_bench 128,512`, medians of 7
+/// alternating runs: 0.232 → 0.195 and 0.882 → 0.708 ms a layer; 64
+/// streams at 512: 2.83 → 2.47. One stream over 30 layers' caches: no
+/// change.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_rows<E>(head: &KvHead<E>, block: &CacheBlock, d: usize, dv: usize) {
+    let size = std::mem::size_of::<E>();
+    for j in 0..block.rows {
+        let k = head.k.as_ptr().wrapping_add(block.k_base + j * head.k_row);
+        let v = head.v.as_ptr().wrapping_add(block.v_base + j * head.v_row);
+        for (row, bytes) in [(k as *const i8, d * size), (v as *const i8, dv * size)] {
+            // Every line the row touches, aligned or not.
+            for at in (0..bytes).step_by(64).chain([bytes - 1]) {
+                // SAFETY: a prefetch reads nothing and cannot fault.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at)) };
             }
         }
     }
