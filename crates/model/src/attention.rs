@@ -772,10 +772,12 @@ unsafe fn attend_tile_fma<E: KvElem>(
 /// A decode reads each row once, and a sequence's blocks lie anywhere in
 /// the cache: the hardware prefetcher follows the rows within a block but
 /// not the jump to the next, so without this each block started with
-/// misses to memory. `STREAMS=16 attention_bench 128,512`, medians of 7
-/// alternating runs: 0.232 → 0.195 and 0.882 → 0.708 ms a layer; 64
-/// streams at 512: 2.83 → 2.47. One stream over 30 layers' caches: no
-/// change.
+/// misses to memory. `attention_bench`, medians of seven alternating runs,
+/// ms a layer: 16 streams at 512 positions 0.943 → 0.792, 64 streams at
+/// 128 0.912 → 0.846. Where one layer's cache stays in the CPU's caches
+/// (one stream at 1,024 positions, a layer timed alone) the prefetches are
+/// extra loads: 0.041 → 0.050; through the server one stream's decode did
+/// not move (four alternating runs) and 16 streams went 680 → 838 tok/s.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn prefetch_rows<E>(head: &KvHead<E>, block: &CacheBlock, d: usize, dv: usize) {
@@ -783,11 +785,12 @@ fn prefetch_rows<E>(head: &KvHead<E>, block: &CacheBlock, d: usize, dv: usize) {
     for j in 0..block.rows {
         let k = head.k.as_ptr().wrapping_add(block.k_base + j * head.k_row);
         let v = head.v.as_ptr().wrapping_add(block.v_base + j * head.v_row);
-        for (row, bytes) in [(k as *const i8, d * size), (v as *const i8, dv * size)] {
-            // Every line the row touches, aligned or not.
-            for at in (0..bytes).step_by(64).chain([bytes - 1]) {
+        for (row, bytes) in [(k as usize, d * size), (v as usize, dv * size)] {
+            // Each line the row touches, once: a second prefetch of a line
+            // costs as much as the first and brings nothing.
+            for line in (row & !63..=(row + bytes - 1) & !63).step_by(64) {
                 // SAFETY: a prefetch reads nothing and cannot fault.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at)) };
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
             }
         }
     }
