@@ -777,7 +777,8 @@ unsafe fn attend_tile_fma<E: KvElem>(
 /// 128 0.912 → 0.846. Where one layer's cache stays in the CPU's caches
 /// (one stream at 1,024 positions, a layer timed alone) the prefetches are
 /// extra loads: 0.041 → 0.050; through the server one stream's decode did
-/// not move (four alternating runs) and 16 streams went 680 → 838 tok/s.
+/// not move and 16 streams went 658 → 838 tok/s (medians of four
+/// alternating runs).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn prefetch_rows<E>(head: &KvHead<E>, block: &CacheBlock, d: usize, dv: usize) {
