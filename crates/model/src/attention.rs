@@ -181,6 +181,7 @@ pub fn paged_attention(
         rope,
         heads,
         SPAN_BLOCKS,
+        None,
         out,
     )
 }
@@ -192,6 +193,9 @@ pub fn paged_attention(
 /// never on the batch around it.
 const SPAN_BLOCKS: usize = 64;
 
+/// [`paged_attention`] with spans of `span_blocks` blocks, and work items
+/// of `kv_per_item` KV heads each (`None`: as the batch's size suggests).
+/// A query's bits depend on neither choice of items.
 #[allow(clippy::too_many_arguments)]
 fn paged_attention_spans(
     q: &[f32],
@@ -202,6 +206,7 @@ fn paged_attention_spans(
     rope: &Rope,
     heads: Heads,
     span_blocks: usize,
+    kv_per_item: Option<usize>,
     out: &mut [f32],
 ) {
     match (&cache.k, &cache.v) {
@@ -215,6 +220,7 @@ fn paged_attention_spans(
             rope,
             heads,
             span_blocks,
+            kv_per_item,
             out,
         ),
         (Plane::Bf16(k), Plane::Bf16(v)) => paged_attention_in(
@@ -227,6 +233,7 @@ fn paged_attention_spans(
             rope,
             heads,
             span_blocks,
+            kv_per_item,
             out,
         ),
         _ => unreachable!("a layer's planes share one dtype"),
@@ -244,17 +251,17 @@ fn paged_attention_in<E: KvElem>(
     rope: &Rope,
     heads: Heads,
     span_blocks: usize,
+    kv_per_item: Option<usize>,
     out: &mut [f32],
 ) {
     let d = heads.head_dim;
-    let group = heads.num_heads / heads.num_kv_heads;
-    let kv_row = heads.num_kv_heads * d;
+    let kv_heads = heads.num_kv_heads;
+    let group = heads.num_heads / kv_heads;
+    let kv_row = kv_heads * d;
     let scale = 1.0 / (d as f32).sqrt();
     let simd = crate::quant::has_avx2();
-    // Work items: a tile of up to `TILE_TOKENS` consecutive tokens of one
-    // sequence × the query heads of one KV head × one span of the cache;
-    // the tile's queries attend together, reading each cache row once for
-    // all of them.
+    // Tiles: up to `TILE_TOKENS` consecutive tokens of one sequence, whose
+    // queries attend together, reading each cache row once for all of them.
     const TILE_TOKENS: usize = 8;
     let mut tiles = Vec::new();
     let mut start = 0;
@@ -271,89 +278,121 @@ fn paged_attention_in<E: KvElem>(
     let span_tokens = span_blocks * BLOCK_SIZE;
     // A tile's positions rise, so its last sees the most spans.
     let spans = |tile: &std::ops::Range<usize>| positions[tile.end - 1] as usize / span_tokens + 1;
+    // Work items: a tile × some of its KV heads × one span of the cache.
+    // Every KV head of a tile in one item reads whole cache rows, each
+    // block's rows staying in L1 for all the heads: a head alone reads a
+    // third of each row of SmolLM2's cache, and memory delivers the whole
+    // row anyway. Items split by KV head only when there are too few tiles
+    // and spans to keep the threads busy.
+    let per = kv_per_item.unwrap_or_else(|| {
+        let items: usize = tiles.iter().map(spans).sum();
+        if items >= 2 * rayon::current_num_threads() {
+            kv_heads
+        } else {
+            1
+        }
+    });
     let items: Vec<_> = tiles
         .iter()
-        .flat_map(|tile| {
-            (0..heads.num_heads)
-                .step_by(group)
-                .flat_map(move |h| (0..spans(tile)).map(move |s| (tile.clone(), h..h + group, s)))
+        .enumerate()
+        .flat_map(|(i, tile)| {
+            (0..spans(tile)).flat_map(move |s| {
+                (0..kv_heads)
+                    .step_by(per)
+                    .map(move |g| (i, g..(g + per).min(kv_heads), s))
+            })
         })
         .collect();
-    // Tiles over several spans park each span's softmax state here:
-    // `[queries, d]` unnormalized outputs, then `[queries]` maxima and sums.
+    // Tiles over several spans park each (KV head, span)'s softmax state
+    // here: `[queries, d]` unnormalized outputs, then `[queries]` maxima
+    // and sums; KV head `g`'s span `s` at `parked[tile] + (g * spans + s)
+    // * state`.
     let state = |tile: &std::ops::Range<usize>| tile.len() * group * (d + 2);
-    let mut parked = Vec::with_capacity(items.len());
+    let mut parked = Vec::with_capacity(tiles.len());
     let mut total = 0;
-    for (tile, _, _) in &items {
+    for tile in &tiles {
         parked.push((spans(tile) > 1).then_some(total));
         if spans(tile) > 1 {
-            total += state(tile);
+            total += kv_heads * spans(tile) * state(tile);
         }
     }
     let mut partials = vec![0f32; total];
     let out_ptr = SendPtr(out.as_mut_ptr());
     let part_ptr = SendPtr(partials.as_mut_ptr());
-    items.par_iter().zip(&parked).for_each_init(
-        || Tile::new(TILE_TOKENS * group, d, d),
-        |tile, ((tokens, hs, span), parked)| {
-            let g = hs.start / group;
+    items.par_iter().for_each_init(
+        || -> Vec<Tile> {
+            (0..per)
+                .map(|_| Tile::new(TILE_TOKENS * group, d, d))
+                .collect()
+        },
+        |scratch, (i, kvs, span)| {
+            let tokens = &tiles[*i];
             let table = block_tables[token_seq[tokens.start] as usize];
-            tile.clear();
-            for t in tokens.clone() {
-                let pos = positions[t] as usize;
-                for h in hs.clone() {
-                    let i = t * heads.num_heads + h;
-                    let qr = tile.push(pos);
-                    rope.apply(&q[i * d..(i + 1) * d], pos, qr);
-                    qr.iter_mut().for_each(|x| *x *= scale);
+            let head = |n: usize| {
+                let g = kvs.start + n;
+                KvHead {
+                    k: kc,
+                    v: vc,
+                    table,
+                    k_offset: g * d,
+                    v_offset: g * d,
+                    k_row: kv_row,
+                    v_row: kv_row,
                 }
-            }
-            let head = KvHead {
-                k: kc,
-                v: vc,
-                table,
-                k_offset: g * d,
-                v_offset: g * d,
-                k_row: kv_row,
-                v_row: kv_row,
             };
-            let blocks = span * span_blocks..(span + 1) * span_blocks;
-            attend_tile_on(simd, tile, &head, blocks);
-            if let Some(at) = parked {
-                let n = tile.pos.len();
-                let dst = *at;
-                // SAFETY: item (tokens, hs, span) alone writes this state.
-                unsafe {
-                    let p = part_ptr.at(dst);
-                    std::ptr::copy_nonoverlapping(tile.out.as_ptr(), p, n * d);
-                    std::ptr::copy_nonoverlapping(tile.max.as_ptr(), p.add(n * d), n);
-                    std::ptr::copy_nonoverlapping(tile.sum.as_ptr(), p.add(n * d + n), n);
+            let scratch = &mut scratch[..kvs.len()];
+            for (tile, g) in scratch.iter_mut().zip(kvs.clone()) {
+                tile.clear();
+                for t in tokens.clone() {
+                    let pos = positions[t] as usize;
+                    for h in g * group..(g + 1) * group {
+                        let i = t * heads.num_heads + h;
+                        let qr = tile.push(pos);
+                        rope.apply(&q[i * d..(i + 1) * d], pos, qr);
+                        qr.iter_mut().for_each(|x| *x *= scale);
+                    }
                 }
-                return;
             }
-            normalize(&mut tile.out, &tile.sum, d);
-            // The tile's outputs: per token, its heads side by side.
-            let w = hs.len() * d;
-            for (n, t) in tokens.clone().enumerate() {
-                let dst = (t * heads.num_heads + hs.start) * d;
-                let src = &tile.out[n * w..(n + 1) * w];
-                // SAFETY: item (tokens, hs) alone writes these heads of these tokens.
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out_ptr.at(dst), w) };
+            let blocks = span * span_blocks..(span + 1) * span_blocks;
+            attend_tiles_on(simd, scratch, head, blocks);
+            for (tile, g) in scratch.iter_mut().zip(kvs.clone()) {
+                if let Some(at) = parked[*i] {
+                    let n = tile.pos.len();
+                    let dst = at + (g * spans(tokens) + span) * state(tokens);
+                    // SAFETY: item (tile, KV heads, span) alone writes this state.
+                    unsafe {
+                        let p = part_ptr.at(dst);
+                        std::ptr::copy_nonoverlapping(tile.out.as_ptr(), p, n * d);
+                        std::ptr::copy_nonoverlapping(tile.max.as_ptr(), p.add(n * d), n);
+                        std::ptr::copy_nonoverlapping(tile.sum.as_ptr(), p.add(n * d + n), n);
+                    }
+                    continue;
+                }
+                normalize(&mut tile.out, &tile.sum, d);
+                // The tile's outputs: per token, its heads side by side.
+                let w = group * d;
+                for (n, t) in tokens.clone().enumerate() {
+                    let dst = (t * heads.num_heads + g * group) * d;
+                    let src = &tile.out[n * w..(n + 1) * w];
+                    // SAFETY: item (tile, KV heads) alone writes these heads of these tokens.
+                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out_ptr.at(dst), w) };
+                }
             }
         },
     );
     if total == 0 {
         return;
     }
-    // Merge the spans of each parked (tile, KV head): its items are
-    // consecutive, span 0 first.
-    let firsts: Vec<usize> = (0..items.len())
-        .filter(|&i| parked[i].is_some() && items[i].2 == 0)
+    // Merge the spans of each parked (tile, KV head), in span order.
+    let merges: Vec<(usize, usize)> = (0..tiles.len())
+        .filter(|&i| parked[i].is_some())
+        .flat_map(|i| (0..kv_heads).map(move |g| (i, g)))
         .collect();
-    firsts.par_iter().for_each(|&first| {
-        let (tokens, hs, _) = &items[first];
-        let at = parked[first].expect("parked");
-        let (n, size) = (tokens.len() * group, state(tokens));
+    merges.par_iter().for_each(|&(i, g)| {
+        let tokens = &tiles[i];
+        let size = state(tokens);
+        let at = parked[i].expect("parked") + g * spans(tokens) * size;
+        let n = tokens.len() * group;
         let states: Vec<&[f32]> = (0..spans(tokens))
             .map(|s| &partials[at + s * size..at + (s + 1) * size])
             .collect();
@@ -378,9 +417,9 @@ fn paged_attention_in<E: KvElem>(
             }
         }
         normalize(&mut merged, &sums, d);
-        let w = hs.len() * d;
+        let w = group * d;
         for (k, t) in tokens.clone().enumerate() {
-            let dst = (t * heads.num_heads + hs.start) * d;
+            let dst = (t * heads.num_heads + g * group) * d;
             // SAFETY: this (tile, KV head) alone writes these heads of these tokens.
             unsafe { std::ptr::copy_nonoverlapping(merged[k * w..].as_ptr(), out_ptr.at(dst), w) };
         }
@@ -469,26 +508,33 @@ impl Tile {
     }
 }
 
-/// [`attend_tile`], or where the CPU has AVX2 and FMA (`simd`) and the
-/// widths are whole vectors, [`attend_tile_fma`].
-fn attend_tile_on<E: KvElem>(
+/// [`attend_tile`] for each of `tiles`, tile `n` over the KV head
+/// `head(n)`, all of them over the same tokens. Where the CPU has AVX2 and
+/// FMA (`simd`) and the widths are whole vectors, [`attend_tiles_fma`]
+/// takes them a cache block at a time.
+fn attend_tiles_on<'a, E: KvElem>(
     simd: bool,
-    tile: &mut Tile,
-    head: &KvHead<E>,
+    tiles: &mut [Tile],
+    head: impl Fn(usize) -> KvHead<'a, E>,
     blocks: std::ops::Range<usize>,
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: the caller checked that the CPU has AVX2 and FMA.
         unsafe {
-            if tile.d.is_multiple_of(8) && tile.dv.is_multiple_of(8) {
-                return attend_tile_fma(tile, head, blocks);
+            if tiles[0].d.is_multiple_of(8) && tiles[0].dv.is_multiple_of(8) {
+                return attend_tiles_fma(tiles, head, blocks);
             }
-            return attend_tile_avx2(tile, head, blocks);
+            for (n, tile) in tiles.iter_mut().enumerate() {
+                attend_tile_avx2(tile, &head(n), blocks.clone());
+            }
+            return;
         }
     }
     let _ = simd;
-    attend_tile(tile, head, blocks)
+    for (n, tile) in tiles.iter_mut().enumerate() {
+        attend_tile(tile, &head(n), blocks.clone());
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -587,16 +633,7 @@ fn cache_blocks<'a, E>(
 ) -> impl Iterator<Item = CacheBlock> + 'a {
     let last = pos.iter().copied().max().unwrap_or(0);
     let end = blocks.end.min(last / BLOCK_SIZE + 1);
-    (blocks.start..end).map(move |b| {
-        let block = head.table[b] as usize;
-        let first = b * BLOCK_SIZE;
-        CacheBlock {
-            first,
-            rows: (last + 1 - first).min(BLOCK_SIZE),
-            k_base: block * BLOCK_SIZE * head.k_row + head.k_offset,
-            v_base: block * BLOCK_SIZE * head.v_row + head.v_offset,
-        }
-    })
+    (blocks.start..end).map(move |b| head.block(b, last))
 }
 
 /// One query's online-softmax step over a block's scores `s`: rescales its
@@ -640,26 +677,67 @@ fn across_8(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     f(f(q[0], q[2]), f(q[1], q[3]))
 }
 
-/// [`attend_tile`] in AVX2 and FMA intrinsics, for widths that are whole
-/// 8-float vectors. Each block's keys and values are widened to f32 once
-/// for all the tile's queries (a small tile reads them in place). A query's
-/// scores come eight rows at a time: eight running vectors of products,
-/// summed across in one shuffle tree, with no horizontal sum per row. Its
-/// output stays in registers while the block's weighted values are added in
-/// row order. With AVX-512's registers, the query heads of one token (up to
-/// three) go together, each loaded row serving them all: a 512-token
-/// prefill chunk's attention took 10% less time than a query at a time. A
-/// query still goes through the same operations in any tile or group, so
-/// its bits depend on its position alone.
+/// [`attend_tile`] in AVX2 and FMA intrinsics for each of `tiles` (tile
+/// `n` over KV head `head(n)`, all over the same tokens), for widths that
+/// are whole 8-float vectors, a cache block at a time for all the tiles: a
+/// block's rows, every KV head's part of them, are then read together. Each
+/// block's keys and values are widened to f32 once for all of a tile's
+/// queries (a small tile reads them in place). A query's scores come eight
+/// rows at a time: eight running vectors of products, summed across in one
+/// shuffle tree, with no horizontal sum per row. Its output stays in
+/// registers while the block's weighted values are added in row order. With
+/// AVX-512's registers, the query heads of one token (up to three) go
+/// together, each loaded row serving them all: a 512-token prefill chunk's
+/// attention took 10% less time than a query at a time. A query still goes
+/// through the same operations in any tile or group, so its bits depend on
+/// its position alone.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_tiles_fma<'a, E: KvElem>(
+    tiles: &mut [Tile],
+    head: impl Fn(usize) -> KvHead<'a, E>,
+    blocks: std::ops::Range<usize>,
+) {
+    // A small tile (a decode: one token's queries of a KV head) reads the
+    // cache rows where they are: widening each block to f32 first would
+    // cost more than its few queries' products. A bigger one widens each
+    // block once and runs the same kernels over the widened rows. Both
+    // ways give the same bits. The kernels hold three queries' sums in
+    // registers, which takes AVX-512's 32; with AVX2's 16, a query at a
+    // time.
+    let grouped = avx512vl();
+    let direct = tiles[0].pos.len() <= 6 && grouped;
+    for tile in tiles.iter_mut() {
+        tile.start();
+        // Rows past a block's last position are scored too, and ignored.
+        tile.keys.resize(BLOCK_SIZE * tile.d, 0.0);
+        tile.values.resize(BLOCK_SIZE * tile.dv, 0.0);
+    }
+    let last = tiles[0].pos.iter().copied().max().unwrap_or(0);
+    let end = blocks.end.min(last / BLOCK_SIZE + 1);
+    for b in blocks.start..end {
+        for (n, tile) in tiles.iter_mut().enumerate() {
+            let head = head(n);
+            if direct && b + 1 < end {
+                prefetch_rows(&head, &head.block(b + 1, last), tile.d, tile.dv);
+            }
+            attend_block_fma(tile, &head, head.block(b, last), direct, grouped);
+        }
+    }
+}
+
+/// One cache block of [`attend_tiles_fma`] for one tile: in place
+/// (`direct`) or widened first, and with `grouped` (AVX-512) kernels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // rows `j` index every query's scores
-unsafe fn attend_tile_fma<E: KvElem>(
+unsafe fn attend_block_fma<E: KvElem>(
     tile: &mut Tile,
     head: &KvHead<E>,
-    blocks: std::ops::Range<usize>,
+    block: CacheBlock,
+    direct: bool,
+    grouped: bool,
 ) {
-    tile.start();
     let (d, dv, n) = (tile.d, tile.dv, tile.pos.len());
     let Tile {
         q,
@@ -672,98 +750,76 @@ unsafe fn attend_tile_fma<E: KvElem>(
         values,
         ..
     } = tile;
-    // A small tile (a decode: one token's queries of a KV head) reads the
-    // cache rows where they are: widening each block to f32 first would
-    // cost more than its few queries' products. A bigger one widens each
-    // block once and runs the same kernels over the widened rows. Both
-    // ways give the same bits. The kernels hold three queries' sums in
-    // registers, which takes AVX-512's 32; with AVX2's 16, a query at a
-    // time.
-    let grouped = avx512vl();
-    let direct = n <= 6 && grouped;
-    // Rows past a block's last position are scored too, and ignored.
-    keys.resize(BLOCK_SIZE * d, 0.0);
-    values.resize(BLOCK_SIZE * dv, 0.0);
-    let mut blocks = cache_blocks(pos, head, blocks).peekable();
-    while let Some(block) = blocks.next() {
-        if direct {
-            if let Some(next) = blocks.peek() {
-                prefetch_rows(head, next, d, dv);
-            }
-        }
-        let CacheBlock {
-            rows,
-            k_base,
-            v_base,
-            ..
-        } = block;
-        let seen = |i: usize| block.seen(pos[i]);
-        let state = QueryState {
-            q: &q[..],
-            pos: &pos[..],
-            out: &mut out[..],
-            max: &mut max[..],
-            sum: &mut sum[..],
-            scores: &mut scores[..],
-            d,
-            dv,
+    let CacheBlock {
+        rows,
+        k_base,
+        v_base,
+        ..
+    } = block;
+    let seen = |i: usize| block.seen(pos[i]);
+    let state = QueryState {
+        q: &q[..],
+        pos: &pos[..],
+        out: &mut out[..],
+        max: &mut max[..],
+        sum: &mut sum[..],
+        scores: &mut scores[..],
+        d,
+        dv,
+    };
+    if direct {
+        let at = DirectBlock {
+            k: head.k[k_base..].as_ptr(),
+            v: head.v[v_base..].as_ptr(),
+            k_row: head.k_row,
+            v_row: head.v_row,
+            block,
         };
-        if direct {
-            let at = DirectBlock {
-                k: head.k[k_base..].as_ptr(),
-                v: head.v[v_base..].as_ptr(),
-                k_row: head.k_row,
-                v_row: head.v_row,
-                block,
-            };
-            attend_block_grouped(at, state);
+        return attend_block_grouped(at, state);
+    }
+    for j in 0..rows {
+        let k = &head.k[k_base + j * head.k_row..][..d];
+        for (w, x) in keys[j * d..(j + 1) * d].iter_mut().zip(k) {
+            *w = x.get();
+        }
+        let v = &head.v[v_base + j * head.v_row..][..dv];
+        for (w, x) in values[j * dv..(j + 1) * dv].iter_mut().zip(v) {
+            *w = x.get();
+        }
+    }
+    if grouped {
+        let at = DirectBlock {
+            k: keys.as_ptr(),
+            v: values.as_ptr(),
+            k_row: d,
+            v_row: dv,
+            block,
+        };
+        return attend_block_grouped(at, state);
+    }
+    for i in 0..n {
+        let qi = q[i * d..].as_ptr();
+        for g in (0..seen(i)).step_by(8) {
+            let s = dot_8_rows(qi, keys[g * d..].as_ptr(), d);
+            _mm256_storeu_ps(scores[i][g..].as_mut_ptr(), s);
+        }
+    }
+    for i in 0..n {
+        let cnt = seen(i);
+        if cnt == 0 {
             continue;
         }
-        for j in 0..rows {
-            let k = &head.k[k_base + j * head.k_row..][..d];
-            for (w, x) in keys[j * d..(j + 1) * d].iter_mut().zip(k) {
-                *w = x.get();
-            }
-            let v = &head.v[v_base + j * head.v_row..][..dv];
-            for (w, x) in values[j * dv..(j + 1) * dv].iter_mut().zip(v) {
-                *w = x.get();
-            }
+        let s = &mut scores[i][..cnt];
+        softmax_block(s, &mut max[i], &mut sum[i], &mut out[i * dv..(i + 1) * dv]);
+        let o = out[i * dv..(i + 1) * dv].as_mut_ptr();
+        let mut c = 0;
+        while c + 64 <= dv {
+            add_weighted_rows::<8>(o.add(c), s, values[c..].as_ptr(), dv);
+            c += 64;
         }
-        if grouped {
-            let at = DirectBlock {
-                k: keys.as_ptr(),
-                v: values.as_ptr(),
-                k_row: d,
-                v_row: dv,
-                block,
-            };
-            attend_block_grouped(at, state);
-            continue;
-        }
-        for i in 0..n {
-            let qi = q[i * d..].as_ptr();
-            for g in (0..seen(i)).step_by(8) {
-                let s = dot_8_rows(qi, keys[g * d..].as_ptr(), d);
-                _mm256_storeu_ps(scores[i][g..].as_mut_ptr(), s);
-            }
-        }
-        for i in 0..n {
-            let cnt = seen(i);
-            if cnt == 0 {
-                continue;
-            }
-            let s = &mut scores[i][..cnt];
-            softmax_block(s, &mut max[i], &mut sum[i], &mut out[i * dv..(i + 1) * dv]);
-            let o = out[i * dv..(i + 1) * dv].as_mut_ptr();
-            let mut c = 0;
-            while c + 64 <= dv {
-                add_weighted_rows::<8>(o.add(c), s, values[c..].as_ptr(), dv);
-                c += 64;
-            }
-            while c < dv {
-                add_weighted_rows::<1>(o.add(c), s, values[c..].as_ptr(), dv);
-                c += 8;
-            }
+        while c < dv {
+            add_weighted_rows::<1>(o.add(c), s, values[c..].as_ptr(), dv);
+            c += 8;
         }
     }
 }
@@ -1131,7 +1187,8 @@ fn latent_attention_in<E: KvElem>(
                 let pos = positions[t] as usize;
                 tile.clear();
                 tile.push(pos).copy_from_slice(&q[i * row..(i + 1) * row]);
-                attend_tile_on(simd, tile, &head, 0..pos / BLOCK_SIZE + 1);
+                let tiles = std::slice::from_mut(tile);
+                attend_tiles_on(simd, tiles, |_| head, 0..pos / BLOCK_SIZE + 1);
                 normalize(&mut tile.out, &tile.sum, rank);
                 acc.copy_from_slice(&tile.out);
             },
@@ -1140,6 +1197,7 @@ fn latent_attention_in<E: KvElem>(
 
 /// One KV head of one sequence, read through its block table: keys and
 /// values at an offset inside the rows of their planes.
+#[derive(Clone, Copy)]
 struct KvHead<'a, E> {
     k: &'a [E],
     v: &'a [E],
@@ -1150,6 +1208,20 @@ struct KvHead<'a, E> {
     /// Floats per cache row of each plane (every KV head of one token).
     k_row: usize,
     v_row: usize,
+}
+
+impl<E> KvHead<'_, E> {
+    /// Table entry `b`, for queries up to position `last`.
+    fn block(&self, b: usize, last: usize) -> CacheBlock {
+        let block = self.table[b] as usize;
+        let first = b * BLOCK_SIZE;
+        CacheBlock {
+            first,
+            rows: (last + 1 - first).min(BLOCK_SIZE),
+            k_base: block * BLOCK_SIZE * self.k_row + self.k_offset,
+            v_base: block * BLOCK_SIZE * self.v_row + self.v_offset,
+        }
+    }
 }
 
 #[inline(always)]
@@ -1244,6 +1316,7 @@ mod tests {
                 &r,
                 heads,
                 span_blocks,
+                None,
                 &mut out,
             );
             check_against_dense(&q, &k, &v, &qpos, &out, &r, d, tol);
@@ -1329,7 +1402,7 @@ mod tests {
             }
             if fma {
                 // SAFETY: the CPU has AVX2 and FMA (checked above).
-                unsafe { attend_tile_fma(&mut tile, &head, 0..3) };
+                unsafe { attend_tiles_fma(std::slice::from_mut(&mut tile), |_| head, 0..3) };
             } else {
                 attend_tile(&mut tile, &head, 0..3);
             }
@@ -1390,38 +1463,44 @@ mod tests {
         let seqs: Vec<u32> = vec![0; 11].into_iter().chain([1]).collect();
         let width = heads.num_heads * d;
         let q: Vec<f32> = (0..qpos.len() * width).map(|i| val(i, 0.71)).collect();
-        // Spans of one block, so tiles straddle them.
+        // Spans of one block, so tiles straddle them; work items of one KV
+        // head each (a token alone: three queries of one head), and of both.
         for span_blocks in [SPAN_BLOCKS, 1] {
-            let mut together = vec![0.0; q.len()];
-            paged_attention_spans(
-                &q,
-                &cache,
-                &qpos,
-                &seqs,
-                &tables,
-                &r,
-                heads,
-                span_blocks,
-                &mut together,
-            );
-            for t in 0..qpos.len() {
-                let mut alone = vec![0.0; width];
+            for kv_per_item in [1, 2] {
+                let mut together = vec![0.0; q.len()];
                 paged_attention_spans(
-                    &q[t * width..(t + 1) * width],
+                    &q,
                     &cache,
-                    &qpos[t..t + 1],
-                    &[0],
-                    &[tables[seqs[t] as usize]],
+                    &qpos,
+                    &seqs,
+                    &tables,
                     &r,
                     heads,
                     span_blocks,
-                    &mut alone,
+                    Some(kv_per_item),
+                    &mut together,
                 );
-                let got = &together[t * width..(t + 1) * width];
-                assert_eq!(
-                    alone, got,
-                    "d {d}, token {t}, spans of {span_blocks} blocks"
-                );
+                for t in 0..qpos.len() {
+                    let mut alone = vec![0.0; width];
+                    paged_attention_spans(
+                        &q[t * width..(t + 1) * width],
+                        &cache,
+                        &qpos[t..t + 1],
+                        &[0],
+                        &[tables[seqs[t] as usize]],
+                        &r,
+                        heads,
+                        span_blocks,
+                        Some(1),
+                        &mut alone,
+                    );
+                    let got = &together[t * width..(t + 1) * width];
+                    assert_eq!(
+                        alone, got,
+                        "d {d}, token {t}, spans of {span_blocks} blocks, \
+                         {kv_per_item} KV heads an item"
+                    );
+                }
             }
         }
     }
