@@ -97,7 +97,7 @@ impl HalfMatrix {
                 msg: format!("{len} bytes for a [{rows}, {cols}] matrix of 16-bit values"),
             });
         }
-        let mut bits = Vec::with_capacity(rows * cols);
+        let mut bits = crate::pages::with_huge_pages(rows * cols);
         for part in parts {
             bits.extend(
                 part.chunks_exact(2)
@@ -128,7 +128,12 @@ impl HalfMatrix {
             cols: first.cols,
             kind: first.kind,
             isa: first.isa,
-            bits: parts.iter().flat_map(|p| p.bits.iter().copied()).collect(),
+            bits: {
+                let mut bits =
+                    crate::pages::with_huge_pages(parts.iter().map(|p| p.bits.len()).sum());
+                parts.iter().for_each(|p| bits.extend_from_slice(&p.bits));
+                bits
+            },
         }
     }
 

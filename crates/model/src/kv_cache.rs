@@ -142,12 +142,8 @@ impl KvCache {
         dtype: DType,
     ) -> Result<Self> {
         let (kw, vw) = plane_widths(layout);
-        fn filled<T: Clone>(n: usize, zero: T) -> Vec<T> {
-            // Not `vec![0; n]`: that maps zero pages the OS fills on first write.
-            let mut v = Vec::with_capacity(n);
-            v.resize(n, zero);
-            v
-        }
+        // Not `vec![0; n]`: that maps zero pages the OS fills on first write.
+        use crate::pages::filled;
         let resident = |w: usize| match dtype {
             DType::BF16 => Ok(Plane::Bf16(filled(num_blocks * BLOCK_SIZE * w, bf16::ZERO))),
             DType::F32 => Ok(Plane::F32(filled(num_blocks * BLOCK_SIZE * w, 0.0f32))),

@@ -22,6 +22,7 @@ mod kv_cache;
 mod layers;
 mod llama;
 mod mlp;
+mod pages;
 mod quant;
 mod rope;
 pub mod weights;

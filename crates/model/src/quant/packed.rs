@@ -32,6 +32,8 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
+use crate::pages::filled;
+
 use super::{amx, BlockQ4_1, BlockQ8_0, BlockQ8_1, Isa, SendPtr, WeightBlock, QK, ZERO_Q8};
 
 /// Rows per group: one 32-bit lane of an AVX-512 register each.
@@ -315,10 +317,10 @@ impl<P: Packing> Packed<P> {
     pub fn new(blocks: &[P::Block], rows: usize, kb: usize) -> Self {
         let groups = rows.div_ceil(LANES);
         let has_min = P::Block::ZERO.min().is_some();
-        let mut d = vec![f16::ZERO; groups * kb * LANES];
-        let mut m = vec![f16::ZERO; if has_min { d.len() } else { 0 }];
+        let mut d = filled(groups * kb * LANES, f16::ZERO);
+        let mut m = filled(if has_min { d.len() } else { 0 }, f16::ZERO);
         let zero = P::values(&P::Block::ZERO);
-        let mut q = vec![Chunk([0; 64]); groups * kb * Self::CHUNKS];
+        let mut q = filled(groups * kb * Self::CHUNKS, Chunk([0; 64]));
         for g in 0..groups {
             for b in 0..kb {
                 let at = g * kb + b;
@@ -762,35 +764,41 @@ impl<P: Packing> Work<'_, P> {
         let kb = self.w.kb;
         let chunks = Packed::<P>::CHUNKS;
         let has_min = !self.w.m.is_empty();
+        // Pointers, checked once here: bounds checks on every block's
+        // indices kept the loop's registers spilling to the stack.
+        let first = g * kb;
+        let rows = first * LANES + half * HALF;
+        assert!((t + T) * kb <= self.xq.len() && (first + kb) * chunks <= self.w.q.len());
+        assert!(rows + (kb - 1) * LANES + HALF <= self.w.d.len());
+        assert!(!has_min || self.w.m.len() == self.w.d.len());
+        assert!(!P::BIASED || self.sums.len() == self.xq.len());
+        let xs = self.xq.as_ptr().add(t * kb);
+        let sums = self.sums.as_ptr().wrapping_add(t * kb);
+        let q = self.w.q.as_ptr().add(first * chunks);
+        let d = self.w.d.as_ptr().add(rows);
+        let m = self.w.m.as_ptr().wrapping_add(rows);
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..kb {
-            let at = g * kb + b;
             if half == 0 {
                 // The second half finds the lines in cache.
-                self.prefetch_next_group(at);
+                self.prefetch_next_group(first + b);
             }
-            let x: [&BlockQ8_1; T] = std::array::from_fn(|j| &self.xq[(t + j) * kb + b]);
+            let x: [&BlockQ8_1; T] = std::array::from_fn(|j| &*xs.add(j * kb + b));
             let mut dots = [_mm256_setzero_si256(); T];
             if P::BIASED {
                 for (j, dot) in dots.iter_mut().enumerate() {
-                    *dot = _mm256_set1_epi32(-128 * self.sums[(t + j) * kb + b]);
+                    *dot = _mm256_set1_epi32(-128 * *sums.add(j * kb + b));
                 }
             }
-            P::dots_avx2::<T>(
-                &self.w.q[at * chunks..(at + 1) * chunks],
-                half,
-                &x,
-                &mut dots,
-            );
-            let rows = at * LANES + half * HALF;
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(self.w.d[rows..].as_ptr() as *const __m128i));
+            let block = std::slice::from_raw_parts(q.add(b * chunks), chunks);
+            P::dots_avx2::<T>(block, half, &x, &mut dots);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(d.add(b * LANES) as *const __m128i));
             for j in 0..T {
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[j].d));
                 acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[j]), scale, acc[j]);
             }
             if has_min {
-                let m =
-                    _mm256_cvtph_ps(_mm_loadu_si128(self.w.m[rows..].as_ptr() as *const __m128i));
+                let m = _mm256_cvtph_ps(_mm_loadu_si128(m.add(b * LANES) as *const __m128i));
                 for j in 0..T {
                     acc[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[j].s), acc[j]);
                 }
