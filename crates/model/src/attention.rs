@@ -631,9 +631,15 @@ fn cache_blocks<'a, E>(
     head: &'a KvHead<E>,
     blocks: std::ops::Range<usize>,
 ) -> impl Iterator<Item = CacheBlock> + 'a {
+    let (last, reached) = reached(pos, blocks);
+    reached.map(move |b| head.block(b, last))
+}
+
+/// The last of the positions `pos`, and the blocks of `blocks` (of the
+/// table) a query at it reaches.
+fn reached(pos: &[usize], blocks: std::ops::Range<usize>) -> (usize, std::ops::Range<usize>) {
     let last = pos.iter().copied().max().unwrap_or(0);
-    let end = blocks.end.min(last / BLOCK_SIZE + 1);
-    (blocks.start..end).map(move |b| head.block(b, last))
+    (last, blocks.start..blocks.end.min(last / BLOCK_SIZE + 1))
 }
 
 /// One query's online-softmax step over a block's scores `s`: rescales its
@@ -713,9 +719,9 @@ unsafe fn attend_tiles_fma<'a, E: KvElem>(
         tile.keys.resize(BLOCK_SIZE * tile.d, 0.0);
         tile.values.resize(BLOCK_SIZE * tile.dv, 0.0);
     }
-    let last = tiles[0].pos.iter().copied().max().unwrap_or(0);
-    let end = blocks.end.min(last / BLOCK_SIZE + 1);
-    for b in blocks.start..end {
+    let (last, reached) = reached(&tiles[0].pos, blocks);
+    let end = reached.end;
+    for b in reached {
         for (n, tile) in tiles.iter_mut().enumerate() {
             let head = head(n);
             if direct && b + 1 < end {
