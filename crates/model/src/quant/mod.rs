@@ -45,7 +45,7 @@ const ZERO_Q8: BlockQ8_1 = BlockQ8_1 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
-    /// AVX2, FMA and F16C: repacked weights, tiles of 8 rows × 4 tokens,
+    /// AVX2, FMA and F16C: repacked weights, tiles of 8 rows × 6 tokens,
     /// `vpmaddubsw` products summed in 16 bits within a block.
     Avx2,
     /// AVX-512 F/BW/VL with VNNI: repacked weights, tiles of 16 rows × 8
