@@ -123,17 +123,16 @@ impl HalfMatrix {
                 .all(|p| p.cols == first.cols && p.kind == first.kind && p.isa == first.isa),
             "stacked matrices differ in columns, kind or path"
         );
+        let mut bits = crate::pages::with_huge_pages(parts.iter().map(|p| p.bits.len()).sum());
+        for p in parts {
+            bits.extend_from_slice(&p.bits);
+        }
         Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
             kind: first.kind,
             isa: first.isa,
-            bits: {
-                let mut bits =
-                    crate::pages::with_huge_pages(parts.iter().map(|p| p.bits.len()).sum());
-                parts.iter().for_each(|p| bits.extend_from_slice(&p.bits));
-                bits
-            },
+            bits,
         }
     }
 

@@ -17,6 +17,7 @@ use half::bf16;
 use strata_types::{KvLayout, BLOCK_SIZE};
 
 use crate::error::{Error, Result};
+use crate::pages::filled;
 
 /// One layer's host planes (see the module docs for what each holds).
 #[derive(Debug)]
@@ -142,8 +143,8 @@ impl KvCache {
         dtype: DType,
     ) -> Result<Self> {
         let (kw, vw) = plane_widths(layout);
-        // Not `vec![0; n]`: that maps zero pages the OS fills on first write.
-        use crate::pages::filled;
+        // `filled`, not `vec![0; n]`: the planes are written through now,
+        // where zeroed pages would be mapped on first write, under load.
         let resident = |w: usize| match dtype {
             DType::BF16 => Ok(Plane::Bf16(filled(num_blocks * BLOCK_SIZE * w, bf16::ZERO))),
             DType::F32 => Ok(Plane::F32(filled(num_blocks * BLOCK_SIZE * w, 0.0f32))),
