@@ -81,7 +81,8 @@ struct ServeArgs {
     #[arg(long, default_value = "auto", value_parser = |s: &str| parse_dtype(s).map(|_| s.to_string()))]
     dtype: String,
     /// What the KV cache holds: auto (bfloat16 on the CPU, where it halves
-    /// the bytes attention reads; --dtype on a GPU), bfloat16 or float32.
+    /// the bytes attention reads; --dtype on a GPU), bfloat16, float32, or
+    /// fp8 (fp8_e4m3; on the CPU: a byte a value, twice bfloat16's tokens).
     #[arg(long, default_value = "auto", value_parser = parse_kv_cache_dtype)]
     kv_cache_dtype: KvCacheDtype,
     /// Memory for the KV cache, e.g. 512MiB, 2GiB, or bytes. Default: 1GiB on
@@ -268,15 +269,18 @@ fn tune_allocator() {
 #[derive(Debug, Clone, Copy)]
 struct KvCacheDtype(Option<candle_core::DType>);
 
-/// vLLM's spellings; its fp8 caches have no CPU kernels here, so they are
-/// refused rather than silently kept at twice the memory.
+/// vLLM's spellings. Its `fp8` is e4m3 (`fp8_e4m3`); the other fp8 caches
+/// (`fp8_e5m2`, ...) have no kernels here, so they are refused rather than
+/// silently kept in another format.
 fn parse_kv_cache_dtype(s: &str) -> Result<KvCacheDtype, String> {
-    if s.to_ascii_lowercase().starts_with("fp8") {
-        return Err(format!(
-            "`{s}`: fp8 KV caches are not supported; use auto, bfloat16 or float32"
-        ));
+    match s.to_ascii_lowercase().as_str() {
+        "fp8" | "fp8_e4m3" => Ok(KvCacheDtype(Some(candle_core::DType::F8E4M3))),
+        other if other.starts_with("fp8") => Err(format!(
+            "`{s}`: of the fp8 KV caches only fp8 (e4m3) is kept; \
+             use auto, bfloat16, float32 or fp8"
+        )),
+        _ => parse_dtype(s).map(KvCacheDtype),
     }
-    parse_dtype(s).map(KvCacheDtype)
 }
 
 fn main() -> Result<()> {
@@ -598,7 +602,7 @@ mod tests {
     }
 
     #[test]
-    fn kv_cache_dtypes_parse_in_vllms_spelling_and_fp8_is_refused() {
+    fn kv_cache_dtypes_parse_in_vllms_spelling() {
         assert_eq!(parse_kv_cache_dtype("auto").unwrap().0, None);
         assert_eq!(
             parse_kv_cache_dtype("bfloat16").unwrap().0,
@@ -608,8 +612,14 @@ mod tests {
             parse_kv_cache_dtype("float32").unwrap().0,
             Some(candle_core::DType::F32)
         );
-        let err = parse_kv_cache_dtype("fp8_e4m3").unwrap_err();
-        assert!(err.contains("fp8 KV caches are not supported"), "{err}");
+        for fp8 in ["fp8", "fp8_e4m3", "FP8"] {
+            assert_eq!(
+                parse_kv_cache_dtype(fp8).unwrap().0,
+                Some(candle_core::DType::F8E4M3)
+            );
+        }
+        let err = parse_kv_cache_dtype("fp8_e5m2").unwrap_err();
+        assert!(err.contains("only fp8 (e4m3) is kept"), "{err}");
         assert!(parse_kv_cache_dtype("int3").is_err());
     }
 }

@@ -431,15 +431,21 @@ fn check_fits(
 /// What the KV cache holds. `auto` (`None`) is bf16 on the CPU, where
 /// decode attention is bound by the bytes it reads (llama.cpp keeps f16
 /// there), and the activation dtype on a GPU, whose kernels read that.
+/// fp8 (e4m3) is the CPU's alone: the GPU kernels read the activation dtype.
 fn kv_cache_dtype(requested: Option<DType>, placement: &Placement) -> Result<DType> {
     let bad = |msg: String| Err(EngineError::Model(format!("--kv-cache-dtype: {msg}")));
     match requested {
         None if placement.is_cpu() => Ok(DType::BF16),
         None => Ok(placement.dtype()),
-        Some(d @ (DType::F32 | DType::BF16)) if placement.is_cpu() => Ok(d),
+        Some(d @ (DType::F32 | DType::BF16 | DType::F8E4M3)) if placement.is_cpu() => Ok(d),
         Some(d) if placement.is_cpu() => bad(format!(
-            "{} is not kept on the CPU: use bfloat16 or float32",
+            "{} is not kept on the CPU: use bfloat16, float32 or fp8",
             strata_model::dtype_name(d)
+        )),
+        Some(DType::F8E4M3) => bad(format!(
+            "fp8 caches are kept on the CPU only; on a GPU the cache is kept in the \
+             activation dtype ({})",
+            strata_model::dtype_name(placement.dtype())
         )),
         Some(d) if d == placement.dtype() => Ok(d),
         Some(d) => bad(format!(
@@ -509,9 +515,13 @@ mod tests {
             kv_cache_dtype(Some(DType::BF16), &cpu).unwrap(),
             DType::BF16
         );
+        assert_eq!(
+            kv_cache_dtype(Some(DType::F8E4M3), &cpu).unwrap(),
+            DType::F8E4M3
+        );
         let err = kv_cache_dtype(Some(DType::F16), &cpu)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("use bfloat16 or float32"), "{err}");
+        assert!(err.contains("use bfloat16, float32 or fp8"), "{err}");
     }
 }

@@ -1,7 +1,8 @@
 //! Times the CPU paged attention of one layer at a few context lengths:
 //! a decode (one token), a speculative verify step (5 tokens) and a
 //! prefill chunk (512 tokens) at the end of the context. SmolLM2-135M's
-//! heads (9 query heads, 3 KV heads of 64) over a bf16 cache.
+//! heads (9 query heads, 3 KV heads of 64) over a bf16 cache (`KV=fp8`:
+//! an fp8 one).
 //!
 //!     RAYON_NUM_THREADS=2 cargo run --release -p strata-model --example attention_bench [CONTEXTS]
 //!
@@ -15,7 +16,9 @@
 use std::time::{Duration, Instant};
 
 use half::bf16;
-use strata_model::{paged_attention, write_kv, Heads, LayerKv, Plane, Rope, RopeConfig};
+use strata_model::{
+    paged_attention, write_kv, Fp8, Heads, KvElem, LayerKv, Plane, Rope, RopeConfig,
+};
 use strata_types::{RopeStyle, BLOCK_SIZE};
 
 fn main() {
@@ -50,10 +53,10 @@ fn main() {
     }
     let blocks = max.div_ceil(BLOCK_SIZE);
     let row = heads.num_kv_heads * d;
-    let plane = || Plane::Bf16(vec![bf16::ZERO; blocks * BLOCK_SIZE * row]);
+    let zero = |_| 0.0;
     let mut cache = LayerKv {
-        k: plane(),
-        v: plane(),
+        k: plane(blocks * BLOCK_SIZE * row, zero),
+        v: plane(blocks * BLOCK_SIZE * row, zero),
     };
     // Blocks in reverse order, as a long-running cache scatters them.
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
@@ -119,13 +122,7 @@ fn many_streams(
             .collect();
         let caches: Vec<LayerKv> = (0..LAYERS)
             .map(|l| {
-                let fill = |off: usize| {
-                    Plane::Bf16(
-                        (0..blocks * BLOCK_SIZE * row)
-                            .map(|i| bf16::from_f32(val(i + off + l)))
-                            .collect(),
-                    )
-                };
+                let fill = |off: usize| plane(blocks * BLOCK_SIZE * row, |i| val(i + off + l));
                 LayerKv {
                     k: fill(0),
                     v: fill(7),
@@ -161,5 +158,14 @@ fn many_streams(
             "{streams:>7}  {context:>7}   {:>8.3}",
             best.as_secs_f64() * 1e3
         );
+    }
+}
+
+/// A plane of `n` values `f(i)`, in bf16, or in fp8 with `KV=fp8`.
+fn plane(n: usize, f: impl Fn(usize) -> f32) -> Plane {
+    if std::env::var("KV").is_ok_and(|kv| kv == "fp8") {
+        Plane::Fp8((0..n).map(|i| Fp8::put(f(i))).collect())
+    } else {
+        Plane::Bf16((0..n).map(|i| bf16::from_f32(f(i))).collect())
     }
 }

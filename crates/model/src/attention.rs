@@ -13,7 +13,7 @@ pub use strata_kernels::Heads;
 
 use crate::batch::Batch;
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvElem, LayerCache, LayerKv, Plane};
+use crate::kv_cache::{with_plane, with_planes, KvElem, LayerCache, LayerKv};
 use crate::rope::Rope;
 
 /// Attention over heads that keep keys and values of their own (multi-head,
@@ -115,15 +115,9 @@ pub fn write_kv(
     rope: &Rope,
     heads: Heads,
 ) {
-    match (&mut cache.k, &mut cache.v) {
-        (Plane::F32(kc), Plane::F32(vc)) => {
-            write_kv_in(kc, vc, k, v, positions, slot_mapping, rope, heads)
-        }
-        (Plane::Bf16(kc), Plane::Bf16(vc)) => {
-            write_kv_in(kc, vc, k, v, positions, slot_mapping, rope, heads)
-        }
-        _ => unreachable!("a layer's planes share one dtype"),
-    }
+    with_planes!(&mut cache.k, &mut cache.v, (kc, vc) => {
+        write_kv_in(kc, vc, k, v, positions, slot_mapping, rope, heads)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -209,35 +203,19 @@ fn paged_attention_spans(
     kv_per_item: Option<usize>,
     out: &mut [f32],
 ) {
-    match (&cache.k, &cache.v) {
-        (Plane::F32(k), Plane::F32(v)) => paged_attention_in(
-            q,
-            k,
-            v,
-            positions,
-            token_seq,
-            block_tables,
-            rope,
-            heads,
-            span_blocks,
-            kv_per_item,
-            out,
-        ),
-        (Plane::Bf16(k), Plane::Bf16(v)) => paged_attention_in(
-            q,
-            k,
-            v,
-            positions,
-            token_seq,
-            block_tables,
-            rope,
-            heads,
-            span_blocks,
-            kv_per_item,
-            out,
-        ),
-        _ => unreachable!("a layer's planes share one dtype"),
-    }
+    with_planes!(&cache.k, &cache.v, (k, v) => paged_attention_in(
+        q,
+        k,
+        v,
+        positions,
+        token_seq,
+        block_tables,
+        rope,
+        heads,
+        span_blocks,
+        kv_per_item,
+        out,
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1082,10 +1060,9 @@ pub fn write_latent(
     slot_mapping: &[u32],
     rope: &Rope,
 ) {
-    match &mut cache.k {
-        Plane::F32(c) => write_latent_in(c, latent, k_rope, positions, slot_mapping, rope),
-        Plane::Bf16(c) => write_latent_in(c, latent, k_rope, positions, slot_mapping, rope),
-    }
+    with_plane!(&mut cache.k, c => {
+        write_latent_in(c, latent, k_rope, positions, slot_mapping, rope)
+    })
 }
 
 fn write_latent_in<E: KvElem>(
@@ -1136,28 +1113,16 @@ pub fn latent_attention(
     rank: usize,
     out: &mut [f32],
 ) {
-    match &cache.k {
-        Plane::F32(c) => latent_attention_in(
-            q,
-            c,
-            positions,
-            token_seq,
-            block_tables,
-            num_heads,
-            rank,
-            out,
-        ),
-        Plane::Bf16(c) => latent_attention_in(
-            q,
-            c,
-            positions,
-            token_seq,
-            block_tables,
-            num_heads,
-            rank,
-            out,
-        ),
-    }
+    with_plane!(&cache.k, c => latent_attention_in(
+        q,
+        c,
+        positions,
+        token_seq,
+        block_tables,
+        num_heads,
+        rank,
+        out,
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1248,6 +1213,19 @@ fn dot<E: KvElem>(a: &[f32], b: &[E]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fp8::Fp8;
+    use crate::kv_cache::Plane;
+
+    /// Zeroed planes of `n` values, of each type the host cache keeps.
+    fn f32_plane(n: usize) -> Plane {
+        Plane::F32(vec![0.0; n])
+    }
+    fn bf16_plane(n: usize) -> Plane {
+        Plane::Bf16(vec![half::bf16::ZERO; n])
+    }
+    fn fp8_plane(n: usize) -> Plane {
+        Plane::Fp8(vec![Fp8(0); n])
+    }
 
     fn rope(d: usize) -> Rope {
         let cfg = crate::rope::RopeConfig {
@@ -1274,9 +1252,9 @@ mod tests {
             .collect()
     }
 
-    /// `paged_attention` over a cache of `dtype` against dense attention of
-    /// the same (rounded) keys and values, to `tol`.
-    fn check_paged_attention(bf16_planes: bool, tol: f32) {
+    /// `paged_attention` over a cache of planes `plane(n)` against dense
+    /// attention of the unrounded keys and values, to `tol`.
+    fn check_paged_attention(plane: fn(usize) -> Plane, tol: f32) {
         let d = 8;
         let heads = Heads {
             num_heads: 2,
@@ -1286,16 +1264,9 @@ mod tests {
         let r = rope(d);
         let n = 20; // spans two blocks
         let table = [3u32, 1]; // deliberately out of order
-        let plane = || {
-            if bf16_planes {
-                Plane::Bf16(vec![half::bf16::ZERO; 4 * BLOCK_SIZE * d])
-            } else {
-                Plane::F32(vec![0.0; 4 * BLOCK_SIZE * d])
-            }
-        };
         let mut cache = LayerKv {
-            k: plane(),
-            v: plane(),
+            k: plane(4 * BLOCK_SIZE * d),
+            v: plane(4 * BLOCK_SIZE * d),
         };
         let val = |t: usize, j: usize, s: f32| ((t * 31 + j * 7) as f32 * s).sin();
         let k: Vec<f32> = (0..n * d).map(|i| val(i / d, i % d, 0.37)).collect();
@@ -1366,14 +1337,22 @@ mod tests {
 
     #[test]
     fn paged_attention_matches_dense_attention_across_scattered_blocks() {
-        check_paged_attention(false, 1e-5);
+        check_paged_attention(f32_plane, 1e-5);
     }
 
     #[test]
     fn a_bf16_cache_attends_within_bf16_rounding() {
         // bf16 keeps 8 bits of mantissa: keys and values are off by up to
         // 2^-9 relative, and the outputs (convex sums of values) with them.
-        check_paged_attention(true, 8e-3);
+        check_paged_attention(bf16_plane, 8e-3);
+    }
+
+    #[test]
+    fn an_fp8_cache_attends_within_fp8_rounding() {
+        // fp8 (e4m3) keeps 3 bits of mantissa: keys and values are off by
+        // up to 2^-4 relative, and the outputs, weighted averages of many
+        // values, by less.
+        check_paged_attention(fp8_plane, 0.03);
     }
 
     #[test]
@@ -1381,13 +1360,23 @@ mod tests {
         if !crate::quant::has_avx2() {
             return; // only the plain kernel runs on this CPU
         }
+        vector_kernel_matches_plain::<f32>();
+        vector_kernel_matches_plain::<half::bf16>();
+        vector_kernel_matches_plain::<Fp8>();
+    }
+
+    fn vector_kernel_matches_plain<E: KvElem>() {
         // Keys 16 wide, values 72 (one 64-float chunk and one 8-float
         // vector), over 2.5 blocks scattered in the cache; queries see
         // whole and partial blocks.
         let (d, dv) = (16, 72);
         let val = |i: usize, s: f32| ((i * 37 % 101) as f32 * s).sin();
-        let k: Vec<f32> = (0..4 * BLOCK_SIZE * d).map(|i| val(i, 0.31)).collect();
-        let v: Vec<f32> = (0..4 * BLOCK_SIZE * dv).map(|i| val(i, 0.17)).collect();
+        let k: Vec<E> = (0..4 * BLOCK_SIZE * d)
+            .map(|i| E::put(val(i, 0.31)))
+            .collect();
+        let v: Vec<E> = (0..4 * BLOCK_SIZE * dv)
+            .map(|i| E::put(val(i, 0.17)))
+            .collect();
         let table = [2u32, 0, 3];
         let head = KvHead {
             k: &k[..],
@@ -1432,11 +1421,16 @@ mod tests {
         // chunks. A token alone (three queries) reads the cache directly
         // where the CPU has AVX-512; tiles of 8 and 3 tokens widen it.
         for d in [16, 80] {
-            same_bits_alone_as_in_any_tile(d);
+            for (name, plane) in [
+                ("bf16", bf16_plane as fn(usize) -> Plane),
+                ("fp8", fp8_plane),
+            ] {
+                same_bits_alone_as_in_any_tile(d, name, plane);
+            }
         }
     }
 
-    fn same_bits_alone_as_in_any_tile(d: usize) {
+    fn same_bits_alone_as_in_any_tile(d: usize, name: &str, plane: fn(usize) -> Plane) {
         let heads = Heads {
             num_heads: 6,
             num_kv_heads: 2,
@@ -1446,8 +1440,8 @@ mod tests {
         let row = heads.num_kv_heads * d;
         let tables: [&[u32]; 2] = [&[2, 0], &[1, 3]];
         let mut cache = LayerKv {
-            k: Plane::Bf16(vec![half::bf16::ZERO; 4 * BLOCK_SIZE * row]),
-            v: Plane::Bf16(vec![half::bf16::ZERO; 4 * BLOCK_SIZE * row]),
+            k: plane(4 * BLOCK_SIZE * row),
+            v: plane(4 * BLOCK_SIZE * row),
         };
         let val = |i: usize, s: f32| ((i * 37 % 101) as f32 * s).sin();
         // Sequence 0 holds positions 0..25, sequence 1 positions 0..20.
@@ -1503,7 +1497,7 @@ mod tests {
                     let got = &together[t * width..(t + 1) * width];
                     assert_eq!(
                         alone, got,
-                        "d {d}, token {t}, spans of {span_blocks} blocks, \
+                        "{name}, d {d}, token {t}, spans of {span_blocks} blocks, \
                          {kv_per_item} KV heads an item"
                     );
                 }

@@ -50,6 +50,7 @@ pub fn dtype_name(d: DType) -> &'static str {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
         DType::F16 => "f16",
+        DType::F8E4M3 => "fp8",
         _ => "unsupported",
     }
 }
@@ -60,6 +61,7 @@ pub fn dtype_from_name(s: &str) -> Option<DType> {
         "f32" => Some(DType::F32),
         "bf16" => Some(DType::BF16),
         "f16" => Some(DType::F16),
+        "fp8" => Some(DType::F8E4M3),
         _ => None,
     }
 }

@@ -1,32 +1,59 @@
-//! Block-scaled FP8 weights, as DeepSeek-V3/R1 ship them: `float8_e4m3fn`
-//! values with one f32 scale (`weight_scale_inv`, the factor that
-//! dequantizes) per `block` of rows × columns; edge blocks may be partial.
-//! On the CPU a matrix stays FP8 in memory, one byte a weight, and is
-//! dequantized a block at a time inside the matmul.
+//! FP8 (`float8_e4m3fn`): its values, which the KV cache can hold, and
+//! block-scaled FP8 weights, as DeepSeek-V3/R1 ship them: values with one
+//! f32 scale (`weight_scale_inv`, the factor that dequantizes) per `block`
+//! of rows × columns; edge blocks may be partial. On the CPU a matrix
+//! stays FP8 in memory, one byte a weight, and is dequantized a block at a
+//! time inside the matmul.
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
-/// `float8_e4m3fn` → f32: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa
-/// bits, subnormals, no infinities. In bit arithmetic rather than a table
-/// so a row decodes in vector registers. The NaN byte `S.1111.111` (which
-/// no quantizer writes: the largest finite value is 448) decodes as ±480.
-#[inline(always)]
-fn e4m3(b: u8) -> f32 {
-    let b = b as u32;
-    let sign = (b & 0x80) << 24;
-    let exp = (b >> 3) & 0xF;
-    let man = b & 0x7;
-    let normal = sign | ((exp + 120) << 23) | (man << 20);
-    // A subnormal is man × 2^-9: the same as a normal with exponent 1,
-    // less 2^-6.
-    let sub = f32::from_bits(sign | (121 << 23) | (man << 20)) - f32::from_bits(sign | (121 << 23));
-    if exp == 0 {
-        sub
-    } else {
-        f32::from_bits(normal)
+/// One `float8_e4m3fn` value: 1 sign bit, 4 exponent bits (bias 7), 3
+/// mantissa bits, subnormals, no infinities; ±448 at most. The NaN byte
+/// `S.1111.111` (which [`Fp8::from_f32`] writes only for a NaN) decodes as
+/// ±480.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(transparent)]
+pub struct Fp8(pub u8);
+
+/// 2^120: an fp8 magnitude placed in an f32's exponent and mantissa bits
+/// (`eeee.mmm` at bits 20–26) reads as its value × 2^-120, f32 subnormals
+/// included, so one multiply decodes normal and subnormal values alike.
+pub(crate) const FP8_UNBIAS: f32 = f32::from_bits((127 + 120) << 23);
+
+impl Fp8 {
+    /// The value, exactly. Bit arithmetic and one multiply, with no
+    /// branch, so a row decodes in vector registers.
+    #[inline(always)]
+    pub fn to_f32(self) -> f32 {
+        let b = self.0 as u32;
+        f32::from_bits(((b & 0x80) << 24) | ((b & 0x7F) << 20)) * FP8_UNBIAS
+    }
+
+    /// The nearest value, ties to even, saturating at ±448: NVIDIA's
+    /// `__NV_SATFINITE` conversion, as vLLM's kernels write an fp8 cache.
+    #[inline(always)]
+    pub fn from_f32(x: f32) -> Self {
+        let sign = ((x.to_bits() >> 24) & 0x80) as u8;
+        let a = x.abs();
+        let magnitude = if a.is_nan() {
+            0x7F
+        } else if a >= 464.0 {
+            // 464 lies halfway between 448 and the 480 fp8 cannot hold.
+            0x7E
+        } else if a < 1.0 / 64.0 {
+            // Subnormal: a multiple of 2^-9 (8 × 2^-9 is the least normal).
+            (a * 512.0).round_ties_even() as u8
+        } else {
+            // Round off 20 mantissa bits to nearest even, then rebias the
+            // exponent from f32's 127 to fp8's 7.
+            let b = a.to_bits();
+            let r = b + 0x7_FFFF + ((b >> 20) & 1);
+            ((r >> 20) - (120 << 3)) as u8
+        };
+        Fp8(sign | magnitude)
     }
 }
 
@@ -34,7 +61,7 @@ fn e4m3(b: u8) -> f32 {
 #[inline(always)]
 fn decode_run(src: &[u8], scale: f32, dst: &mut [f32]) {
     for (o, &b) in dst.iter_mut().zip(src) {
-        *o = e4m3(b) * scale;
+        *o = Fp8(b).to_f32() * scale;
     }
 }
 
@@ -252,11 +279,51 @@ mod tests {
             } else {
                 sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
             };
-            assert_eq!(e4m3(b), want, "byte {b:#04x}");
+            assert_eq!(Fp8(b).to_f32(), want, "byte {b:#04x}");
         }
-        assert_eq!(e4m3(0x38), 1.0);
-        assert_eq!(e4m3(0x7E), 448.0);
-        assert_eq!(e4m3(0x01), 2f32.powi(-9));
+        assert_eq!(Fp8(0x38).to_f32(), 1.0);
+        assert_eq!(Fp8(0x7E).to_f32(), 448.0);
+        assert_eq!(Fp8(0x01).to_f32(), 2f32.powi(-9));
+    }
+
+    #[test]
+    fn every_byte_decodes_as_nvidias_conversion_does() {
+        for b in (0..=255u8).filter(|b| b & 0x7F != 0x7F) {
+            let want = float8::F8E4M3::from_bits(b).to_f32();
+            assert_eq!(Fp8(b).to_f32().to_bits(), want.to_bits(), "byte {b:#04x}");
+        }
+    }
+
+    #[test]
+    fn values_round_as_nvidias_conversion_does() {
+        // Every f32 from 2^-12 to past the saturation point, at a step of
+        // 1/2048 of each value (so ties, values just off them, subnormals
+        // and the top of the range all come up), both signs; and zero, the
+        // extremes, and values that must saturate.
+        let mut xs = vec![
+            0.0f32,
+            1e-30,
+            2e-10,
+            448.0,
+            463.9,
+            464.0,
+            465.0,
+            1e6,
+            f32::MAX,
+        ];
+        let mut x = 2f32.powi(-12);
+        while x < 1000.0 {
+            xs.push(x);
+            x += x * (1.0 / 2048.0);
+        }
+        for x in xs.iter().flat_map(|&x| [x, -x]) {
+            let want = float8::F8E4M3::from_f32(x).to_bits();
+            assert_eq!(Fp8::from_f32(x).0, want, "{x}");
+        }
+        // A value's own byte round-trips.
+        for b in (0..=255u8).filter(|b| b & 0x7F != 0x7F) {
+            assert_eq!(Fp8::from_f32(Fp8(b).to_f32()).0, b);
+        }
     }
 
     #[allow(clippy::needless_range_loop)] // indices name rows and columns
@@ -268,7 +335,8 @@ mod tests {
         let data: Vec<u8> = (0..rows * cols).map(|i| ((i * 37) % 0x7E) as u8).collect();
         let (sr, sc) = (rows.div_ceil(2), cols.div_ceil(3));
         let scales: Vec<f32> = (0..sr * sc).map(|i| 0.5 + i as f32 * 0.25).collect();
-        let dense = |i: usize, j: usize| e4m3(data[i * cols + j]) * scales[(i / 2) * sc + j / 3];
+        let dense =
+            |i: usize, j: usize| Fp8(data[i * cols + j]).to_f32() * scales[(i / 2) * sc + j / 3];
         let x: Vec<f32> = (0..2 * cols).map(|i| (i as f32 * 0.7).sin()).collect();
         let xt = Tensor::from_vec(x.clone(), (2, cols), &Device::Cpu).unwrap();
         let check = |m: &Fp8Matrix, r0: usize, c0: usize| {

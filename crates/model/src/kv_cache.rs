@@ -1,8 +1,9 @@
 //! The physical KV cache of one stage. What a token keeps per layer is the
 //! model's [`KvLayout`]; where it lives is one of two layouts:
 //! - host: for each layer, two planes of `[num_blocks, BLOCK_SIZE, width]`
-//!   in f32 or bf16 (`--kv-cache-dtype`; bf16 halves the bytes decode
-//!   attention reads), read by the CPU attention: for attention heads, keys and values
+//!   in f32, bf16 or fp8 (`--kv-cache-dtype`; bf16 halves the bytes decode
+//!   attention reads, fp8 halves them again), read by the CPU attention:
+//!   for attention heads, keys and values
 //!   (`width = num_kv_heads * head_dim` each); for a latent (MLA), one plane
 //!   of latent and rope key side by side and an empty second one;
 //! - device: for each layer, one `[2, slots, num_kv_heads, head_dim]` tensor
@@ -17,6 +18,7 @@ use half::bf16;
 use strata_types::{KvLayout, BLOCK_SIZE};
 
 use crate::error::{Error, Result};
+use crate::fp8::{Fp8, FP8_UNBIAS};
 use crate::pages::filled;
 
 /// One layer's host planes (see the module docs for what each holds).
@@ -31,14 +33,38 @@ pub struct LayerKv {
 pub enum Plane {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    Fp8(Vec<Fp8>),
 }
+
+/// Runs `$body` with `$x` bound to the values of `$plane` (a `&Plane` or
+/// `&mut Plane`), whatever their type: code generic over [`KvElem`] is
+/// written once for every plane type.
+macro_rules! with_plane {
+    ($plane:expr, $x:ident => $body:expr) => {
+        match $plane {
+            $crate::kv_cache::Plane::F32($x) => $body,
+            $crate::kv_cache::Plane::Bf16($x) => $body,
+            $crate::kv_cache::Plane::Fp8($x) => $body,
+        }
+    };
+}
+
+/// [`with_plane!`] for a layer's two planes, which share one type.
+macro_rules! with_planes {
+    ($k:expr, $v:expr, ($kx:ident, $vx:ident) => $body:expr) => {
+        match ($k, $v) {
+            ($crate::kv_cache::Plane::F32($kx), $crate::kv_cache::Plane::F32($vx)) => $body,
+            ($crate::kv_cache::Plane::Bf16($kx), $crate::kv_cache::Plane::Bf16($vx)) => $body,
+            ($crate::kv_cache::Plane::Fp8($kx), $crate::kv_cache::Plane::Fp8($vx)) => $body,
+            _ => unreachable!("a layer's planes share one type"),
+        }
+    };
+}
+pub(crate) use {with_plane, with_planes};
 
 impl Plane {
     fn bytes(&self) -> usize {
-        match self {
-            Plane::F32(v) => 4 * v.len(),
-            Plane::Bf16(v) => 2 * v.len(),
-        }
+        with_plane!(self, v => std::mem::size_of_val(v.as_slice()))
     }
 }
 
@@ -88,6 +114,33 @@ impl KvElem for bf16 {
         use std::arch::x86_64::*;
         let h = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+}
+
+/// vLLM's `fp8` cache: values stored unscaled (its default `k_scale` and
+/// `v_scale` of 1), so keys and values beyond ±448 saturate there.
+impl KvElem for Fp8 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn put(x: f32) -> Self {
+        Fp8::from_f32(x)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // Each byte sign-extended to its lane and shifted: the magnitude
+        // lands at bits 20–26 and copies of the sign above it, which the
+        // mask clears but for bit 31. The bits `get` builds, and the same
+        // multiply.
+        let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        let placed = _mm256_slli_epi32(b, 20);
+        let bits = _mm256_and_si256(placed, _mm256_set1_epi32(0x87F0_0000u32 as i32));
+        _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(FP8_UNBIAS))
     }
 }
 
@@ -148,8 +201,9 @@ impl KvCache {
         let resident = |w: usize| match dtype {
             DType::BF16 => Ok(Plane::Bf16(filled(num_blocks * BLOCK_SIZE * w, bf16::ZERO))),
             DType::F32 => Ok(Plane::F32(filled(num_blocks * BLOCK_SIZE * w, 0.0f32))),
+            DType::F8E4M3 => Ok(Plane::Fp8(filled(num_blocks * BLOCK_SIZE * w, Fp8(0)))),
             other => Err(Error::Unsupported(format!(
-                "a {other:?} KV cache on the CPU (float32 or bfloat16)"
+                "a {other:?} KV cache on the CPU (float32, bfloat16 or fp8)"
             ))),
         };
         let layers = (0..num_layers)
@@ -227,5 +281,43 @@ impl KvCache {
             Store::Host(l) => LayerCache::Host(&mut l[i]),
             Store::Device(l) => LayerCache::Device(&l[i]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fp8_vector_loads_decode_as_the_scalar_one() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let bytes: Vec<Fp8> = (0..=255u8).map(Fp8).collect();
+        for chunk in bytes.chunks_exact(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: the CPU has AVX2; the chunk holds eight values.
+            unsafe {
+                std::arch::x86_64::_mm256_storeu_ps(got.as_mut_ptr(), Fp8::load8(chunk.as_ptr()))
+            };
+            for (g, b) in got.iter().zip(chunk) {
+                assert_eq!(g.to_bits(), b.get().to_bits(), "byte {:#04x}", b.0);
+            }
+        }
+    }
+
+    #[test]
+    fn an_fp8_cache_takes_a_byte_a_value() {
+        let layout = KvLayout::Heads {
+            num_kv_heads: 3,
+            head_dim: 64,
+        };
+        let cache = KvCache::new(2, 4, layout, DType::F8E4M3).unwrap();
+        assert_eq!(cache.bytes(), 2 * 4 * BLOCK_SIZE * 2 * 3 * 64);
+        assert_eq!(
+            KvCache::bytes_per_block(2, layout, DType::F8E4M3.size_in_bytes()) * 4,
+            cache.bytes()
+        );
     }
 }

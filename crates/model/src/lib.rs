@@ -33,8 +33,9 @@ pub use batch::{BatchInput, SeqInfo, StageOutput};
 pub use deepseek::DeepseekConfig;
 pub use device::{dtype_from_name, dtype_name, parse_dtype, DeviceRequest, Placement};
 pub use error::{Error, Result};
+pub use fp8::Fp8;
 pub use half_matrix::{HalfKind, HalfMatrix};
-pub use kv_cache::{KvCache, LayerKv, Plane};
+pub use kv_cache::{KvCache, KvElem, LayerKv, Plane};
 pub use layers::{
     ColumnParallelLinear, Matmul, ParallelLmHead, RmsNorm, RowParallelLinear, VocabEmbedding,
 };

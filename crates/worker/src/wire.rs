@@ -17,6 +17,7 @@ fn dtype_to_wire(d: DType) -> pb::Dtype {
     match d {
         DType::BF16 => pb::Dtype::Bf16,
         DType::F16 => pb::Dtype::F16,
+        DType::F8E4M3 => pb::Dtype::Fp8E4m3,
         _ => pb::Dtype::F32,
     }
 }
@@ -26,7 +27,8 @@ fn dtype_from_wire(d: i32) -> Result<DType, String> {
         Ok(pb::Dtype::F32) => Ok(DType::F32),
         Ok(pb::Dtype::Bf16) => Ok(DType::BF16),
         Ok(pb::Dtype::F16) => Ok(DType::F16),
-        _ => Err(format!("unknown activation dtype {d}")),
+        Ok(pb::Dtype::Fp8E4m3) => Ok(DType::F8E4M3),
+        _ => Err(format!("unknown dtype {d}")),
     }
 }
 
@@ -187,7 +189,7 @@ mod tests {
                 budget,
                 max_model_len: 4096,
                 dtype: DType::BF16,
-                kv_dtype: DType::BF16,
+                kv_dtype: DType::F8E4M3,
                 nccl_id: Some(vec![1, 2, 3]),
                 draft,
             };
