@@ -93,6 +93,27 @@ async fn across_processes_equals_one_process(model: &str) {
     }
 }
 
+/// An fp8 KV cache reaches every node (the load request carries what the
+/// cache holds): four processes give one process's tokens and logprobs,
+/// where a node keeping another type would round its keys differently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fp8_kv_cache_across_processes_equals_one_process() {
+    let prompts = ["hello world", "the quick brown fox", "a b c d e f", "zebra"];
+    let fp8 = ["--kv-cache-dtype", "fp8"];
+    let one = Server::start_model(
+        &tiny(),
+        &[&["--kv-cache-memory", "4MiB"][..], &fp8].concat(),
+    )
+    .await;
+    let want = completions(&one, &prompts, 8).await;
+    drop(one);
+    let mut args = sizes(2, 2, "4MiB");
+    args.extend(fp8.map(String::from));
+    let cluster = Cluster::start(&tiny(), 4, &args).await;
+    let got = completions(&cluster.leader, &prompts, 8).await;
+    assert_same_tokens_and_logprobs(&want, &got, "fp8 cache, PP=2 x TP=2 in four processes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_model_across_processes_gives_the_same_tokens() {
     let model = demo_model();
