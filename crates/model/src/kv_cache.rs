@@ -3,9 +3,9 @@
 //! - host: for each layer, two planes of `[num_blocks, BLOCK_SIZE, width]`
 //!   in f32, bf16 or fp8 (`--kv-cache-dtype`; bf16 halves the bytes decode
 //!   attention reads, fp8 halves them again), read by the CPU attention:
-//!   for attention heads, keys and values
-//!   (`width = num_kv_heads * head_dim` each); for a latent (MLA), one plane
-//!   of latent and rope key side by side and an empty second one;
+//!   for attention heads, keys and values (`width = num_kv_heads *
+//!   head_dim` each); for a latent (MLA), one plane of latent and rope key
+//!   side by side and an empty second one;
 //! - device: for each layer, one `[2, slots, num_kv_heads, head_dim]` tensor
 //!   (keys, then values) in the activation dtype, written and read by
 //!   strata's kernels (`strata_kernels::{write_kv, paged_attention}`).
